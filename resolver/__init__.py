@@ -1,0 +1,1 @@
+"""A DNS filtering resolver: blocks listed domains, forwards everything else."""

@@ -1,0 +1,490 @@
+"""Configuration: one YAML file and a few CLI flags, parsed once into frozen dataclasses.
+
+Each component receives only its own section, already typed and validated, so no other module
+touches `yaml` or a raw dict. Every problem is reported at once as 'file:line: dotted.path: what
+is wrong' (line numbers from the YAML node marks), because an operator fixing a broken file
+should see all its mistakes in one run, not one per restart.
+"""
+
+import ipaddress
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+import resolver
+from resolver.errors import ConfigError
+from resolver.names import normalize
+
+RESOLV_CONF = "/etc/resolv.conf"
+FALLBACK_UPSTREAMS = ("9.9.9.9", "1.1.1.1")
+SHIPPED_RULES = str(Path(resolver.__file__).resolve().parent.parent / "rules" / "exchanges.yaml")
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    """An IP literal and port to bind; hostnames are refused so startup never depends on DNS."""
+
+    host: str
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    listen: tuple[Address, ...] = (Address("127.0.0.1", 1053),)
+    tcp_idle_timeout: float = 10.0
+    tcp_max_connections: int = 1000
+    max_inflight: int = 10000  # forwarded queries in flight; beyond it, new ones are dropped
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamServer:
+    host: str
+    port: int = 53
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamConfig:
+    servers: tuple[UpstreamServer, ...] = ()  # empty in the file = taken from resolv.conf
+    timeout: float = 2.0  # per attempt
+    deadline: float = 5.0  # whole query; then SERVFAIL
+    udp_size: int = 1232  # EDNS payload size advertised upstream
+
+
+@dataclass(frozen=True, slots=True)
+class BlockingConfig:
+    rules: tuple[str, ...] = (SHIPPED_RULES,)  # absolute paths of rule files or directories
+    ttl: int = 300  # SOA minimum of blocked answers, and sinkhole record TTL
+    soa_mname: str = "resolver.invalid"
+    soa_rname: str = "hostmaster.resolver.invalid"
+    ede: bool = True  # attach an Extended DNS Error (RFC 8914, code 15 'Blocked') to blocks
+
+
+@dataclass(frozen=True, slots=True)
+class CacheConfig:
+    max_entries: int = 100_000  # 0 disables the cache
+    min_ttl: int = 0
+    max_ttl: int = 86400
+    negative_ttl: int = 3600  # cap for NXDOMAIN/NODATA TTLs taken from the SOA
+    servfail_ttl: int = 5
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    listen: Address | None = Address("127.0.0.1", 9153)  # None disables the HTTP endpoint
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    server: ServerConfig = ServerConfig()
+    upstream: UpstreamConfig = UpstreamConfig()
+    blocking: BlockingConfig = BlockingConfig()
+    cache: CacheConfig = CacheConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    source: str | None = None  # the config file as given, for reloads; None = defaults only
+
+
+@dataclass(frozen=True, slots=True)
+class Overrides:
+    """Values from CLI flags; an empty tuple or None means the flag was not given.
+    Given lists replace the config file's lists rather than extend them."""
+
+    listen: tuple[str, ...] = ()
+    upstreams: tuple[str, ...] = ()
+    rules: tuple[str, ...] = ()
+    metrics: str | None = None  # an address, or 'off'
+
+
+def parse_address(text: str, default_port: int, *, min_port: int = 1) -> Address:
+    """Parse 'host', 'host:port', '[v6]', '[v6]:port' or a bare v6 literal (no port).
+
+    A bare IPv6 address cannot carry a port: '::1:53' is itself a valid address, so brackets
+    are the only unambiguous form. Raises ValueError with a message naming the text.
+    """
+    if not text.strip():
+        raise ValueError("expected an address, got an empty string")
+    host, port = _split_host_port(text.strip(), default_port)
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(
+            f"{text!r} is not an IP address (hostnames are not accepted here)"
+        ) from None
+    if not (port and port.isascii() and port.isdigit() and min_port <= int(port) <= 65535):
+        raise ValueError(f"{text!r}: port must be a number from {min_port} to 65535")
+    return Address(str(ip), int(port))
+
+
+def _split_host_port(text: str, default_port: int) -> tuple[str, str | None]:
+    """Split text into host and port text; port None means malformed brackets."""
+    if text.startswith("["):
+        host, bracket, rest = text[1:].partition("]")
+        if not bracket or ":" not in host:
+            raise ValueError(f"{text!r}: brackets are only for IPv6 addresses, as '[::1]:53'")
+        if not rest:
+            return host, str(default_port)
+        return host, rest[1:] if rest.startswith(":") else None
+    if text.count(":") == 1:
+        host, _, port = text.partition(":")
+        return host, port
+    return text, str(default_port)
+
+
+def system_upstreams(
+    resolv_conf: str = RESOLV_CONF, exclude: Sequence[Address] = ()
+) -> tuple[UpstreamServer, ...]:
+    """The nameservers of resolv.conf, minus any that would be this resolver itself.
+
+    Forwarding to our own listen address would loop every query until the deadline, so a
+    nameserver equal to a listen address on port 53 is dropped; a wildcard listen address
+    (0.0.0.0, or :: which on Linux also accepts IPv4) stands for the loopback addresses.
+    Other addresses of the host's interfaces are not detected. With nothing left, falls back
+    to well-known public resolvers so the service still starts.
+    """
+    servers = [UpstreamServer(ip) for ip in _nameservers(resolv_conf) if not _is_own(ip, exclude)]
+    return tuple(servers) or tuple(UpstreamServer(host) for host in FALLBACK_UPSTREAMS)
+
+
+def _nameservers(resolv_conf: str) -> list[str]:
+    try:
+        lines = Path(resolv_conf).read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return []
+    found = []
+    for line in lines:
+        words = line.split()
+        if len(words) >= 2 and words[0] == "nameserver":
+            try:
+                found.append(str(ipaddress.ip_address(words[1])))
+            except ValueError:
+                continue  # the C resolver skips unparsable entries too
+    return found
+
+
+def _is_own(host: str, listen: Sequence[Address]) -> bool:
+    ip = ipaddress.ip_address(host)
+    for address in listen:
+        if address.port != 53:
+            continue
+        if address.host == host:
+            return True
+        if address.host == "::" and ip.is_loopback:
+            return True
+        if address.host == "0.0.0.0" and ip.version == 4 and ip.is_loopback:
+            return True
+    return False
+
+
+def load_config(
+    path: str | None, overrides: Overrides = Overrides(), *, resolv_conf: str = RESOLV_CONF
+) -> Config:
+    """Read the file (None = all defaults), apply CLI overrides, fill upstreams from resolv.conf
+    when none are configured. Raises ConfigError listing every problem found."""
+    problems: list[str] = []
+    config = Config()
+    if path is not None:
+        config = Config(**_read_file(path, problems), source=path)
+    config = _apply_overrides(config, overrides, problems)
+    if problems:
+        raise ConfigError(problems)
+    if not config.upstream.servers:
+        servers = system_upstreams(resolv_conf, config.server.listen)
+        config = replace(config, upstream=replace(config.upstream, servers=servers))
+    return config
+
+
+def _read_file(path: str, problems: list[str]) -> dict[str, Any]:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as error:
+        raise ConfigError([f"{path}: cannot read: {error.strerror}"]) from None
+    except UnicodeDecodeError:
+        raise ConfigError([f"{path}: cannot read: not UTF-8 text"]) from None
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as error:
+        raise ConfigError([_syntax_error(path, error)]) from None
+    report = _Report(path)
+    sections = _read_mapping(root, "", _sections(Path(path).parent), report)
+    problems.extend(report.problems())
+    return sections
+
+
+def _syntax_error(path: str, error: yaml.YAMLError) -> str:
+    mark = getattr(error, "problem_mark", None)
+    if mark is None:
+        return f"{path}: YAML syntax error: {str(error).splitlines()[0]}"
+    problem = ", ".join(filter(None, (getattr(error, "context", None), error.problem)))
+    return f"{path}:{mark.line + 1}: YAML syntax error: {problem}"
+
+
+# --- value parsers: plain Python value in, typed value out, _Invalid on a bad value ----------
+
+
+class _Invalid(ValueError):
+    """A bad value; index names the offending list element, if any."""
+
+    def __init__(self, message: str, index: int | None = None):
+        super().__init__(message)
+        self.index = index
+
+
+Parse = Callable[[Any], Any]
+
+
+def _seconds(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _Invalid("expected a number")
+    if not value > 0:
+        raise _Invalid("expected seconds > 0")
+    return float(value)
+
+
+def _integer(low: int, high: int | None = None) -> Parse:
+    expected = f"an integer >= {low}" if high is None else f"an integer from {low} to {high}"
+
+    def parse(value: Any) -> int:
+        is_int = isinstance(value, int) and not isinstance(value, bool)
+        if not is_int or value < low or (high is not None and value > high):
+            raise _Invalid(f"expected {expected}")
+        return value
+
+    return parse
+
+
+def _boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _Invalid("expected true or false")
+    return value
+
+
+def _name(value: Any) -> str:
+    """A domain name for the synthetic SOA, normalized as names.to_wire expects it."""
+    if not isinstance(value, str):
+        raise _Invalid("expected a domain name")
+    try:
+        return normalize(value)
+    except ValueError as error:
+        raise _Invalid(str(error)) from None
+
+
+def _list_of(what: str, item: Parse, *, if_empty: str | None = None) -> Parse:
+    """A list of items; an element's error names its index. if_empty: the error for []."""
+
+    def parse(value: Any) -> tuple[Any, ...]:
+        if not isinstance(value, list | tuple):
+            raise _Invalid(f"expected a list of {what}")
+        if not value and if_empty:
+            raise _Invalid(if_empty)
+        parsed = []
+        for index, element in enumerate(value):
+            try:
+                parsed.append(item(element))
+            except _Invalid as error:
+                raise _Invalid(str(error), index) from None
+        return tuple(parsed)
+
+    return parse
+
+
+def _address(default_port: int, min_port: int) -> Parse:
+    def parse(value: Any) -> Address:
+        if not isinstance(value, str):
+            raise _Invalid("expected an address such as '127.0.0.1:53' or '[::1]:53'")
+        try:
+            return parse_address(value, default_port, min_port=min_port)
+        except ValueError as error:
+            raise _Invalid(str(error)) from None
+
+    return parse
+
+
+_upstream_address = _address(53, 1)
+
+
+def _upstream(value: Any) -> UpstreamServer:
+    address = _upstream_address(value)
+    return UpstreamServer(address.host, address.port)
+
+
+def _optional(parse: Parse) -> Parse:
+    return lambda value: None if value is None else parse(value)
+
+
+def _path(base: Path) -> Parse:
+    def parse(value: Any) -> str:
+        if not isinstance(value, str) or not value:
+            raise _Invalid("expected a path")
+        return str((base / value).resolve())
+
+    return parse
+
+
+_listen = _list_of("addresses", _address(53, 0), if_empty="expected at least one address")
+_upstreams = _list_of("addresses", _upstream)
+
+
+_metrics_address = _address(9153, 0)
+
+
+def _metrics_flag(value: str) -> Address | None:
+    return None if value == "off" else _metrics_address(value)
+
+
+# --- reading the YAML node tree --------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Report:
+    """Problems found in one file, kept with their line so they can be listed in file order."""
+
+    file: str
+    found: list[tuple[int, str]] = field(default_factory=list)
+
+    def add(self, node: yaml.Node, path: str, message: str) -> None:
+        line = node.start_mark.line + 1
+        where = f"{self.file}:{line}"
+        self.found.append((line, f"{where}: {path}: {message}" if path else f"{where}: {message}"))
+
+    def problems(self) -> list[str]:
+        return [problem for _, problem in sorted(self.found, key=lambda found: found[0])]
+
+
+_MISSING = object()
+ReadNode = Callable[[yaml.Node, str, _Report], Any]  # returns _MISSING after reporting
+
+
+def _read_mapping(
+    node: yaml.Node | None, path: str, readers: dict[str, ReadNode], report: _Report
+) -> dict[str, Any]:
+    """Read a mapping with known keys; unknown and duplicate keys are reported, bad values are
+    left out so the dataclass default stands in while the remaining keys are still checked."""
+    if node is None or node.tag == "tag:yaml.org,2002:null":
+        return {}
+    if not isinstance(node, yaml.MappingNode):
+        report.add(node, path, "expected a mapping")
+        return {}
+    values: dict[str, Any] = {}
+    for key_node, value_node in node.value:
+        key = str(key_node.value)
+        key_path = f"{path}.{key}" if path else key
+        if key not in readers:
+            report.add(key_node, key_path, "unknown key")
+        elif key in values:
+            report.add(key_node, key_path, "duplicate key")
+        else:
+            values[key] = readers[key](value_node, key_path, report)
+    return {key: value for key, value in values.items() if value is not _MISSING}
+
+
+def _field(parse: Parse) -> ReadNode:
+    def read(node: yaml.Node, path: str, report: _Report) -> Any:
+        try:
+            return parse(_construct(node))
+        except _Invalid as error:
+            if error.index is None:
+                report.add(node, path, str(error))
+            else:
+                report.add(node.value[error.index], f"{path}[{error.index}]", str(error))
+            return _MISSING
+
+    return read
+
+
+def _construct(node: yaml.Node) -> Any:
+    try:
+        return yaml.constructor.SafeConstructor().construct_object(node, deep=True)
+    except yaml.YAMLError as error:
+        raise _Invalid(str(getattr(error, "problem", error))) from None
+
+
+Check = Callable[[Any], Iterable[tuple[str, str]]]  # yields (field, message)
+
+
+def _section(cls: type, parsers: dict[str, Parse], check: Check = lambda _: ()) -> ReadNode:
+    readers = {key: _field(parse) for key, parse in parsers.items()}
+
+    def read(node: yaml.Node, path: str, report: _Report) -> Any:
+        section = cls(**_read_mapping(node, path, readers, report))
+        for key, message in check(section):
+            report.add(_value_node(node, key), f"{path}.{key}", message)
+        return section
+
+    return read
+
+
+def _value_node(node: yaml.Node, key: str) -> yaml.Node:
+    """The node holding key's value, for a line number; the section itself if key is absent."""
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            if key_node.value == key:
+                return value_node
+    return node
+
+
+def _check_upstream(section: UpstreamConfig) -> Iterable[tuple[str, str]]:
+    if section.deadline < section.timeout:
+        yield "deadline", f"expected seconds >= upstream.timeout ({section.timeout:g})"
+
+
+def _check_cache(section: CacheConfig) -> Iterable[tuple[str, str]]:
+    if section.min_ttl > section.max_ttl:
+        yield "min_ttl", f"expected at most cache.max_ttl ({section.max_ttl})"
+
+
+def _sections(base: Path) -> dict[str, ReadNode]:
+    """The file's schema; base is the config file's directory, for relative rule paths."""
+    return {
+        "server": _section(ServerConfig, {
+            "listen": _listen,
+            "tcp_idle_timeout": _seconds,
+            "tcp_max_connections": _integer(1),
+            "max_inflight": _integer(1),
+        }),
+        "upstream": _section(UpstreamConfig, {
+            "servers": _upstreams,
+            "timeout": _seconds,
+            "deadline": _seconds,
+            "udp_size": _integer(512, 65535),
+        }, _check_upstream),
+        "blocking": _section(BlockingConfig, {
+            "rules": _list_of("paths", _path(base)),
+            "ttl": _integer(0),
+            "soa_mname": _name,
+            "soa_rname": _name,
+            "ede": _boolean,
+        }),
+        "cache": _section(CacheConfig, {
+            "max_entries": _integer(0),
+            "min_ttl": _integer(0),
+            "max_ttl": _integer(0),
+            "negative_ttl": _integer(0),
+            "servfail_ttl": _integer(0),
+        }, _check_cache),
+        "metrics": _section(MetricsConfig, {"listen": _optional(_metrics_address)}),
+    }
+
+
+# --- CLI overrides ---------------------------------------------------------------------------
+
+
+def _apply_overrides(config: Config, overrides: Overrides, problems: list[str]) -> Config:
+    """Validate each given flag like its YAML key, prefixed '--flag:', and replace the value."""
+    flags = (
+        ("--listen", overrides.listen, "server", "listen", _listen),
+        ("--upstream", overrides.upstreams, "upstream", "servers", _upstreams),
+        ("--rules", overrides.rules, "blocking", "rules", _list_of("paths", _path(Path.cwd()))),
+        ("--metrics", overrides.metrics, "metrics", "listen", _metrics_flag),
+    )
+    for flag, value, section, key, parse in flags:
+        if value is None or value == ():
+            continue
+        try:
+            parsed = parse(value)
+        except _Invalid as error:
+            problems.append(f"{flag}: {error}")
+            continue
+        config = replace(config, **{section: replace(getattr(config, section), **{key: parsed})})
+    return config

@@ -1,0 +1,117 @@
+"""Assembly and lifecycle: build the chain once, bind the sockets, run, close cleanly.
+
+`build_pipeline` is the one place the order of stages is written down. `running_server` is an
+async context manager: rules are compiled before any socket is bound, TCP is bound before UDP
+on the same port (so port 0 gives one port for both), and everything is closed on exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, start_http_server
+
+from .blocking import Blocker
+from .cache import Cache, CacheLookup, Clock
+from .config import Address, Config
+from .forward import Forwarder
+from .metrics import Metrics
+from .pipeline import Pipeline
+from .reply import TtlPolicy
+from .rules import RuleSet
+from .tcp import TcpConnection, TcpLimits
+from .udp import UdpServer
+from .upstream import UpstreamPool
+
+log = logging.getLogger(__name__)
+
+BIND_ATTEMPTS = 20  # port 0: retry when the TCP port's UDP twin is taken
+
+
+def build_pipeline(config: Config, rules: RuleSet, metrics: Metrics, upstreams: UpstreamPool,
+                   clock: Clock) -> Pipeline:
+    """The chain, in order, and why:
+
+    1. blocking: policy first, so a blocked name is never answered from the cache or
+       upstream, even just after a rule change;
+    2. cache lookup: everything still allowed and recently seen is answered synchronously;
+    3. forwarding (not a synchronous stage): the only step that creates a task.
+    """
+    cache = Cache(config.cache.max_entries, metrics, clock)
+    policy = TtlPolicy(config.cache.min_ttl, config.cache.max_ttl, config.cache.negative_ttl)
+    stages = [Blocker(rules, config.blocking, metrics), CacheLookup(cache, metrics)]
+    return Pipeline(stages, Forwarder(upstreams, cache, policy), metrics,
+                    config.server.max_inflight)
+
+
+@dataclass
+class RunningServer:
+    """What a started server exposes: its bound addresses, pipeline and metrics."""
+
+    addresses: list[tuple[str, int]]
+    pipeline: Pipeline
+    metrics: Metrics
+    registry: CollectorRegistry
+    metrics_address: tuple[str, int] | None
+
+
+@contextlib.asynccontextmanager
+async def running_server(config: Config, rules: RuleSet,
+                         clock: Clock | None = None) -> AsyncIterator[RunningServer]:
+    """Serve until the context exits; yields the bound addresses (port 0 resolved)."""
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    upstreams = UpstreamPool(config.upstream, metrics)
+    await upstreams.open()
+    pipeline = build_pipeline(config, rules, metrics, upstreams, clock or time.monotonic)
+    limits = TcpLimits(config.server.tcp_idle_timeout, config.server.tcp_max_connections)
+    closers: list = []
+    http = None
+    try:
+        addresses = [await _bind(address, pipeline, limits, closers)
+                     for address in config.server.listen]
+        metrics_address = None
+        if config.metrics.listen is not None:
+            http, _ = start_http_server(config.metrics.listen.port, config.metrics.listen.host,
+                                        registry=registry)
+            metrics_address = http.server_address[:2]
+        yield RunningServer(addresses, pipeline, metrics, registry, metrics_address)
+    finally:
+        for close in reversed(closers):
+            close()
+        for connection in list(limits.open):
+            connection.transport.close()
+        await pipeline.drain()
+        upstreams.close()
+        if http is not None:
+            http.shutdown()
+            http.server_close()
+
+
+async def _bind(address: Address, pipeline: Pipeline, limits: TcpLimits,
+                closers: list) -> tuple[str, int]:
+    """Bind TCP, then UDP on the port TCP got; return the (host, port) bound."""
+    loop = asyncio.get_running_loop()
+    for attempt in range(BIND_ATTEMPTS):
+        tcp = await loop.create_server(lambda: TcpConnection(pipeline, limits),
+                                       address.host, address.port, reuse_address=True)
+        port = tcp.sockets[0].getsockname()[1]
+        try:
+            udp, _ = await loop.create_datagram_endpoint(
+                lambda: UdpServer(pipeline), local_addr=(address.host, port),
+                family=socket.AF_INET6 if ":" in address.host else socket.AF_INET)
+        except OSError:
+            tcp.close()
+            if address.port != 0 or attempt == BIND_ATTEMPTS - 1:
+                raise
+            continue
+        closers.append(tcp.close)
+        closers.append(udp.close)
+        return address.host, port
+    raise AssertionError("unreachable")

@@ -1,0 +1,101 @@
+"""Policy stage: answer the names the rules block, from bytes prepared when the rules load.
+
+Each list's answer pieces (SOA tail, sinkhole records, OPT with its Extended DNS Error) are
+packed once per rule set. A blocked answer is then a header, the client's own question, and
+those pieces: the SOA's owner is a compression pointer to the matched suffix inside the
+question, so nothing depends on the query name except one two-byte pointer.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+
+from . import wire
+from .config import BlockingConfig
+from .metrics import Metrics
+from .names import to_wire
+from .query import Outcome, Query
+from .rules import RuleList, RuleSet
+
+EDE_BLOCKED = 15  # RFC 8914 "Blocked"
+SOA_TIMERS = (1, 3600, 600, 86400)  # serial, refresh, retry, expire
+
+
+class ListAnswers:
+    """The packed answer pieces of one rule list."""
+
+    __slots__ = ("rcode", "soa_tail", "records", "opt", "refused")
+
+    def __init__(self, rules: RuleList, config: BlockingConfig):
+        ttl = rules.ttl if rules.ttl is not None else config.ttl
+        rdata = (to_wire(config.soa_mname) + to_wire(config.soa_rname)
+                 + struct.pack("!IIIII", *SOA_TIMERS, ttl))
+        self.soa_tail = struct.pack("!HHIH", wire.TYPE_SOA, wire.CLASS_IN, ttl, len(rdata)) + rdata
+        self.rcode = wire.NXDOMAIN if rules.action == "nxdomain" else wire.NOERROR
+        self.refused = rules.action == "refused"
+        self.records = _sinkhole_records(rules, ttl) if rules.action == "sinkhole" else {}
+        option = (wire.ede_option(EDE_BLOCKED, f"blocked by list {rules.name}")
+                  if config.ede else b"")
+        self.opt = (wire.opt_record(False, option), wire.opt_record(True, option))
+
+    def build(self, q: Query, offset: int) -> bytes:
+        """The blocked answer for q, whose name matched the rule at name[offset:]."""
+        opt = self.opt[q.do] if q.edns else b""
+        ar = 1 if q.edns else 0
+        if self.refused:
+            return wire.header(q, wire.REFUSED, 0, 0, ar) + q.question + opt
+        if self.records and q.qclass == wire.CLASS_IN:
+            found = self.records.get(q.qtype)
+            if found:
+                count, records = found
+                return wire.header(q, wire.NOERROR, count, 0, ar) + q.question + records + opt
+        owner = struct.pack("!H", 0xC000 | (12 + offset))
+        return wire.header(q, self.rcode, 0, 1, ar) + q.question + owner + self.soa_tail + opt
+
+
+def _sinkhole_records(rules: RuleList, ttl: int) -> dict[int, tuple[int, bytes]]:
+    """A and AAAA answer records whose owner points at the question name (offset 12)."""
+    records = {}
+    for rtype, addresses in ((wire.TYPE_A, rules.sinkhole_v4), (wire.TYPE_AAAA, rules.sinkhole_v6)):
+        packed = [ipaddress.ip_address(a).packed for a in addresses]
+        records[rtype] = (len(packed), b"".join(
+            b"\xc0\x0c" + struct.pack("!HHIH", rtype, wire.CLASS_IN, ttl, len(p)) + p
+            for p in packed))
+    return records
+
+
+class Blocker:
+    """Answers queries whose name is blocked; passes everything else on.
+
+    It sits first in the chain so a newly blocked name is refused even while an answer for it
+    is still in the cache.
+    """
+
+    outcome = Outcome.BLOCKED.value
+
+    def __init__(self, rules: RuleSet, config: BlockingConfig, metrics: Metrics):
+        self._metrics = metrics
+        self._config = config
+        self.install(rules)
+        metrics.gauge("rules_domains", "Domains blocked by the loaded rules.", (),
+                      lambda: {(): self.rules.domain_count})
+
+    def install(self, rules: RuleSet) -> None:
+        """Swap in a new rule set with its packed answers in one assignment (no locks needed)."""
+        answers = {lst.name: ListAnswers(lst, self._config) for lst in rules.lists}
+        self._state = (rules, answers)
+
+    @property
+    def rules(self) -> RuleSet:
+        return self._state[0]
+
+    def answer(self, q: Query) -> bytes | None:
+        rules, answers = self._state
+        hit = rules.lookup(q.name, q.offsets)
+        if hit is None:
+            return None
+        rule, offset = hit
+        lst = rule.list
+        self._metrics.blocked.inc((lst.name, rule.entry_id, lst.action))
+        return answers[lst.name].build(q, offset)

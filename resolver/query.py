@@ -1,0 +1,62 @@
+"""The types every pipeline stage shares: the decoded query and the outcome labels.
+
+A Query is built once per packet by `wire.parse_query` and then only read. It keeps the raw
+bytes next to the few decoded fields the stages need, so answers can be made by patching bytes
+instead of parsing and re-packing whole messages.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class Outcome(str, enum.Enum):
+    """How a query was answered; the `outcome` label of resolver_queries_total."""
+
+    BLOCKED = "blocked"
+    CACHED = "cached"
+    FORWARDED = "forwarded"
+    SERVFAIL = "servfail"
+    FORMERR = "formerr"
+    DROPPED = "dropped"
+
+
+class Query:
+    """One client question, decoded from the wire just enough to route it.
+
+    Attributes:
+        data: the packet as received.
+        flags: the header's flags word.
+        question: the question section exactly as sent (name case included), echoed in answers.
+        name: the question name in lowercase wire form, the key for rules and the cache.
+        offsets: start of each label in `name`, most specific first, for suffix lookups.
+        qtype, qclass: from the question.
+        edns: whether the client sent an OPT record (answers then carry one too).
+        udp_size: the largest UDP answer the client accepts (512 without EDNS).
+        do: the client's DNSSEC OK bit.
+        client: the client's address tuple; transport: "udp" or "tcp".
+    """
+
+    __slots__ = ("data", "flags", "question", "name", "offsets", "qtype", "qclass",
+                 "edns", "udp_size", "do", "client", "transport")
+
+    def __init__(self, data: bytes, flags: int, question: bytes, name: bytes,
+                 offsets: list[int], qtype: int, qclass: int, edns: bool, udp_size: int,
+                 do: bool, client: tuple, transport: str):
+        self.data = data
+        self.flags = flags
+        self.question = question
+        self.name = name
+        self.offsets = offsets
+        self.qtype = qtype
+        self.qclass = qclass
+        self.edns = edns
+        self.udp_size = udp_size
+        self.do = do
+        self.client = client
+        self.transport = transport
+
+    @property
+    def cache_key(self) -> tuple:
+        """What makes two questions share an answer: name, type, class and the DO and CD bits."""
+        return (self.name, self.qtype, self.qclass, self.do, self.flags & 0x0010)

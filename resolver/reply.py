@@ -1,0 +1,140 @@
+"""Upstream replies kept as wire bytes, replayed to any client that asks the same question.
+
+A Reply is the upstream answer minus its header, question and OPT record, with the offset of
+every TTL field. Serving it (fresh or from the cache) is one concatenation and a TTL patch per
+record: no parse, no re-pack. The client's own question bytes are put back in front, which
+keeps every compression pointer valid because the question has the same length.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import dnslib
+
+from . import wire
+from .query import Query
+
+_TTL = struct.Struct("!I")
+_RR_FIXED = struct.Struct("!HHIH")
+
+
+@dataclass(frozen=True, slots=True)
+class TtlPolicy:
+    """How upstream TTLs are bounded before they are stored and served (RFC 2308 for negatives)."""
+
+    min_ttl: int = 0
+    max_ttl: int = 86400
+    negative_max: int = 3600
+
+
+class Reply:
+    """An upstream answer ready to replay.
+
+    flags: the upstream header flags (rcode and AD are what we keep of them).
+    an, ns, ar: record counts, OPT excluded.
+    body: the records after the question, TTLs already bounded by the policy.
+    ttls: (offset in body, stored TTL) for every record.
+    ttl: the lifetime of the whole reply: its shortest stored TTL, or the negative TTL;
+        None when it must not be cached (a negative answer without an SOA, or SERVFAIL).
+    """
+
+    __slots__ = ("flags", "an", "ns", "ar", "body", "ttls", "ttl")
+
+    def __init__(self, flags: int, an: int, ns: int, ar: int, body: bytes,
+                 ttls: tuple[tuple[int, int], ...], ttl: int | None):
+        self.flags, self.an, self.ns, self.ar = flags, an, ns, ar
+        self.body, self.ttls, self.ttl = body, ttls, ttl
+
+    @property
+    def rcode(self) -> int:
+        return self.flags & 0xF
+
+
+def scan_reply(data: bytes, qend: int, policy: TtlPolicy) -> Reply:
+    """Read an upstream reply (already matched to our query) into a Reply.
+
+    Raises ValueError (or struct.error/IndexError) when the records are malformed.
+    """
+    _, flags, _, an, ns, ar = struct.unpack_from("!HHHHHH", data)
+    records, opt = _walk_records(data, qend, an + ns + ar)
+    if opt is not None:
+        if opt[1] != len(data):
+            return _scan_repacked(data, policy)
+        data, ar = data[:opt[0]], ar - 1
+    rcode = flags & 0xF
+    negative = rcode == wire.NXDOMAIN or (rcode == wire.NOERROR and an == 0)
+    soa = [rec for index, rec in enumerate(records) if an <= index < an + ns
+           and rec[1] == wire.TYPE_SOA]
+    if negative:
+        limit = _negative_ttl(soa, policy)
+        stored = [min(rec[2], limit if limit is not None else 0) for rec in records]
+        lifetime = limit
+    else:
+        stored = [min(max(rec[2], policy.min_ttl), policy.max_ttl) for rec in records]
+        lifetime = min(stored, default=policy.min_ttl) if rcode == wire.NOERROR else None
+    body = bytearray(data[qend:])
+    for (offset, _, _, _), ttl in zip(records, stored):
+        _TTL.pack_into(body, offset - qend, ttl)
+    ttls = tuple((offset - qend, ttl) for (offset, _, _, _), ttl in zip(records, stored))
+    return Reply(flags, an, ns, ar, bytes(body), ttls, lifetime)
+
+
+def _walk_records(data: bytes, pos: int, count: int
+                  ) -> tuple[list[tuple[int, int, int, int]], tuple[int, int] | None]:
+    """Each record's (TTL offset, type, TTL, SOA minimum), and the OPT record's span."""
+    records, opt = [], None
+    for _ in range(count):
+        start = pos
+        pos = wire.skip_name(data, pos)
+        rtype, _, ttl, rdlength = _RR_FIXED.unpack_from(data, pos)
+        end = pos + 10 + rdlength
+        if end > len(data):
+            raise ValueError("record runs past the end")
+        if rtype == wire.TYPE_OPT:
+            opt = (start, end)
+        else:
+            minimum = _TTL.unpack_from(data, end - 4)[0] if rtype == wire.TYPE_SOA else 0
+            records.append((pos + 4, rtype, ttl, minimum))
+        pos = end
+    return records, opt
+
+
+def _negative_ttl(soa: list[tuple[int, int, int, int]], policy: TtlPolicy) -> int | None:
+    """RFC 2308: a negative answer lives min(SOA TTL, SOA minimum); without an SOA, not at all."""
+    if not soa:
+        return None
+    _, _, ttl, minimum = soa[0]
+    return min(ttl, minimum, policy.negative_max)
+
+
+def _scan_repacked(data: bytes, policy: TtlPolicy) -> Reply:
+    """Rare slow path: the OPT record is not last, so removing it would break pointers.
+
+    dnslib re-packs the message without it; its pointers are then laid out afresh.
+    """
+    record = dnslib.DNSRecord.parse(data)
+    record.ar = [rr for rr in record.ar if rr.rtype != wire.TYPE_OPT]
+    packed = record.pack()
+    qend = wire.skip_name(packed, 12) + 4
+    return scan_reply(packed, qend, policy)
+
+
+def render(q: Query, reply: Reply, elapsed: int) -> bytes:
+    """Reply to q with `reply` as it stands `elapsed` seconds after it was received."""
+    flags = wire.QR | wire.RA | (q.flags & (wire.OPCODE | wire.RD | wire.CD)) | reply.rcode
+    if reply.flags & wire.AD and (q.do or q.flags & wire.AD):
+        flags |= wire.AD
+    head = struct.pack("!2sHHHHH", q.data[:2], flags, 1, reply.an, reply.ns,
+                       reply.ar + q.edns)
+    out = head + q.question + reply.body
+    if q.edns:
+        out += wire.opt_record(q.do)
+    if elapsed > 0:
+        out = bytearray(out)
+        base = len(head) + len(q.question)
+        for offset, ttl in reply.ttls:
+            _TTL.pack_into(out, base + offset, ttl - elapsed if ttl > elapsed else 0)
+        out = bytes(out)
+    return wire.fit_udp(q, out)

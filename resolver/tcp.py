@@ -1,0 +1,85 @@
+"""TCP transport: two-byte length framing, many queries per connection, answered as they
+complete (RFC 7766), an idle timeout, and a cap on open connections."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+
+from .pipeline import Pipeline
+
+
+class TcpLimits:
+    """Connection bookkeeping shared by all connections of one server."""
+
+    def __init__(self, idle_timeout: float, max_connections: int):
+        self.idle_timeout = idle_timeout
+        self.max_connections = max_connections
+        self.open: set[TcpConnection] = set()
+
+
+class TcpConnection(asyncio.Protocol):
+    """One client connection."""
+
+    name = "tcp"
+
+    def __init__(self, pipeline: Pipeline, limits: TcpLimits):
+        self._pipeline = pipeline
+        self._limits = limits
+        self._buffer = bytearray()
+        self._waiting = 0  # queries gone upstream whose answers are not yet written
+        self._timer: asyncio.TimerHandle | None = None
+        self.transport: asyncio.Transport | None = None
+        self.peer: tuple = ()
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        if len(self._limits.open) >= self._limits.max_connections:
+            transport.abort()  # over the cap: refuse cheaply rather than queue
+            return
+        self.peer = transport.get_extra_info("peername")
+        self._limits.open.add(self)
+        self._arm_idle()
+
+    def connection_lost(self, exc) -> None:
+        self._limits.open.discard(self)
+        if self._timer is not None:
+            self._timer.cancel()
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self._buffer
+        buffer += data
+        while len(buffer) >= 2:
+            size = (buffer[0] << 8) | buffer[1]
+            if len(buffer) < 2 + size:
+                break
+            message = bytes(buffer[2:2 + size])
+            del buffer[:2 + size]
+            answer = self._pipeline.handle(message, self.peer, self)
+            if answer:
+                self._write(answer)
+            elif answer is not None:
+                self._waiting += 1
+        self._arm_idle()
+
+    def deliver(self, answer: bytes, client: tuple) -> None:
+        self._waiting -= 1
+        self._write(answer)
+        self._arm_idle()
+
+    def _write(self, answer: bytes) -> None:
+        if not self.transport.is_closing():
+            self.transport.write(struct.pack("!H", len(answer)) + answer)
+
+    def _arm_idle(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = asyncio.get_running_loop().call_later(self._limits.idle_timeout,
+                                                             self._idle)
+
+    def _idle(self) -> None:
+        """Close a quiet connection, but not while answers are still owed to it."""
+        if self._waiting > 0:
+            self._arm_idle()
+        else:
+            self.transport.close()

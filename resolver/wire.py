@@ -36,6 +36,8 @@ class FormError(Exception):
 
 def parse_query(data: bytes, client: tuple, transport: str) -> Query:
     """Decode header, question and EDNS; raise FormError for anything we won't answer."""
+    if type(data) is not bytes:  # keys and slices must be hashable bytes, not bytearray
+        data = bytes(data)
     if len(data) < 12:
         raise FormError(None, "shorter than a header")
     qid, flags, qdcount, ancount, nscount, arcount = _HEADER.unpack_from(data)
@@ -127,10 +129,13 @@ def _reply_flags(query_flags: int, rcode: int) -> int:
     return QR | RA | (query_flags & (OPCODE | RD | CD)) | rcode
 
 
+_COUNTS = struct.Struct("!HHHHH")
+
+
 def header(q: Query, rcode: int, an: int, ns: int, ar: int) -> bytes:
     """An answer header for q with its ID and one question."""
-    return _HEADER.pack(int.from_bytes(q.data[:2], "big"), _reply_flags(q.flags, rcode),
-                        1, an, ns, ar)
+    flags = QR | RA | (q.flags & (OPCODE | RD | CD)) | rcode
+    return q.data[:2] + _COUNTS.pack(flags, 1, an, ns, ar)
 
 
 def opt_record(do: bool, options: bytes = b"", ext_rcode: int = 0, size: int = 1232) -> bytes:

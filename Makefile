@@ -3,13 +3,28 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test clean
+# Debian packages the tests drive: a real authoritative upstream (nsd), peers and tools.
+TEST_PACKAGES := make python3 python3-venv nsd unbound dnsperf bind9-dnsutils knot-dnsutils curl
+
+.PHONY: run test deps clean
 
 run: $(VENV)/.installed
 	$(BIN)/resolver serve $(ARGS)
 
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# Installs (as root) only the packages that are missing, then stops the system daemons the
+# packages start on port 53: the tests run their own on free ports.
+deps:
+	@missing=$$(for p in $(TEST_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing: $$missing"; apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+	@for s in nsd unbound; do \
+		if [ -x /etc/init.d/$$s ] && /etc/init.d/$$s status >/dev/null 2>&1; then /etc/init.d/$$s stop || true; fi; \
+	done
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)

@@ -1,0 +1,98 @@
+"""Per-stage cost of the hot path, in microseconds per query, without sockets.
+
+Run by hand: `.venv/bin/python bench/micro.py`. It builds the real pipeline (shipped rules,
+default config, metrics on) and times each stage on its own, then whole `Pipeline.handle`
+calls for a blocked name and a cache hit, so a regression shows where the time went.
+Numbers move with the machine; compare them between commits on one machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import timeit
+from pathlib import Path
+
+import dnslib
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from resolver import wire  # noqa: E402
+from resolver.app import build_pipeline  # noqa: E402
+from resolver.config import Config, UpstreamConfig, UpstreamServer  # noqa: E402
+from resolver.metrics import Metrics  # noqa: E402
+from resolver.reply import TtlPolicy, render, scan_reply  # noqa: E402
+from resolver.rules import load_rules  # noqa: E402
+from resolver.upstream import UpstreamPool  # noqa: E402
+
+CLIENT = ("127.0.0.1", 40000)
+
+
+class NullSink:
+    """Stands in for a transport: the micro-benchmark never forwards."""
+
+    name = "udp"
+
+    def deliver(self, answer: bytes, client: tuple) -> None:
+        raise AssertionError("a benchmarked query went upstream")
+
+
+def packet(name: str, edns: bool) -> bytes:
+    record = dnslib.DNSRecord.question(name)
+    if edns:
+        record.add_ar(dnslib.EDNS0(udp_len=1232))
+    return bytes(record.pack())
+
+
+def upstream_reply(query: bytes) -> bytes:
+    """What an upstream would send for `query`: one A record."""
+    record = dnslib.DNSRecord.parse(query)
+    reply = record.reply(ra=1, aa=0)
+    reply.add_answer(dnslib.RR(record.q.qname, dnslib.QTYPE.A, rdata=dnslib.A("192.0.2.10"),
+                               ttl=300))
+    return bytes(reply.pack())
+
+
+def per_query_us(func, number: int) -> float:
+    best = min(timeit.repeat(func, number=number, repeat=5))
+    return best / number * 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-n", "--number", type=int, default=100_000)
+    parser.add_argument("--edns", action="store_true", help="queries carry EDNS (adds EDE)")
+    args = parser.parse_args()
+
+    config = Config(upstream=UpstreamConfig(servers=(UpstreamServer("127.0.0.1", 9),)))
+    metrics = Metrics()
+    rules = load_rules(config.blocking.rules)
+    pipeline = build_pipeline(config, rules, metrics, UpstreamPool(config.upstream, metrics),
+                              clock=lambda: 1000.0)
+    blocker, cache_stage = pipeline.stages
+    sink = NullSink()
+
+    blocked = packet("www.binance.com", args.edns)
+    allowed = packet("www.example.org", args.edns)
+    q_blocked = wire.parse_query(blocked, CLIENT, "udp")
+    q_allowed = wire.parse_query(allowed, CLIENT, "udp")
+    reply = scan_reply(upstream_reply(allowed), 12 + len(q_allowed.question), TtlPolicy())
+    cache_stage._cache.put(q_allowed.cache_key, reply)
+
+    rows = [
+        ("decode (parse_query)", lambda: wire.parse_query(blocked, CLIENT, "udp")),
+        ("policy: blocked (lookup + count + build)", lambda: blocker.answer(q_blocked)),
+        ("policy: pass (lookup miss)", lambda: blocker.answer(q_allowed)),
+        ("cache hit (lookup + render)", lambda: cache_stage.answer(q_allowed)),
+        ("encode cached reply (render, aged)", lambda: render(q_allowed, reply, 7)),
+        ("whole handle(): blocked", lambda: pipeline.handle(blocked, CLIENT, sink)),
+        ("whole handle(): cache hit", lambda: pipeline.handle(allowed, CLIENT, sink)),
+    ]
+    print(f"{'stage':44} {'us/query':>9} {'queries/s':>11}")
+    for label, func in rows:
+        us = per_query_us(func, args.number)
+        print(f"{label:44} {us:9.3f} {1e6 / us:11,.0f}")
+
+
+if __name__ == "__main__":
+    main()

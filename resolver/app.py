@@ -10,9 +10,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, start_http_server
@@ -24,7 +25,8 @@ from .forward import Forwarder
 from .metrics import Metrics
 from .pipeline import Pipeline
 from .reply import TtlPolicy
-from .rules import RuleSet
+from .errors import ConfigError
+from .rules import RuleSet, load_rules
 from .tcp import TcpConnection, TcpLimits
 from .udp import UdpServer
 from .upstream import UpstreamPool
@@ -59,12 +61,39 @@ class RunningServer:
     metrics: Metrics
     registry: CollectorRegistry
     metrics_address: tuple[str, int] | None
+    config: Config
+
+    @property
+    def blocker(self) -> Blocker:
+        return self.pipeline.stages[0]
+
+    async def reload_rules(self) -> bool:
+        """Load the rule files again and swap them in; on any problem keep the old rules.
+
+        Loading runs in a thread so a large list does not stall answering meanwhile.
+        """
+        try:
+            rules = await asyncio.to_thread(load_rules, self.config.blocking.rules)
+        except ConfigError as exc:
+            for problem in exc.problems:
+                log.error("reload failed, keeping the previous rules: %s", problem)
+            self.metrics.reloads.inc(("failed",))
+            return False
+        self.blocker.install(rules)
+        self.metrics.reloads.inc(("ok",))
+        log.info("reloaded rules: %d domains", rules.domain_count)
+        return True
 
 
 @contextlib.asynccontextmanager
-async def running_server(config: Config, rules: RuleSet,
-                         clock: Clock | None = None) -> AsyncIterator[RunningServer]:
-    """Serve until the context exits; yields the bound addresses (port 0 resolved)."""
+async def running_server(config: Config, rules: RuleSet, clock: Clock | None = None,
+                         reuse_port: bool = False, serve_metrics: bool = True
+                         ) -> AsyncIterator[RunningServer]:
+    """Serve until the context exits; yields the bound addresses (port 0 resolved).
+
+    reuse_port: bind with SO_REUSEPORT so several worker processes share the ports.
+    serve_metrics: start the HTTP endpoint here (a worker leaves it to its supervisor).
+    """
     registry = CollectorRegistry()
     metrics = Metrics(registry)
     upstreams = UpstreamPool(config.upstream, metrics)
@@ -74,14 +103,14 @@ async def running_server(config: Config, rules: RuleSet,
     closers: list = []
     http = None
     try:
-        addresses = [await _bind(address, pipeline, limits, closers)
+        addresses = [await _bind(address, pipeline, limits, closers, reuse_port)
                      for address in config.server.listen]
         metrics_address = None
-        if config.metrics.listen is not None:
+        if serve_metrics and config.metrics.listen is not None:
             http, _ = start_http_server(config.metrics.listen.port, config.metrics.listen.host,
                                         registry=registry)
             metrics_address = http.server_address[:2]
-        yield RunningServer(addresses, pipeline, metrics, registry, metrics_address)
+        yield RunningServer(addresses, pipeline, metrics, registry, metrics_address, config)
     finally:
         for close in reversed(closers):
             close()
@@ -94,18 +123,20 @@ async def running_server(config: Config, rules: RuleSet,
             http.server_close()
 
 
-async def _bind(address: Address, pipeline: Pipeline, limits: TcpLimits,
-                closers: list) -> tuple[str, int]:
+async def _bind(address: Address, pipeline: Pipeline, limits: TcpLimits, closers: list,
+                reuse_port: bool) -> tuple[str, int]:
     """Bind TCP, then UDP on the port TCP got; return the (host, port) bound."""
     loop = asyncio.get_running_loop()
     for attempt in range(BIND_ATTEMPTS):
         tcp = await loop.create_server(lambda: TcpConnection(pipeline, limits),
-                                       address.host, address.port, reuse_address=True)
+                                       address.host, address.port, reuse_address=True,
+                                       reuse_port=reuse_port)
         port = tcp.sockets[0].getsockname()[1]
         try:
             udp, _ = await loop.create_datagram_endpoint(
                 lambda: UdpServer(pipeline), local_addr=(address.host, port),
-                family=socket.AF_INET6 if ":" in address.host else socket.AF_INET)
+                family=socket.AF_INET6 if ":" in address.host else socket.AF_INET,
+                reuse_port=reuse_port)
         except OSError:
             tcp.close()
             if address.port != 0 or attempt == BIND_ATTEMPTS - 1:
@@ -115,3 +146,25 @@ async def _bind(address: Address, pipeline: Pipeline, limits: TcpLimits,
         closers.append(udp.close)
         return address.host, port
     raise AssertionError("unreachable")
+
+
+async def serve_until_signalled(config: Config, rules: RuleSet,
+                                on_ready: Callable[[RunningServer], None],
+                                reuse_port: bool = False, serve_metrics: bool = True) -> None:
+    """Serve until SIGTERM or SIGINT; SIGHUP reloads the rules (keeping them on error)."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    async with running_server(config, rules, reuse_port=reuse_port,
+                              serve_metrics=serve_metrics) as server:
+        reloads: set[asyncio.Task] = set()
+
+        def reload() -> None:
+            task = loop.create_task(server.reload_rules())
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
+        loop.add_signal_handler(signal.SIGHUP, reload)
+        on_ready(server)
+        await stop.wait()

@@ -48,8 +48,9 @@ class ListAnswers:
         if self.records and q.qclass == wire.CLASS_IN:
             found = self.records.get(q.qtype)
             if found:
-                count, records = found
-                return wire.header(q, wire.NOERROR, count, 0, ar) + q.question + records + opt
+                count, records = found  # many addresses may not fit a small UDP buffer
+                return wire.fit_udp(
+                    q, wire.header(q, wire.NOERROR, count, 0, ar) + q.question + records + opt)
         owner = struct.pack("!H", 0xC000 | (12 + offset))
         return wire.header(q, self.rcode, 0, 1, ar) + q.question + owner + self.soa_tail + opt
 
@@ -79,7 +80,7 @@ class Blocker:
         self._config = config
         self.install(rules)
         metrics.gauge("rules_domains", "Domains blocked by the loaded rules.", (),
-                      lambda: {(): self.rules.domain_count})
+                      lambda: {(): self.rules.domain_count}, merge="max")
 
     def install(self, rules: RuleSet) -> None:
         """Swap in a new rule set with its packed answers in one assignment (no locks needed)."""

@@ -9,15 +9,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
 import sys
 
 import uvloop
 
-from .app import running_server
+from .app import serve_until_signalled
 from .config import Config, Overrides, load_config
 from .errors import ConfigError
 from .rules import RuleSet, load_rules
+from .supervisor import Supervisor, default_workers
 
 log = logging.getLogger("resolver")
 
@@ -44,8 +44,16 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--rules", action="append", default=[], metavar="PATH",
                        help="rule file or directory (repeatable)")
     serve.add_argument("--metrics", metavar="HOST:PORT|off", help="Prometheus endpoint")
+    serve.add_argument("--workers", type=_positive, default=None, metavar="N",
+                       help="worker processes sharing the ports (default: one per core)")
     serve.set_defaults(run=_serve)
     return parser
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return int(text)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -58,34 +66,33 @@ def _serve(args: argparse.Namespace) -> int:
         for problem in exc.problems:
             print(f"resolver: {problem}", file=sys.stderr)
         return 2
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        try:
-            runner.run(_run(config, rules))
-        except OSError as exc:
-            print(f"resolver: cannot listen: {exc}", file=sys.stderr)
-            return 2
+    workers = args.workers or default_workers()
+    try:
+        if workers > 1:
+            return Supervisor(config, rules, workers).run(
+                lambda addresses, _: print(_banner(config, rules, addresses, workers),
+                                           flush=True))
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(serve_until_signalled(
+                config, rules, lambda server: print(_banner(config, rules, server.addresses, 1),
+                                                    flush=True)))
+    except (OSError, RuntimeError) as exc:
+        print(f"resolver: cannot serve: {exc}", file=sys.stderr)
+        return 2
+    log.info("stopped")
     return 0
 
 
-async def _run(config: Config, rules: RuleSet) -> None:
-    """Serve until SIGTERM or SIGINT."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    async with running_server(config, rules) as server:
-        print(_banner(config, rules, server.addresses), flush=True)
-        await stop.wait()
-    log.info("stopped")
-
-
-def _banner(config: Config, rules: RuleSet, addresses: list[tuple[str, int]]) -> str:
+def _banner(config: Config, rules: RuleSet, addresses: list[tuple[str, int]],
+            workers: int) -> str:
     """The one startup line: where we listen, what we block, and a query to try."""
     where = ", ".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in addresses)
     upstreams = ", ".join(f"{s.host}:{s.port}" for s in config.upstream.servers)
     lists = len([lst for lst in rules.lists if lst.action != "allow"])
-    line = (f"resolver: listening on {where} (UDP and TCP), blocking {rules.domain_count} "
-            f"domains from {lists} list{'s' if lists != 1 else ''}, forwarding to {upstreams}")
+    processes = f", {workers} workers" if workers > 1 else ""
+    line = (f"resolver: listening on {where} (UDP and TCP{processes}), blocking "
+            f"{rules.domain_count} domains from {lists} list{'s' if lists != 1 else ''}, "
+            f"forwarding to {upstreams}")
     example = getattr(rules, "example_domain", lambda: None)()
     if example:
         host, port = addresses[0]

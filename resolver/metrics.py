@@ -9,6 +9,8 @@ outcomes, upstream addresses from config. Never a query name or a client address
 
 from __future__ import annotations
 
+import operator
+
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -16,6 +18,45 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 NAMESPACE = "resolver"
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """One family's values at one moment, as plain data that can cross a process boundary.
+
+    `merge` says how the supervisor combines workers: counters and most gauges add up; a
+    gauge that every worker reports alike (rules loaded) takes the maximum.
+    """
+
+    kind: str  # "counter" or "gauge"
+    name: str
+    help: str
+    labels: tuple[str, ...]
+    values: dict[tuple[str, ...], float]
+    merge: str = "sum"  # or "max"
+
+    def family(self) -> Metric:
+        make = CounterMetricFamily if self.kind == "counter" else GaugeMetricFamily
+        family = make(f"{NAMESPACE}_{self.name}", self.help, labels=self.labels)
+        for key, value in self.values.items():
+            family.add_metric(key, value)
+        return family
+
+
+def merge_samples(snapshots: list[list[Sample]]) -> list[Sample]:
+    """Combine the snapshots of several workers into one, family by family."""
+    merged: dict[str, Sample] = {}
+    for snapshot in snapshots:
+        for sample in snapshot:
+            seen = merged.get(sample.name)
+            if seen is None:
+                merged[sample.name] = Sample(sample.kind, sample.name, sample.help,
+                                             sample.labels, dict(sample.values), sample.merge)
+                continue
+            combine = max if sample.merge == "max" else operator.add
+            for key, value in sample.values.items():
+                seen.values[key] = combine(seen.values.get(key, 0), value)
+    return list(merged.values())
 
 
 @dataclass(slots=True)
@@ -31,27 +72,23 @@ class Tally:
         counts = self.counts
         counts[key] = counts.get(key, 0) + amount
 
-    def family(self) -> Metric:
-        family = CounterMetricFamily(f"{NAMESPACE}_{self.name}", self.help, labels=self.labels)
-        for key, value in self.counts.copy().items():  # copy: the loop thread keeps counting
-            family.add_metric(key, value)
-        return family
+    def sample(self) -> Sample:
+        # copy(): the metrics thread reads while the event loop keeps counting
+        return Sample("counter", self.name, self.help, self.labels, self.counts.copy())
 
 
 @dataclass(slots=True)
 class Gauge:
-    """A gauge read from the live objects at scrape time, so it can never drift."""
+    """A gauge read from the live objects at sample time, so it can never drift."""
 
     name: str
     help: str
     labels: tuple[str, ...]
     read: Callable[[], dict[tuple[str, ...], float]]
+    merge: str = "sum"
 
-    def family(self) -> Metric:
-        family = GaugeMetricFamily(f"{NAMESPACE}_{self.name}", self.help, labels=self.labels)
-        for key, value in self.read().items():
-            family.add_metric(key, value)
-        return family
+    def sample(self) -> Sample:
+        return Sample("gauge", self.name, self.help, self.labels, self.read(), self.merge)
 
 
 class Metrics:
@@ -70,18 +107,29 @@ class Metrics:
                                      "Upstream attempts that failed, by upstream and kind.",
                                      ("upstream", "kind"))
         self.cache = Tally("cache_total", "Cache lookups and stores, by result.", ("result",))
+        self.reloads = Tally("reloads_total", "Rule reloads, by result (ok, failed).",
+                             ("result",))
+        self._tallies = [self.queries, self.blocked, self.upstream_queries,
+                         self.upstream_errors, self.cache, self.reloads]
         self._gauges: list[Gauge] = []
         if registry is not None:
             registry.register(self)
 
+    def counter(self, name: str, help: str, labels: tuple[str, ...]) -> Tally:
+        """A further counter family, owned by the component that asks for it."""
+        tally = Tally(name, help, labels)
+        self._tallies.append(tally)
+        return tally
+
     def gauge(self, name: str, help: str, labels: tuple[str, ...],
-              read: Callable[[], dict[tuple[str, ...], float]]) -> None:
+              read: Callable[[], dict[tuple[str, ...], float]], merge: str = "sum") -> None:
         """Export state owned elsewhere (cache size, rule counts) as a gauge."""
-        self._gauges.append(Gauge(name, help, labels, read))
+        self._gauges.append(Gauge(name, help, labels, read, merge))
+
+    def snapshot(self) -> list[Sample]:
+        """Every family's current values (what a worker sends its supervisor)."""
+        return [t.sample() for t in self._tallies] + [g.sample() for g in self._gauges]
 
     def collect(self) -> Iterator[Metric]:
-        for tally in (self.queries, self.blocked, self.upstream_queries, self.upstream_errors,
-                      self.cache):
-            yield tally.family()
-        for gauge in self._gauges:
-            yield gauge.family()
+        for sample in self.snapshot():
+            yield sample.family()

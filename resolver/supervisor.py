@@ -1,0 +1,233 @@
+"""Several worker processes on the same ports, and the supervisor that keeps them.
+
+Python runs one core per process, so `--workers N` forks N workers after the rules are
+compiled (they share the compiled rules copy-on-write). Each runs its own uvloop and binds
+the listen addresses with SO_REUSEPORT, and the kernel spreads queries across them by flow
+hash. The supervisor answers no queries. It:
+- serves /metrics, asking every worker for a snapshot over its pipe and adding them up;
+- passes SIGHUP on to every worker, each of which reloads its rules;
+- stops every worker on SIGTERM/SIGINT, and starts again a worker that died.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import dataclasses
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from multiprocessing.connection import Connection, wait
+
+import uvloop
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import Metric
+
+from .app import serve_until_signalled
+from .config import Address, Config
+from .metrics import Sample, merge_samples
+from .rules import RuleSet
+
+log = logging.getLogger(__name__)
+
+READY_TIMEOUT = 30.0  # seconds a worker may take to bind its sockets
+SNAPSHOT_TIMEOUT = 2.0  # seconds a worker may take to answer a metrics request
+STOP_TIMEOUT = 10.0  # seconds between SIGTERM and SIGKILL at shutdown
+PR_SET_PDEATHSIG = 1
+RESTART_DELAY = 1.0  # pause before starting a worker that died, so a crash loop is slow
+
+
+def default_workers() -> int:
+    """One worker per core this process may run on."""
+    return len(os.sched_getaffinity(0))
+
+
+class Worker:
+    """One worker process and the supervisor's end of its pipe."""
+
+    def __init__(self, index: int, process: multiprocessing.Process, conn: Connection):
+        self.index, self.process, self.conn = index, process, conn
+        self.last: list[Sample] = []  # its latest snapshot, kept for when it dies
+
+    @classmethod
+    def start(cls, index: int, config: Config, rules: RuleSet) -> Worker:
+        ours, theirs = multiprocessing.Pipe()
+        process = multiprocessing.get_context("fork").Process(
+            target=_worker_main, args=(config, rules, theirs), name=f"resolver-worker-{index}",
+            daemon=True)
+        process.start()
+        theirs.close()
+        return cls(index, process, ours)
+
+    def ready(self) -> list[tuple[str, int]]:
+        """Wait for the worker to report its bound addresses."""
+        if not self.conn.poll(READY_TIMEOUT):
+            raise RuntimeError(f"worker {self.index} did not start in {READY_TIMEOUT:g}s")
+        try:
+            message, payload = self.conn.recv()
+        except EOFError:
+            raise RuntimeError(f"worker {self.index} exited during startup") from None
+        if message != "ready":
+            raise RuntimeError(f"worker {self.index}: {payload}")
+        return payload
+
+    def snapshot(self) -> list[Sample]:
+        try:
+            self.conn.send("snapshot")
+            if self.conn.poll(SNAPSHOT_TIMEOUT):
+                self.last = self.conn.recv()
+        except (EOFError, OSError):
+            pass  # it is dying; the supervisor restarts it and keeps its last counts
+        return self.last
+
+
+def _worker_main(config: Config, rules: RuleSet, conn: Connection) -> None:
+    """Body of a worker process: serve with SO_REUSEPORT until told to stop."""
+    _die_with_parent()
+
+    def on_ready(server) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_reader(conn.fileno(), _answer_snapshot, conn, server.metrics)
+        conn.send(("ready", server.addresses))
+
+    try:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(serve_until_signalled(config, rules, on_ready, reuse_port=True,
+                                             serve_metrics=False))
+    except OSError as exc:
+        conn.send(("error", str(exc)))
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGTERM this worker if the supervisor dies, even by SIGKILL."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass  # not Linux: workers then outlive a killed supervisor
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_DFL)  # the event loop installs its own handlers
+
+
+def _answer_snapshot(conn: Connection, metrics) -> None:
+    try:
+        conn.recv()
+        conn.send(metrics.snapshot())
+    except (EOFError, OSError):
+        pass  # the supervisor is gone; SIGTERM or the parent-death check ends us
+
+
+class Supervisor:
+    """Starts, watches and stops the workers; merges their metrics for Prometheus."""
+
+    def __init__(self, config: Config, rules: RuleSet, count: int):
+        self.config = _concrete_ports(config)
+        self.rules = rules
+        self.count = count
+        self.workers: list[Worker] = []
+        self.retired: list[Sample] = []  # counters of workers that died, so sums never drop
+        self.lock = threading.Lock()  # the metrics thread and the main thread share pipes
+        self.stopping = False
+        self.reload_requested = False
+
+    def run(self, on_ready) -> int:
+        """Serve until SIGTERM/SIGINT; on_ready(addresses, metrics_address) once all are up."""
+        signal.signal(signal.SIGTERM, self._stop)
+        signal.signal(signal.SIGINT, self._stop)
+        signal.signal(signal.SIGHUP, self._reload)
+        http = None
+        try:
+            self.workers = [Worker.start(i, self.config, self.rules) for i in range(self.count)]
+            addresses = [worker.ready() for worker in self.workers][0]
+            metrics_address = None
+            if self.config.metrics.listen is not None:
+                registry = CollectorRegistry()
+                registry.register(self)
+                listen = self.config.metrics.listen
+                http, _ = start_http_server(listen.port, listen.host, registry=registry)
+                metrics_address = http.server_address[:2]
+            on_ready(addresses, metrics_address)
+            self._watch()
+        finally:
+            self._stop_all()
+            if http is not None:
+                http.shutdown()
+        return 0
+
+    def _watch(self) -> None:
+        """Sleep until a worker exits or a signal asks for something."""
+        while not self.stopping:
+            if self.reload_requested:
+                self.reload_requested = False
+                for worker in self.workers:
+                    os.kill(worker.process.pid, signal.SIGHUP)
+            ended = wait([w.process.sentinel for w in self.workers], timeout=0.5)
+            for worker in [w for w in self.workers if w.process.sentinel in ended]:
+                if not self.stopping:
+                    self._restart(worker)
+
+    def _restart(self, worker: Worker) -> None:
+        log.error("worker %d exited with %s; starting it again", worker.index,
+                  worker.process.exitcode)
+        time.sleep(RESTART_DELAY)
+        with self.lock:  # no pipe traffic while forking
+            self.retired = merge_samples([self.retired,
+                                          [s for s in worker.last if s.kind == "counter"]])
+            worker.conn.close()
+            fresh = Worker.start(worker.index, self.config, self.rules)
+            self.workers[self.workers.index(worker)] = fresh
+        try:
+            fresh.ready()
+        except RuntimeError as exc:
+            log.error("%s", exc)
+
+    def _stop(self, signum, frame) -> None:
+        self.stopping = True
+
+    def _reload(self, signum, frame) -> None:
+        self.reload_requested = True
+
+    def _stop_all(self) -> None:
+        for worker in self.workers:
+            if worker.process.is_alive():
+                worker.process.terminate()
+        deadline = time.monotonic() + STOP_TIMEOUT
+        for worker in self.workers:
+            worker.process.join(max(0.0, deadline - time.monotonic()))
+            if worker.process.is_alive():
+                worker.process.kill()
+                worker.process.join()
+
+    def collect(self) -> Iterator[Metric]:
+        """Prometheus collector: the sum of every worker's snapshot, plus the retired counts."""
+        with self.lock:
+            snapshots = [worker.snapshot() for worker in self.workers]
+            alive = sum(worker.process.is_alive() for worker in self.workers)
+        for sample in merge_samples(snapshots + [self.retired]):
+            yield sample.family()
+        yield Sample("gauge", "workers", "Worker processes alive.", (), {(): alive}).family()
+
+
+def _concrete_ports(config: Config) -> Config:
+    """Port 0 means 'any free port', but every worker must bind the same one: pick it here."""
+    listen = tuple(Address(a.host, a.port or _free_port(a.host)) for a in config.server.listen)
+    return dataclasses.replace(config, server=dataclasses.replace(config.server, listen=listen))
+
+
+def _free_port(host: str) -> int:
+    """A port free for both TCP and UDP on host at this moment."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    while True:
+        with socket.socket(family, socket.SOCK_STREAM) as tcp:
+            tcp.bind((host, 0))
+            port = tcp.getsockname()[1]
+            with socket.socket(family, socket.SOCK_DGRAM) as udp:
+                try:
+                    udp.bind((host, port))
+                except OSError:
+                    continue
+                return port

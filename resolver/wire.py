@@ -23,6 +23,9 @@ CLASSIC_UDP = 512
 
 _HEADER = struct.Struct("!HHHHHH")
 _RR_FIXED = struct.Struct("!HHIH")  # type, class, ttl, rdlength
+_COUNTS = struct.Struct("!HHHHH")  # flags and the four section counts
+_TYPE_CLASS = struct.Struct("!HH")
+_OPT_REST = struct.Struct("!HIH")  # an OPT record after its root name and type: size, ttl, rdlength
 _TTL = struct.Struct("!I")
 
 
@@ -35,43 +38,59 @@ class FormError(Exception):
 
 
 def parse_query(data: bytes, client: tuple, transport: str) -> Query:
-    """Decode header, question and EDNS; raise FormError for anything we won't answer."""
+    """Decode header, question and EDNS; raise FormError for anything we won't answer.
+
+    Written flat, with the common shapes first, because it runs for every packet.
+    """
     if type(data) is not bytes:  # keys and slices must be hashable bytes, not bytearray
         data = bytes(data)
-    if len(data) < 12:
+    size = len(data)
+    if size < 12:
         raise FormError(None, "shorter than a header")
-    qid, flags, qdcount, ancount, nscount, arcount = _HEADER.unpack_from(data)
-    if flags & QR:
-        raise FormError(None, "a response, not a query")  # answering answers invites loops
-    if flags & OPCODE:
-        raise FormError(_bare_error(data, flags, NOTIMP), "opcode not implemented")
-    if qdcount != 1:
-        raise FormError(_bare_error(data, flags, FORMERR), "question count is not 1")
-    end, offsets = _read_qname(data, flags)
+    flags, qdcount, ancount, nscount, arcount = _COUNTS.unpack_from(data, 2)
+    if flags & (QR | OPCODE) or qdcount != 1:
+        raise _header_error(data, flags)
+    pos, offsets = 12, []
+    try:
+        length = data[12]
+        while length:
+            if length > 63:  # a pointer or extended label has no place in a question
+                raise FormError(_bare_error(data, flags, FORMERR), "compressed question name")
+            offsets.append(pos - 12)
+            pos += length + 1
+            length = data[pos]
+    except IndexError:
+        raise FormError(_bare_error(data, flags, FORMERR), "question name runs past the end")
+    end = pos + 1
     qend = end + 4
-    qtype, qclass = struct.unpack_from("!HH", data, end)
-    edns, udp_size, do = _read_edns(data, flags, qend, ancount + nscount, arcount)
+    if end - 12 > MAX_NAME or qend > size:
+        raise FormError(_bare_error(data, flags, FORMERR), "question too long or cut short")
+    qtype, qclass = _TYPE_CLASS.unpack_from(data, end)
+    if not arcount:
+        edns, udp_size, do = False, CLASSIC_UDP, False
+    elif (arcount == 1 and not ancount and not nscount and size >= qend + 11
+          and data[qend:qend + 3] == b"\x00\x00\x29"):  # the usual lone OPT at the root
+        udp_size, ttl, rdlength = _OPT_REST.unpack_from(data, qend + 3)
+        if qend + 11 + rdlength > size:
+            raise FormError(_bare_error(data, flags, FORMERR), "OPT record cut short")
+        if ttl & 0xFF0000:
+            raise FormError(_badvers(data, flags), "EDNS version not supported")
+        edns, do = True, bool(ttl & 0x8000)
+        if udp_size < CLASSIC_UDP:
+            udp_size = CLASSIC_UDP
+    else:
+        edns, udp_size, do = _read_edns(data, flags, qend, ancount + nscount, arcount)
     return Query(data, flags, data[12:qend], data[12:end].lower(), offsets, qtype, qclass,
                  edns, udp_size, do, client, transport)
 
 
-def _read_qname(data: bytes, flags: int) -> tuple[int, list[int]]:
-    """Walk the question name's labels; return where it ends and each label's start."""
-    pos, size, offsets = 12, len(data), []
-    while True:
-        if pos >= size:
-            raise FormError(_bare_error(data, flags, FORMERR), "question name runs past the end")
-        length = data[pos]
-        if length == 0:
-            break
-        if length > 63:  # a pointer or extended label has no place in a question
-            raise FormError(_bare_error(data, flags, FORMERR), "compressed question name")
-        offsets.append(pos - 12)
-        pos += length + 1
-    pos += 1
-    if pos - 12 > MAX_NAME or pos + 4 > size:
-        raise FormError(_bare_error(data, flags, FORMERR), "question too long or cut short")
-    return pos, offsets
+def _header_error(data: bytes, flags: int) -> FormError:
+    """Why a header is not a query we answer: a response, an opcode, or the question count."""
+    if flags & QR:
+        return FormError(None, "a response, not a query")  # answering answers invites loops
+    if flags & OPCODE:
+        return FormError(_bare_error(data, flags, NOTIMP), "opcode not implemented")
+    return FormError(_bare_error(data, flags, FORMERR), "question count is not 1")
 
 
 def _read_edns(data: bytes, flags: int, pos: int, skip: int, arcount: int
@@ -127,9 +146,6 @@ def _badvers(data: bytes, flags: int) -> bytes:
 def _reply_flags(query_flags: int, rcode: int) -> int:
     """Answer flags: QR and RA set, opcode, RD and CD echoed, not authoritative."""
     return QR | RA | (query_flags & (OPCODE | RD | CD)) | rcode
-
-
-_COUNTS = struct.Struct("!HHHHH")
 
 
 def header(q: Query, rcode: int, an: int, ns: int, ar: int) -> bytes:

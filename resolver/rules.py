@@ -1,0 +1,494 @@
+"""Rule files compiled into one immutable matcher from wire-form name to the rule that decides it.
+
+Loading is strict and all-or-nothing: every problem in every file is collected with its file,
+line and key path, and one ConfigError is raised, so a broken edit never half-loads and the
+operator sees everything to fix in one run. The compiled RuleSet is never mutated; a reload
+builds a new one and the server swaps one reference.
+"""
+
+import ipaddress
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+from resolver.errors import ConfigError
+from resolver.names import from_wire, label_offsets, normalize, to_wire
+
+ALLOW = "allow"
+DEFAULT_ACTION = "nxdomain"
+ACTIONS = (DEFAULT_ACTION, "sinkhole", "nodata", "refused", ALLOW)
+# Unspecified addresses: a client that connects to a sinkhole fails at once, off the network.
+DEFAULT_SINKHOLE_V4 = ("0.0.0.0",)
+DEFAULT_SINKHOLE_V6 = ("::",)
+YAML_SUFFIXES = (".yaml", ".yml")
+TEXT_SUFFIXES = (".txt", ".list")
+
+# List names and entry ids end up in logs and metric labels, so keep them plain tokens.
+_TOKEN = re.compile(r"[a-z0-9_.-]+")
+_TOKEN_RULE = "use only a-z 0-9 _ . -"
+_MAX_TTL = 2**31 - 1
+_MAX_LABELS = 127  # in a 255-octet wire name: 127 one-letter labels and the root
+# libyaml parses big lists several times faster; the pure-Python loader gives the same nodes.
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_STR = "tag:yaml.org,2002:str"
+_INT = "tag:yaml.org,2002:int"
+_NULL = "tag:yaml.org,2002:null"
+_SCALAR_KINDS = {
+    "tag:yaml.org,2002:bool": "a boolean",
+    _INT: "a number",
+    "tag:yaml.org,2002:float": "a number",
+}
+_TOP_KEYS = frozenset({"lists"})
+_LIST_KEYS = frozenset({"name", "action", "ttl", "sinkhole", "description", "entries", "domains"})
+_ENTRY_KEYS = frozenset({"id", "name", "domains"})
+_Texts = tuple[str, ...]
+_Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+@dataclass(frozen=True, slots=True)
+class RuleList:
+    """One named list: what to do with its names, and where it came from for messages."""
+
+    name: str
+    action: str = DEFAULT_ACTION
+    sinkhole_v4: tuple[str, ...] = DEFAULT_SINKHOLE_V4
+    sinkhole_v6: tuple[str, ...] = DEFAULT_SINKHOLE_V6
+    ttl: int | None = None
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        """Catch a misspelt action from code too: an unknown one would silently block."""
+        if self.action not in ACTIONS:
+            raise ValueError(f"{self.action!r} is not one of {', '.join(ACTIONS)}")
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """What a match returns; shared by all domains of one entry (memory: 1M domains)."""
+
+    list: RuleList
+    entry_id: str = ""
+    entry_name: str = ""
+
+
+class RuleSet:
+    """Immutable compiled matcher: a dict from lowercase wire-form name to Rule.
+
+    Allow rules win over block rules. That is settled at build time, not per query: a block
+    domain at or below an allowed domain is dropped, because every name it could match is
+    allowed anyway. After that the most specific table hit always decides, so lookup stops
+    at the first hit whether or not the set has allow rules.
+
+    Lookup also skips suffixes with more labels than the deepest rule or fewer than the
+    shallowest: that saves the TLD lookup on nearly every query, and keeps the cost of a
+    127-label query the same as a short one. The label indexes worth trying are
+    precomputed per label count, since a range beats index arithmetic in the loop.
+    """
+
+    __slots__ = ("lists", "domain_count", "_get", "_windows")
+
+    lists: tuple[RuleList, ...]
+    domain_count: int
+
+    def __init__(self, lists: Sequence[RuleList], domains: Iterable[tuple[bytes, Rule]]):
+        """Compile (wire name, rule) pairs given in load order; the first block rule wins."""
+        blocks: dict[bytes, Rule] = {}
+        allows: dict[bytes, Rule] = {}
+        for wire, rule in domains:
+            (allows if rule.list.action == ALLOW else blocks).setdefault(wire, rule)
+        setter = object.__setattr__  # the only writes, before anyone can see the set
+        setter(self, "lists", tuple(lists))
+        setter(self, "domain_count", len(blocks))
+        table = blocks
+        if allows:  # skipped for pure block sets: checking parents costs ~1 s per 1M domains
+            table = {wire: rule for wire, rule in blocks.items() if not _allowed(wire, allows)}
+            table.update(allows)
+        setter(self, "_get", table.get)
+        setter(self, "_windows", _windows({_label_count(wire) for wire in table}))
+
+    def __setattr__(self, name: str, value: object) -> None:
+        """Refuse changes: readers on other tasks rely on a set never changing under them."""
+        raise AttributeError("RuleSet is immutable; build a new one")
+
+    def lookup(self, name: bytes, offsets: Sequence[int]) -> tuple[Rule, int] | None:
+        """Return (rule, offset) for the most specific blocking match, or None.
+
+        name: lowercase wire form of the query name; offsets: start of each label, most
+        specific first, e.g. (0, 4, 12) for www.example.org. None also when an allow rule
+        covers the name. One dict lookup per label; the allow check runs only on a hit.
+        """
+        get = self._get
+        for index in self._windows[len(offsets)]:
+            offset = offsets[index]
+            rule = get(name[offset:])
+            if rule is not None:
+                return None if rule.list.action == ALLOW else (rule, offset)
+        return None
+
+    def match(self, name: str) -> tuple[Rule, str] | None:
+        """Text form of lookup for tools and tests: (rule, matched rule domain) or None.
+
+        Raises ValueError for a name that is not valid, as normalize does.
+        """
+        wire = to_wire(normalize(name))
+        found = self.lookup(wire, label_offsets(wire))
+        if found is None:
+            return None
+        rule, offset = found
+        return rule, from_wire(wire[offset:])
+
+
+def _windows(depths: set[int]) -> tuple[range, ...]:
+    """For each label count a name can have, the offsets indexes whose suffix could be a rule.
+
+    A suffix starting at index i of n offsets has n - i labels; only depths that some rule
+    has can hit. With no rules every range is empty.
+    """
+    deepest, shallowest = max(depths, default=0), min(depths, default=1)
+    counts = range(_MAX_LABELS + 1)
+    return tuple(range(max(0, count - deepest), count - shallowest + 1) for count in counts)
+
+
+def _label_count(wire: bytes) -> int:
+    """Labels in a wire name; a bare loop, as this runs once per rule domain at load."""
+    index = count = 0
+    while wire[index]:
+        index += wire[index] + 1
+        count += 1
+    return count
+
+
+def _allowed(wire: bytes, allows: dict[bytes, Rule]) -> bool:
+    """True if the name or one of its parents is allowed."""
+    return any(wire[offset:] in allows for offset in label_offsets(wire))
+
+
+def load_rules(paths: Sequence[str]) -> RuleSet:
+    """Load rule files and directories into one RuleSet, or raise ConfigError with all problems.
+
+    A directory contributes its *.yaml, *.yml, *.txt and *.list files in sorted order, so the
+    first-list-wins order is predictable. A .yaml/.yml file holds lists (see _YamlFile); any
+    other file is a plain list of domains named after the file.
+    """
+    loader = _Loader()
+    for path in _rule_files(paths, loader.problems):
+        if path.suffix in YAML_SUFFIXES:
+            loader.load_yaml(path)
+        else:
+            loader.load_text(path)
+    if loader.problems:
+        raise ConfigError(loader.problems)
+    return RuleSet(loader.lists, loader.domains)
+
+
+def _rule_files(paths: Sequence[str], problems: list[str]) -> list[Path]:
+    """Expand directories; a missing path is a problem rather than an empty list."""
+    files = []
+    for text in paths:
+        path = Path(text)
+        if path.is_dir():
+            suffixes = YAML_SUFFIXES + TEXT_SUFFIXES
+            files += sorted(p for p in path.iterdir() if p.suffix in suffixes and p.is_file())
+        elif path.is_file():
+            files.append(path)
+        else:
+            problems.append(f"{path}: no such file or directory")
+    return files
+
+
+def _message(location: str, where: str, message: str) -> str:
+    """'file:line: key.path: message', leaving out the key path when there is none."""
+    return f"{location}: {where}: {message}" if where else f"{location}: {message}"
+
+
+class _Loader:
+    """Accumulates lists, (wire, rule) pairs and problems across all files of one load."""
+
+    def __init__(self) -> None:
+        self.problems: list[str] = []
+        self.lists: list[RuleList] = []
+        self.domains: list[tuple[bytes, Rule]] = []
+        self._first: dict[str, str] = {}  # list name -> where it was first defined
+
+    def load_text(self, path: Path) -> None:
+        """One domain per line, '#' starts a comment; the list is named after the file."""
+        text = self._read(path)
+        if text is None:
+            return
+        rule = Rule(RuleList(name=path.stem, source=str(path)))
+        problems = [self.add_list(rule.list, str(path), "")]
+        for number, line in enumerate(text.splitlines(), 1):
+            domain = line.split("#", 1)[0].strip()
+            if domain:
+                problems.append(self.add_domain(domain, rule, f"{path}:{number}"))
+        self.problems += filter(None, problems)
+
+    def load_yaml(self, path: Path) -> None:
+        """Parse with yaml.compose so every node keeps its line for messages."""
+        text = self._read(path)
+        if text is None:
+            return
+        try:
+            root = yaml.compose(text, Loader=_LOADER)
+        except yaml.MarkedYAMLError as error:
+            line = error.problem_mark.line + 1 if error.problem_mark else 1
+            self.problems.append(f"{path}:{line}: YAML syntax error: {error.problem}")
+            return
+        except yaml.YAMLError as error:
+            self.problems.append(f"{path}: YAML syntax error: {error}")
+            return
+        if root is not None:
+            self.problems += _YamlFile(self, path).parse(root)
+
+    def add_list(self, rule_list: RuleList, location: str, where: str) -> str | None:
+        """Record a list; its name must be a plain token and unique across all files.
+
+        Returns the problem, if any, for the caller to file in its own order.
+        """
+        name = rule_list.name
+        if not _TOKEN.fullmatch(name):
+            problem = f"{name!r} is not a valid list name ({_TOKEN_RULE})"
+        elif name in self._first:
+            problem = f"duplicate list name {name!r} (first at {self._first[name]})"
+        else:
+            self._first[name] = location
+            problem = None
+        self.lists.append(rule_list)
+        return problem and _message(location, where, problem)
+
+    def add_domain(self, text: str, rule: Rule, location: str) -> str | None:
+        """Normalize one rule domain; returns the problem, showing the name as written."""
+        try:
+            self.domains.append((to_wire(normalize(text)), rule))
+        except ValueError as error:
+            return f"{location}: {error}"
+        return None
+
+    def _read(self, path: Path) -> str | None:
+        """Read UTF-8 text, turning I/O and decoding failures into problems."""
+        try:
+            return path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as error:
+            self.problems.append(f"{path}: not UTF-8 text (byte {error.start})")
+        except OSError as error:
+            self.problems.append(f"{path}: cannot read: {error.strerror}")
+        return None
+
+
+class _YamlFile:
+    """Walks one file's node tree; every problem names file:line and the dotted key path.
+
+    Format:
+        lists:
+          - name: exchanges            # required, unique, a-z 0-9 _ . -
+            action: nxdomain           # nxdomain (default) | sinkhole | nodata | refused | allow
+            ttl: 300                   # optional, whole seconds >= 0; not with allow
+            sinkhole: [0.0.0.0, "::"]  # optional, only with sinkhole; one address or a list
+            description: free text     # optional, for readers of the file
+            entries:                   # plain domains or {id, name, domains}
+              - id: binance            # required in a mapping, unique in the list
+                name: Binance          # optional
+                domains: [binance.com] # required, at least one
+              - example.org
+            domains: [a.test]          # optional shorthand for plain entries
+    """
+
+    def __init__(self, loader: _Loader, path: Path):
+        self.loader = loader
+        self.path = path
+        self.problems: list[tuple[int, str]] = []
+
+    def parse(self, root: Node) -> list[str]:
+        """Read the file into the loader; return its problems in line order, for the reader."""
+        top = self._mapping(root, "", _TOP_KEYS, required=("lists",))
+        for index, node in enumerate(self._sequence(top.get("lists"), "lists")):
+            self._parse_list(node, f"lists[{index}]")
+        return [problem for _, problem in sorted(self.problems, key=lambda item: item[0])]
+
+    def _parse_list(self, node: Node, where: str) -> None:
+        """One list: settings first, so that entries can share the finished RuleList."""
+        keys = self._mapping(node, where, _LIST_KEYS, required=("name",))
+        action = self._action(keys.get("action"), f"{where}.action")
+        ttl = self._ttl(keys.get("ttl"), f"{where}.ttl", action)
+        v4, v6 = self._sinkhole(keys.get("sinkhole"), f"{where}.sinkhole", action)
+        if "description" in keys:
+            self._string(keys["description"], f"{where}.description")
+        name = self._string(keys["name"], f"{where}.name") if "name" in keys else None
+        rule_list = RuleList(name or "", action, v4, v6, ttl, str(self.path))
+        if name is not None:  # else already a problem; the entries are still checked
+            location = self._location(keys["name"])
+            self._file(keys["name"], self.loader.add_list(rule_list, location, f"{where}.name"))
+        plain = Rule(rule_list)
+        ids: dict[str, int] = {}
+        for index, item in enumerate(self._sequence(keys.get("entries"), f"{where}.entries")):
+            self._parse_entry(item, f"{where}.entries[{index}]", plain, ids)
+        for index, item in enumerate(self._sequence(keys.get("domains"), f"{where}.domains")):
+            self._domain(item, f"{where}.domains[{index}]", plain)
+
+    def _parse_entry(self, node: Node, where: str, plain: Rule, ids: dict[str, int]) -> None:
+        """A plain domain string, or a mapping naming a group of domains (an exchange)."""
+        if isinstance(node, ScalarNode) and node.tag == _STR:
+            self._domain(node, where, plain)
+            return
+        if not isinstance(node, MappingNode):
+            expected = "expected a domain name or a mapping with id and domains"
+            self._error(node, where, f"{expected}, got {_kind(node)}")
+            return
+        keys = self._mapping(node, where, _ENTRY_KEYS, required=("id", "domains"))
+        entry_id = self._entry_id(keys.get("id"), f"{where}.id", ids)
+        entry_name = self._string(keys["name"], f"{where}.name") if "name" in keys else ""
+        domains = self._sequence(keys.get("domains"), f"{where}.domains")
+        if "domains" in keys and not domains:
+            self._error(keys["domains"], f"{where}.domains", "expected at least one domain")
+        rule = Rule(plain.list, entry_id or "", entry_name or "")
+        for index, item in enumerate(domains):
+            self._domain(item, f"{where}.domains[{index}]", rule)
+
+    def _entry_id(self, node: Node | None, where: str, ids: dict[str, int]) -> str | None:
+        """An entry id names the entry in logs, so it is a plain token unique in its list."""
+        entry_id = self._string(node, where) if node is not None else None
+        if entry_id is None:
+            return None
+        if not _TOKEN.fullmatch(entry_id):
+            self._error(node, where, f"{entry_id!r} is not a valid id ({_TOKEN_RULE})")
+        elif entry_id in ids:
+            self._error(node, where, f"duplicate id {entry_id!r} (first at line {ids[entry_id]})")
+        else:
+            ids[entry_id] = _line(node)
+        return entry_id
+
+    def _domain(self, node: Node, where: str, rule: Rule) -> None:
+        """Bad names are reported like 'x.yaml:14: 'a..test' is not a valid name: empty label'."""
+        if isinstance(node, ScalarNode) and node.tag == _STR:
+            self._file(node, self.loader.add_domain(node.value, rule, self._location(node)))
+        else:
+            self._error(node, where, f"expected a domain name, got {_kind(node)}")
+
+    def _action(self, node: Node | None, where: str) -> str:
+        """The canonical action string; the default stands in after an error."""
+        if node is None:
+            return DEFAULT_ACTION
+        value = self._string(node, where)
+        if value in ACTIONS:
+            return ACTIONS[ACTIONS.index(value)]
+        if value is not None:
+            self._error(node, where, f"{value!r} is not one of {', '.join(ACTIONS)}")
+        return DEFAULT_ACTION
+
+    def _ttl(self, node: Node | None, where: str, action: str) -> int | None:
+        """Whole seconds that fit a TTL field (RFC 2181 section 8), so answers always pack."""
+        if node is None:
+            return None
+        if action == ALLOW:
+            self._error(node, where, "not used with action allow")
+        elif node.tag == _INT and node.value.isdigit() and int(node.value) <= _MAX_TTL:
+            return int(node.value)
+        else:
+            self._error(node, where, f"expected whole seconds 0 to {_MAX_TTL}, got {_kind(node)}")
+        return None
+
+    def _sinkhole(self, node: Node | None, where: str, action: str) -> tuple[_Texts, _Texts]:
+        """Split addresses into A and AAAA answers; a family not given keeps its default."""
+        v4, v6 = DEFAULT_SINKHOLE_V4, DEFAULT_SINKHOLE_V6
+        if node is None:
+            return v4, v6
+        if action != "sinkhole":
+            self._error(node, where, "only allowed with action sinkhole")
+            return v4, v6
+        items = [(node, where)] if isinstance(node, ScalarNode) else [
+            (item, f"{where}[{index}]") for index, item in enumerate(self._sequence(node, where))
+        ]
+        if isinstance(node, SequenceNode) and not items:
+            self._error(node, where, "expected at least one address")
+        addresses = [address for item in items if (address := self._address(*item)) is not None]
+        found_v4 = tuple(str(a) for a in addresses if a.version == 4)
+        found_v6 = tuple(str(a) for a in addresses if a.version == 6)
+        return found_v4 or v4, found_v6 or v6
+
+    def _address(self, node: Node, where: str) -> _Address | None:
+        """One sinkhole address; parsed, so that the text stored is the canonical form."""
+        value = self._string(node, where)
+        if value is None:
+            return None
+        try:
+            return ipaddress.ip_address(value)
+        except ValueError:
+            self._error(node, where, f"{value!r} is not an IP address")
+            return None
+
+    def _mapping(
+        self, node: Node, where: str, allowed: frozenset[str], required: tuple[str, ...]
+    ) -> dict[str, Node]:
+        """Key -> value node, reporting unknown, duplicate and missing keys by dotted path.
+
+        Returns what could be read (possibly empty) so the caller can go on checking.
+        """
+        if not isinstance(node, MappingNode):
+            self._error(node, where, f"expected a mapping, got {_kind(node)}")
+            return {}
+        keys: dict[str, Node] = {}
+        for key_node, value_node in node.value:
+            if not (isinstance(key_node, ScalarNode) and key_node.tag == _STR):
+                self._error(key_node, where, f"expected a string key, got {_kind(key_node)}")
+                continue
+            key = key_node.value
+            path = f"{where}.{key}" if where else key
+            if key not in allowed:
+                self._error(key_node, path, "unknown key")
+            elif key in keys:
+                self._error(key_node, path, "duplicate key")
+            else:
+                keys[key] = value_node
+        for key in required:
+            if key not in keys:
+                self._error(node, f"{where}.{key}" if where else key, "required key is missing")
+        return keys
+
+    def _sequence(self, node: Node | None, where: str) -> list[Node]:
+        """Items of a list; an absent or empty value is an empty list."""
+        if node is None or (isinstance(node, ScalarNode) and node.tag == _NULL):
+            return []
+        if isinstance(node, SequenceNode):
+            return node.value
+        self._error(node, where, f"expected a list, got {_kind(node)}")
+        return []
+
+    def _string(self, node: Node, where: str) -> str | None:
+        """A string scalar; a quoted 'yes' or '300' is a string, a bare one is not."""
+        if isinstance(node, ScalarNode) and node.tag == _STR:
+            return node.value
+        self._error(node, where, f"expected a string, got {_kind(node)}")
+        return None
+
+    def _location(self, node: Node) -> str:
+        """'file:line' of a node, the prefix editors and terminals turn into a link."""
+        return f"{self.path}:{_line(node)}"
+
+    def _error(self, node: Node, where: str, message: str) -> None:
+        """Record a problem and carry on, so one run reports every problem in the file."""
+        self._file(node, _message(self._location(node), where, message))
+
+    def _file(self, node: Node, problem: str | None) -> None:
+        """Keep a problem with its line, so parse can report them in file order."""
+        if problem:
+            self.problems.append((_line(node), problem))
+
+
+def _line(node: Node) -> int:
+    """1-based line where a node starts, as editors number them."""
+    return node.start_mark.line + 1
+
+
+def _kind(node: Node) -> str:
+    """What the user wrote instead, in their words: 'a list', 'a boolean (yes)'."""
+    if isinstance(node, MappingNode):
+        return "a mapping"
+    if isinstance(node, SequenceNode):
+        return "a list"
+    if node.tag == _NULL:
+        return "nothing"
+    return f"{_SCALAR_KINDS.get(node.tag, 'a string')} ({node.value})"

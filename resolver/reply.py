@@ -58,9 +58,10 @@ def scan_reply(data: bytes, qend: int, policy: TtlPolicy) -> Reply:
     Raises ValueError (or struct.error/IndexError) when the records are malformed.
     """
     _, flags, _, an, ns, ar = struct.unpack_from("!HHHHHH", data)
-    records, opt = _walk_records(data, qend, an + ns + ar)
+    records, opt, end = _walk_records(data, qend, an + ns + ar, an + ns)
+    data = data[:end]  # bytes past the counted records would be junk in every answer
     if opt is not None:
-        if opt[1] != len(data):
+        if opt[1] != end:
             return _scan_repacked(data, policy)
         data, ar = data[:opt[0]], ar - 1
     rcode = flags & 0xF
@@ -81,11 +82,13 @@ def scan_reply(data: bytes, qend: int, policy: TtlPolicy) -> Reply:
     return Reply(flags, an, ns, ar, bytes(body), ttls, lifetime)
 
 
-def _walk_records(data: bytes, pos: int, count: int
-                  ) -> tuple[list[tuple[int, int, int, int]], tuple[int, int] | None]:
-    """Each record's (TTL offset, type, TTL, SOA minimum), and the OPT record's span."""
+def _walk_records(data: bytes, pos: int, count: int, additional: int
+                  ) -> tuple[list[tuple[int, int, int, int]], tuple[int, int] | None, int]:
+    """Each record's (TTL offset, type, TTL, SOA minimum), the OPT record's span, and where
+    the records end. `additional` is the index of the first additional record: RFC 6891 allows
+    one OPT record, there and nowhere else."""
     records, opt = [], None
-    for _ in range(count):
+    for index in range(count):
         start = pos
         pos = wire.skip_name(data, pos)
         rtype, _, ttl, rdlength = _RR_FIXED.unpack_from(data, pos)
@@ -93,12 +96,14 @@ def _walk_records(data: bytes, pos: int, count: int
         if end > len(data):
             raise ValueError("record runs past the end")
         if rtype == wire.TYPE_OPT:
+            if opt is not None or index < additional:
+                raise ValueError("OPT record repeated or outside the additional section")
             opt = (start, end)
         else:
             minimum = _TTL.unpack_from(data, end - 4)[0] if rtype == wire.TYPE_SOA else 0
             records.append((pos + 4, rtype, ttl, minimum))
         pos = end
-    return records, opt
+    return records, opt, pos
 
 
 def _negative_ttl(soa: list[tuple[int, int, int, int]], policy: TtlPolicy) -> int | None:
@@ -114,7 +119,10 @@ def _scan_repacked(data: bytes, policy: TtlPolicy) -> Reply:
 
     dnslib re-packs the message without it; its pointers are then laid out afresh.
     """
-    record = dnslib.DNSRecord.parse(data)
+    try:
+        record = dnslib.DNSRecord.parse(data)
+    except dnslib.DNSError as exc:  # callers handle ValueError, as for the fast path
+        raise ValueError(str(exc)) from exc
     record.ar = [rr for rr in record.ar if rr.rtype != wire.TYPE_OPT]
     packed = record.pack()
     qend = wire.skip_name(packed, 12) + 4

@@ -1,0 +1,81 @@
+"""Table tests for resolver/metrics.py: plain tallies come out as Prometheus families."""
+
+from __future__ import annotations
+
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from resolver.metrics import Metrics
+
+
+def scrape(registry: CollectorRegistry) -> dict[str, tuple[str, dict[tuple, float]]]:
+    """Family name -> (type, {sorted label items: value}), read back from the text format."""
+    text = generate_latest(registry).decode()
+    return {family.name: (family.type, {tuple(sorted(s.labels.items())): s.value
+                                        for s in family.samples})
+            for family in text_string_to_metric_families(text)}
+
+
+@pytest.mark.parametrize(
+    ("tally", "counts", "family", "samples"),
+    [
+        ("queries", {("udp", "blocked"): 3, ("tcp", "forwarded"): 1}, "resolver_queries",
+         {(("outcome", "blocked"), ("protocol", "udp")): 3.0,
+          (("outcome", "forwarded"), ("protocol", "tcp")): 1.0}),
+        ("blocked", {("exchanges", "binance", "nxdomain"): 2}, "resolver_blocked",
+         {(("action", "nxdomain"), ("entry", "binance"), ("list", "exchanges")): 2.0}),
+        ("upstream_queries", {("192.0.2.53:53", "udp"): 5}, "resolver_upstream_queries",
+         {(("protocol", "udp"), ("upstream", "192.0.2.53:53")): 5.0}),
+        ("upstream_errors", {("192.0.2.53:53", "timeout"): 1}, "resolver_upstream_errors",
+         {(("kind", "timeout"), ("upstream", "192.0.2.53:53")): 1.0}),
+        ("cache", {("hit",): 4, ("miss",): 2, ("stored",): 2, ("evicted",): 1,
+                   ("expired",): 1}, "resolver_cache",
+         {(("result", r),): v for r, v in
+          (("hit", 4.0), ("miss", 2.0), ("stored", 2.0), ("evicted", 1.0), ("expired", 1.0))}),
+    ],
+)
+def test_tallies_export_as_counters(tally: str, counts: dict, family: str,
+                                    samples: dict) -> None:
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    for key, count in counts.items():
+        for _ in range(count):
+            getattr(metrics, tally).inc(key)
+    kind, got = scrape(registry)[family]
+    assert kind == "counter"
+    assert got == samples
+
+
+def test_families_exist_before_anything_is_counted() -> None:
+    registry = CollectorRegistry()
+    Metrics(registry)
+    families = scrape(registry)
+    for name in ("resolver_queries", "resolver_blocked", "resolver_upstream_queries",
+                 "resolver_upstream_errors", "resolver_cache"):
+        assert families[name] == ("counter", {})
+
+
+def test_gauges_are_read_at_scrape_time() -> None:
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    state = {"size": 1}
+    metrics.gauge("things", "Things held.", ("kind",), lambda: {("x",): state["size"]})
+    assert scrape(registry)["resolver_things"] == ("gauge", {(("kind", "x"),): 1.0})
+    state["size"] = 7
+    assert scrape(registry)["resolver_things"] == ("gauge", {(("kind", "x"),): 7.0})
+
+
+def test_inc_by_amount_and_separate_registries() -> None:
+    one, two = CollectorRegistry(), CollectorRegistry()
+    first, second = Metrics(one), Metrics(two)
+    first.queries.inc(("udp", "cached"), 10)
+    first.queries.inc(("udp", "cached"))
+    assert one.get_sample_value("resolver_queries_total",
+                                {"protocol": "udp", "outcome": "cached"}) == 11
+    assert two.get_sample_value("resolver_queries_total",
+                                {"protocol": "udp", "outcome": "cached"}) is None
+    assert second.queries.counts == {}
+    text = generate_latest(one).decode()
+    assert "# TYPE resolver_queries_total counter" in text
+    assert 'resolver_queries_total{outcome="cached",protocol="udp"} 11.0' in text

@@ -1,0 +1,261 @@
+"""Table tests for resolver/wire.py: decoding queries from bytes and the error answers."""
+
+from __future__ import annotations
+
+import struct
+
+import dns.flags
+import dns.message
+import dns.rcode
+import pytest
+from dnslib import EDNS0, DNSQuestion, DNSRecord
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from resolver import wire
+from tests.dnsmsg import CLIENT, dnslib_rcode, parse, query, query_packet, records, summary
+
+WWW = b"\x03www\x07example\x03org\x00"
+
+
+@pytest.mark.parametrize(
+    ("packet", "name", "offsets", "qtype", "qclass", "edns", "udp_size", "do"),
+    [
+        (query_packet("www.example.org"), WWW, [0, 4, 12], 1, 1, False, 512, False),
+        (query_packet("example.org", "AAAA"), WWW[4:], [0, 8], 28, 1, False, 512, False),
+        (query_packet("a.test.", "MX"), b"\x01a\x04test\x00", [0, 2], 15, 1, False, 512, False),
+        (query_packet(".", "NS"), b"\x00", [], 2, 1, False, 512, False),
+        (query_packet("www.example.org", "TXT", qclass="CH"), WWW, [0, 4, 12], 16, 3,
+         False, 512, False),
+        (query_packet("www.example.org", edns=True), WWW, [0, 4, 12], 1, 1, True, 1232, False),
+        (query_packet("www.example.org", edns=True, do=True, udp=4096), WWW, [0, 4, 12], 1, 1,
+         True, 4096, True),
+        (query_packet("www.example.org", edns=True, udp=512), WWW, [0, 4, 12], 1, 1,
+         True, 512, False),
+        (query_packet("www.example.org", edns=True, udp=100), WWW, [0, 4, 12], 1, 1,
+         True, 512, False),  # RFC 6891 6.2.5: below 512 means 512
+        (query_packet("www.example.org", edns=True, udp=0, do=True), WWW, [0, 4, 12], 1, 1,
+         True, 512, True),
+    ],
+)
+def test_parse_query_fields(packet: bytes, name: bytes, offsets: list[int], qtype: int,
+                            qclass: int, edns: bool, udp_size: int, do: bool) -> None:
+    q = parse(packet, "tcp")
+    assert (q.name, q.offsets, q.qtype, q.qclass) == (name, offsets, qtype, qclass)
+    assert (q.edns, q.udp_size, q.do) == (edns, udp_size, do)
+    assert q.data is packet and q.client == CLIENT and q.transport == "tcp"
+    assert q.question == packet[12:12 + len(name) + 4]
+    assert q.flags == struct.unpack_from("!H", packet, 2)[0]
+    for offset in offsets:  # each offset starts a suffix that is itself a name
+        assert q.name[offset:].endswith(b"\x00") and 0 < q.name[offset] <= 63
+
+
+@pytest.mark.parametrize(
+    ("text", "name"),
+    [
+        ("WwW.ExAmple.ORG", WWW),
+        ("WWW.EXAMPLE.ORG.", WWW),
+        ("www.example.org", WWW),
+    ],
+)
+def test_parse_query_keeps_case_in_question_only(text: str, name: bytes) -> None:
+    packet = query_packet(text)
+    q = parse(packet)
+    assert q.name == name
+    assert q.question[:-4] == b"".join(
+        bytes((len(label),)) + label.encode() for label in text.rstrip(".").split(".")) + b"\x00"
+    assert q.question == packet[12:12 + len(name) + 4]
+
+
+def test_parse_query_edns_after_other_additional_records() -> None:
+    """The OPT record need not come first; a non-OPT record before it is skipped."""
+    record = DNSRecord.question("www.example.org")
+    record.add_ar(*records("x.example.org. 60 IN A 192.0.2.1"))
+    record.add_ar(EDNS0(udp_len=2048, flags="do"))
+    q = parse(record.pack())
+    assert (q.edns, q.udp_size, q.do) == (True, 2048, True)
+
+
+@pytest.mark.parametrize("convert", [bytearray, memoryview])
+def test_parse_query_takes_any_buffer_and_keeps_bytes(convert: type) -> None:
+    """Transports may hand over a bytearray; keys and answers must still be bytes."""
+    q = parse(convert(query_packet("Www.example.org", edns=True)))
+    assert type(q.name) is bytes and type(q.question) is bytes and q.name == WWW
+    assert hash(q.cache_key)
+
+
+def test_cache_key_separates_do_and_cd() -> None:
+    keys = {query("www.example.org").cache_key,
+            query("WWW.example.org", qid=9).cache_key,  # same: case and ID do not matter
+            query("www.example.org", edns=True).cache_key,  # same: EDNS without DO
+            query("www.example.org", edns=True, do=True).cache_key,
+            query("www.example.org", cd=True).cache_key,
+            query("www.example.org", "AAAA").cache_key}
+    assert len(keys) == 4
+
+
+def _header(qid: int = 0xBEEF, flags: int = 0x0100, qd: int = 1, an: int = 0, ns: int = 0,
+            ar: int = 0) -> bytes:
+    return struct.pack("!HHHHHH", qid, flags, qd, an, ns, ar)
+
+
+def _with_ar(*opts: EDNS0) -> bytes:
+    record = DNSRecord.question("www.example.org")
+    record.header.id = 0xBEEF
+    for opt in opts:
+        record.add_ar(opt)
+    return bytes(record.pack())
+
+
+def _two_questions() -> bytes:
+    record = DNSRecord.question("www.example.org")
+    record.header.id = 0xBEEF
+    record.add_question(DNSQuestion("example.org"))
+    return bytes(record.pack())
+
+
+def _name(*lengths: int) -> bytes:
+    return b"".join(bytes((n,)) + b"x" * n for n in lengths) + b"\x00"
+
+
+QUESTION = WWW + b"\x00\x01\x00\x01"
+NAME_255 = _name(63, 63, 63, 61)  # 64 * 3 + 62 + 1 = 255 octets: the longest legal name
+NAME_256 = _name(63, 63, 63, 62)
+
+
+@pytest.mark.parametrize(
+    ("packet", "rcode"),
+    [
+        (b"", None),
+        (b"\xbe\xef\x01\x00\x00\x01\x00\x00\x00\x00\x00", None),  # 11 bytes: short header
+        (_header(flags=0x8100) + QUESTION, None),  # QR: a response, never answered
+        (_header(flags=0x8000 | 0x2800) + QUESTION, None),  # QR wins over opcode
+        (_header(flags=0x1000) + QUESTION, wire.NOTIMP),  # opcode 2, STATUS
+        (_header(flags=0x2100) + QUESTION, wire.NOTIMP),  # opcode 4, NOTIFY
+        (_header(flags=0x2800) + QUESTION, wire.NOTIMP),  # opcode 5, UPDATE
+        (_header(qd=0), wire.FORMERR),
+        (_header(qd=0) + QUESTION, wire.FORMERR),
+        (_two_questions(), wire.FORMERR),
+        (_header(), wire.FORMERR),  # qdcount 1 but nothing follows
+        (_header() + b"\x07example\x03org", wire.FORMERR),  # name runs past the end
+        (_header() + b"\x07exam", wire.FORMERR),  # label runs past the end
+        (_header() + b"\xc0\x0c\x00\x01\x00\x01", wire.FORMERR),  # compression pointer
+        (_header() + b"\x03www\xc0\x0c\x00\x01\x00\x01", wire.FORMERR),  # pointer after a label
+        (_header() + b"\x41" + b"x" * 65 + b"\x00\x00\x01\x00\x01", wire.FORMERR),  # label type 01
+        (_header() + NAME_256 + b"\x00\x01\x00\x01", wire.FORMERR),  # name > 255 octets
+        (_header() + _name(63, 63, 63, 63, 63) + b"\x00\x01\x00\x01", wire.FORMERR),
+        (_header() + WWW, wire.FORMERR),  # type and class missing
+        (_header() + WWW + b"\x00\x01\x00", wire.FORMERR),  # class cut short
+        (_with_ar(EDNS0(udp_len=1232), EDNS0(udp_len=1232)), wire.FORMERR),  # two OPT records
+        (_with_ar(EDNS0(rname="example.org", udp_len=1232)), wire.FORMERR),  # OPT not at root
+        (_header(ar=1) + QUESTION, wire.FORMERR),  # additional record missing
+        (_header(ar=1) + QUESTION + b"\x00\x00\x29\x04", wire.FORMERR),  # OPT cut short
+        (_header(ar=1) + QUESTION + b"\x00\x00\x29\x04\xd0\x00\x00\x00\x00\x00\x08\x00\x0f",
+         wire.FORMERR),  # OPT rdata runs past the end
+        (_header(an=1, ar=1) + QUESTION + b"\x00\x00\x29\x04\xd0\x00\x00\x00\x00\x00\x00",
+         wire.FORMERR),  # one record where two are announced
+        (_with_ar(EDNS0(udp_len=1232, version=1)), wire.BADVERS),
+        (_with_ar(EDNS0(udp_len=1232, version=255, flags="do")), wire.BADVERS),
+    ],
+)
+def test_parse_query_form_errors(packet: bytes, rcode: int | None) -> None:
+    with pytest.raises(wire.FormError) as raised:
+        wire.parse_query(packet, CLIENT, "udp")
+    response = raised.value.response
+    if rcode is None:
+        assert response is None
+        return
+    assert dnslib_rcode(response) == (0xBEEF, rcode)
+    got = summary(response)
+    assert (got.id, got.rcode) == (0xBEEF, rcode)
+    assert got.opcode == (struct.unpack_from("!H", packet, 2)[0] >> 11) & 0xF
+    assert {"QR", "RA"} <= got.flags and "AA" not in got.flags
+    assert got.question == () and got.answer == got.authority == got.additional == ()
+    if rcode == wire.BADVERS:
+        assert got.edns is not None and got.edns[0] == 0  # we answer in the version we speak
+
+
+@pytest.mark.parametrize("name", [NAME_255, _name(63), _name(1, 1, 1)])
+def test_parse_query_accepts_long_names(name: bytes) -> None:
+    q = parse(_header() + name + b"\x00\x10\x00\x01")
+    assert q.name == name and q.qtype == 16
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=600))
+def test_parse_query_raises_only_form_error_on_any_bytes(data: bytes) -> None:
+    try:
+        q = wire.parse_query(data, CLIENT, "udp")
+    except wire.FormError as exc:
+        if exc.response is not None:
+            assert exc.response[:2] == data[:2]
+    else:
+        assert q.question == data[12:12 + len(q.name) + 4]
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.integers(0, 0xFFFF), st.integers(0, 3), st.integers(0, 3), st.binary(max_size=300))
+def test_parse_query_raises_only_form_error_after_a_question(flags: int, an: int, ar: int,
+                                                             tail: bytes) -> None:
+    """Random records after a valid question: the EDNS scan must fail cleanly too."""
+    packet = _header(flags=flags & ~(wire.QR | wire.OPCODE), an=an, ar=ar) + QUESTION + tail
+    try:
+        wire.parse_query(packet, CLIENT, "udp")
+    except wire.FormError as exc:
+        assert exc.response is None or exc.response[:2] == packet[:2]
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (0x0100, {"QR", "RA", "RD"}),
+        (0x0000, {"QR", "RA"}),
+        (0x0110, {"QR", "RA", "RD", "CD"}),
+        (0x0520, {"QR", "RA", "RD"}),  # AA and AD from the client are not echoed
+    ],
+)
+@pytest.mark.parametrize(("edns", "do"), [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize("rcode", [wire.SERVFAIL, wire.REFUSED, wire.NOERROR])
+def test_error_answer(flags: int, expected: set[str], edns: bool, do: bool, rcode: int) -> None:
+    packet = bytearray(query_packet("WWW.example.org", "AAAA", qid=77, edns=edns, do=do))
+    struct.pack_into("!H", packet, 2, flags)
+    got = summary(wire.error_answer(parse(bytes(packet)), rcode))
+    assert (got.id, got.rcode, got.flags) == (77, rcode, frozenset(expected))
+    assert got.question == (("WWW.example.org.", "AAAA", "IN"),)
+    assert got.answer == got.authority == got.additional == ()
+    assert got.edns == ((0, 1232, do, ()) if edns else None)
+
+
+@pytest.mark.parametrize(
+    ("transport", "edns", "udp", "size", "truncated"),
+    [
+        ("udp", False, 0, 512, False),
+        ("udp", False, 0, 513, True),
+        ("udp", True, 1232, 1232, False),
+        ("udp", True, 1232, 1233, True),
+        ("udp", True, 100, 513, True),  # clamped to 512
+        ("tcp", False, 0, 65535, False),
+    ],
+)
+def test_fit_udp(transport: str, edns: bool, udp: int, size: int, truncated: bool) -> None:
+    q = query("www.example.org", transport=transport, edns=edns, udp=udp, do=True)
+    answer = b"\x00" * size
+    fitted = wire.fit_udp(q, answer)
+    if not truncated:
+        assert fitted is answer
+        return
+    got = summary(fitted)
+    assert "TC" in got.flags and got.rcode == wire.NOERROR
+    assert got.question == (("www.example.org.", "A", "IN"),) and got.answer == ()
+    assert got.edns == ((0, 1232, True, ()) if edns else None)
+
+
+@pytest.mark.parametrize(("cd", "do"), [(False, False), (True, False), (False, True)])
+def test_upstream_query(cd: bool, do: bool) -> None:
+    q = query("WwW.example.org", "MX", qid=5, cd=cd, do=do, edns=do, rd=False)
+    msg = dns.message.from_wire(wire.upstream_query(q, 0xABCD, 1400))
+    assert msg.id == 0xABCD and msg.rcode() == dns.rcode.NOERROR
+    assert dns.flags.to_text(msg.flags).split() == ["RD", "AD"] + (["CD"] if cd else [])
+    assert msg.question[0].name.to_text() == "WwW.example.org."  # 0x20 case kept upstream
+    assert (msg.edns, msg.payload, bool(msg.ednsflags & dns.flags.DO)) == (0, 1400, do)
+

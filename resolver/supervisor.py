@@ -171,19 +171,22 @@ class Supervisor:
                     self._restart(worker)
 
     def _restart(self, worker: Worker) -> None:
+        """Start a replacement; swap it in only once it is ready, so a scrape never reads its
+        pipe before the ready message, and the dead worker's counts move to `retired`."""
         log.error("worker %d exited with %s; starting it again", worker.index,
                   worker.process.exitcode)
         time.sleep(RESTART_DELAY)
         with self.lock:  # no pipe traffic while forking
-            self.retired = merge_samples([self.retired,
-                                          [s for s in worker.last if s.kind == "counter"]])
-            worker.conn.close()
             fresh = Worker.start(worker.index, self.config, self.rules)
-            self.workers[self.workers.index(worker)] = fresh
         try:
             fresh.ready()
         except RuntimeError as exc:
             log.error("%s", exc)
+        with self.lock:
+            self.retired = merge_samples([self.retired,
+                                          [s for s in worker.last if s.kind == "counter"]])
+            worker.conn.close()
+            self.workers[self.workers.index(worker)] = fresh
 
     def _stop(self, signum, frame) -> None:
         self.stopping = True

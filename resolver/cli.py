@@ -93,7 +93,7 @@ def _banner(config: Config, rules: RuleSet, addresses: list[tuple[str, int]],
     line = (f"resolver: listening on {where} (UDP and TCP{processes}), blocking "
             f"{rules.domain_count} domains from {lists} list{'s' if lists != 1 else ''}, "
             f"forwarding to {upstreams}")
-    example = getattr(rules, "example_domain", lambda: None)()
+    example = rules.example_domain()
     if example:
         host, port = addresses[0]
         line += f"; try: dig @{host} -p {port} www.{example}"

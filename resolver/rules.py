@@ -89,7 +89,7 @@ class RuleSet:
     precomputed per label count, since a range beats index arithmetic in the loop.
     """
 
-    __slots__ = ("lists", "domain_count", "_get", "_windows")
+    __slots__ = ("lists", "domain_count", "_get", "_windows", "_example")
 
     lists: tuple[RuleList, ...]
     domain_count: int
@@ -109,6 +109,8 @@ class RuleSet:
             table.update(allows)
         setter(self, "_get", table.get)
         setter(self, "_windows", _windows({_label_count(wire) for wire in table}))
+        setter(self, "_example", next((wire for wire, rule in table.items()
+                                       if rule.list.action != ALLOW), None))
 
     def __setattr__(self, name: str, value: object) -> None:
         """Refuse changes: readers on other tasks rely on a set never changing under them."""
@@ -128,6 +130,10 @@ class RuleSet:
             if rule is not None:
                 return None if rule.list.action == ALLOW else (rule, offset)
         return None
+
+    def example_domain(self) -> str | None:
+        """A blocked domain to show operators in the startup line, or None for no blocks."""
+        return None if self._example is None else from_wire(self._example)
 
     def match(self, name: str) -> tuple[Rule, str] | None:
         """Text form of lookup for tools and tests: (rule, matched rule domain) or None.

@@ -1,13 +1,19 @@
-"""Fixtures shared by all tests: the upstream servers the resolver forwards to."""
+"""Fixtures shared by all tests: the upstream servers, and the resolver under test."""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
-from tests.servers import FaultUpstream, NsdServer, run_nsd
+from resolver.app import RunningServer, running_server
+from resolver.cache import Clock
+from resolver.config import Address, Config, UpstreamServer
+from resolver.rules import load_rules
+from tests.servers import LOOPBACK, FaultUpstream, NsdServer, run_nsd
 
 
 @pytest.fixture(scope="session")
@@ -22,3 +28,91 @@ def fault_upstream() -> Iterator[Callable[..., FaultUpstream]]:
     """Factory: fault_upstream(mode, **kw) starts a FaultUpstream, stopped after the test."""
     with contextlib.ExitStack() as stack:
         yield lambda mode, **kw: stack.enter_context(FaultUpstream(mode, **kw))
+
+
+# --------------------------------------------------------------------------------------------
+# The resolver under test, in-process, on 127.0.0.1 port 0.
+
+BLOCK_TTL = 42  # blocking.ttl in test configs: distinct from every zone TTL, so it is recognisable
+# The metrics endpoint is off unless a test asks for it with `metrics=METRICS_ON`: stopping
+# prometheus-client's HTTP server waits out its 0.5 s poll interval, on every server stop.
+METRICS_ON = {"listen": Address(LOOPBACK, 0)}
+
+# Rules for the end-to-end tests: one list per action. example.org is blocked (the brief's
+# look-alikes are notexample.org and example.org.evil.test); example.test is never blocked, so
+# forwarding tests can use the NSD zone freely.
+RULES_YAML = """\
+lists:
+  - name: tracking
+    entries:
+      - id: example
+        name: Example Org
+        domains: [example.org]
+      - blocked.test
+  - name: sinks
+    action: sinkhole
+    domains: [sink.test]
+  - name: custom_sinks
+    action: sinkhole
+    ttl: 60
+    sinkhole: [192.0.2.53, 192.0.2.54, "2001:db8::53"]
+    domains: [custom.test]
+  - name: empty
+    action: nodata
+    domains: [nodata.test]
+  - name: deny
+    action: refused
+    domains: [refused.test]
+  - name: exceptions
+    action: allow
+    domains: [allowed.example.org]
+"""
+
+
+def resolver_config(upstreams: Sequence[object], rules: Sequence[str], **sections: dict) -> Config:
+    """A Config for tests: listen on 127.0.0.1:0, no metrics endpoint, forward only to the given
+    loopback upstreams (anything with .host and .port, or (host, port)), short upstream
+    timeouts; `sections` replaces fields per section, e.g. server={"tcp_idle_timeout": 0.5}."""
+    servers = tuple(UpstreamServer(*u) if isinstance(u, tuple) else UpstreamServer(u.host, u.port)
+                    for u in upstreams)
+    if not servers or any(s.host != LOOPBACK for s in servers):
+        raise ValueError("tests forward only to upstreams on 127.0.0.1, and need at least one")
+    config = Config()
+    config = replace(
+        config,
+        server=replace(config.server, listen=(Address(LOOPBACK, 0),)),
+        upstream=replace(config.upstream, servers=servers, timeout=0.5, deadline=1.5),
+        blocking=replace(config.blocking, rules=tuple(rules), ttl=BLOCK_TTL),
+        metrics=replace(config.metrics, listen=None),
+    )
+    for name, changes in sections.items():
+        config = replace(config, **{name: replace(getattr(config, name), **changes)})
+    return config
+
+
+@pytest.fixture
+async def start_server(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[RunningServer]]]:
+    """Factory: `await start_server(*upstreams, rules=RULES_YAML, clock=None, **sections)`
+    starts the resolver (see resolver_config) and returns its RunningServer; all are closed
+    after the test."""
+    async with contextlib.AsyncExitStack() as stack:
+        count = 0
+
+        async def start(*upstreams: object, rules: str = RULES_YAML, clock: Clock | None = None,
+                        **sections: dict) -> RunningServer:
+            nonlocal count
+            count += 1
+            path = tmp_path / f"rules-{count}.yaml"
+            path.write_text(rules)
+            config = resolver_config(upstreams, [str(path)], **sections)
+            return await stack.enter_async_context(
+                running_server(config, load_rules([str(path)]), clock=clock))
+
+        yield start
+
+
+@pytest.fixture
+async def server(start_server: Callable[..., Awaitable[RunningServer]],
+                 nsd_upstream: NsdServer) -> RunningServer:
+    """The resolver with RULES_YAML, forwarding to the NSD test zones."""
+    return await start_server(nsd_upstream)

@@ -7,6 +7,7 @@ should see all its mistakes in one run, not one per restart.
 """
 
 import ipaddress
+import ssl
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -17,9 +18,13 @@ import yaml
 import resolver
 from resolver.errors import ConfigError
 from resolver.names import normalize
+from resolver.selection import STRATEGIES
 
 RESOLV_CONF = "/etc/resolv.conf"
 FALLBACK_UPSTREAMS = ("9.9.9.9", "1.1.1.1")
+TLS_PORT = 853  # RFC 7858
+TLS_SCHEME = "tls://"
+PROTOCOLS = ("udp", "tls")
 SHIPPED_RULES = str(Path(resolver.__file__).resolve().parent.parent / "rules" / "exchanges.yaml")
 
 
@@ -42,7 +47,19 @@ class ServerConfig:
 @dataclass(frozen=True, slots=True)
 class UpstreamServer:
     host: str
-    port: int = 53
+    port: int = 53  # 853 when written without a port and protocol is tls
+    protocol: str = "udp"  # "udp" (TCP when truncated) or "tls" (DNS over TLS, RFC 7858)
+    tls_name: str | None = None  # the name the TLS certificate must carry; required for tls
+    ca_file: str | None = None  # absolute path of the CA bundle to trust; None = the system's
+    timeout: float | None = None  # per attempt; None = upstream.timeout
+
+
+@dataclass(frozen=True, slots=True)
+class ConditionalForward:
+    """Names at or under `domains` go to `servers` only (never to the default servers)."""
+
+    domains: tuple[str, ...]  # normalized names
+    servers: tuple[UpstreamServer, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +68,12 @@ class UpstreamConfig:
     timeout: float = 2.0  # per attempt
     deadline: float = 5.0  # whole query; then SERVFAIL
     udp_size: int = 1232  # EDNS payload size advertised upstream
+    strategy: str = "failover"  # failover | random | fastest (see resolver.selection)
+    unhealthy_after: int = 3  # consecutive failures before an upstream is backed off
+    backoff: float = 1.0  # first backoff (seconds); doubles with each further failure
+    max_backoff: float = 60.0
+    tls_idle_timeout: float = 10.0  # close a DNS-over-TLS connection idle this long
+    conditional: tuple[ConditionalForward, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -302,11 +325,57 @@ def _address(default_port: int, min_port: int) -> Parse:
 
 
 _upstream_address = _address(53, 1)
+_tls_address = _address(TLS_PORT, 1)
 
 
 def _upstream(value: Any) -> UpstreamServer:
-    address = _upstream_address(value)
-    return UpstreamServer(address.host, address.port)
+    """'HOST[:PORT]' over UDP, or 'tls://HOST[:PORT]#NAME' over TLS (port 853), NAME being
+    the name on the server's certificate: the one form `--upstream` has for DNS over TLS."""
+    if not (isinstance(value, str) and value.startswith(TLS_SCHEME)):
+        address = _upstream_address(value)
+        return UpstreamServer(address.host, address.port)
+    text, _, name = value.removeprefix(TLS_SCHEME).partition("#")
+    if not name:
+        raise _Invalid(f"{value!r}: expected 'tls://HOST[:PORT]#NAME', NAME being the name "
+                       f"on the server's certificate")
+    address = _tls_address(text)
+    return UpstreamServer(address.host, address.port, "tls", _name(name))
+
+
+def _choice(*choices: str) -> Parse:
+    def parse(value: Any) -> str:
+        if not isinstance(value, str) or value not in choices:
+            raise _Invalid(f"expected one of {', '.join(choices)}")
+        return value
+
+    return parse
+
+
+def _text(what: str) -> Parse:
+    def parse(value: Any) -> str:
+        if not isinstance(value, str) or not value.strip():
+            raise _Invalid(f"expected {what}")
+        return value
+
+    return parse
+
+
+def _ca_file(base: Path) -> Parse:
+    """A CA bundle, loaded here so that a wrong path or a file without certificates is a
+    config error with its line rather than a failure at the first query."""
+    resolve = _path(base)
+
+    def parse(value: Any) -> str:
+        path = resolve(value)
+        try:
+            ssl.create_default_context(cafile=path)
+        except ssl.SSLError as error:  # before OSError, which it is too
+            raise _Invalid(f"{value!r} holds no usable PEM certificate ({error.reason})")
+        except OSError as error:
+            raise _Invalid(f"cannot read {value!r}: {error.strerror}") from None
+        return path
+
+    return parse
 
 
 def _optional(parse: Parse) -> Parse:
@@ -403,8 +472,11 @@ def _construct(node: yaml.Node) -> Any:
 Check = Callable[[Any], Iterable[tuple[str, str]]]  # yields (field, message)
 
 
-def _section(cls: type, parsers: dict[str, Parse], check: Check = lambda _: ()) -> ReadNode:
-    readers = {key: _field(parse) for key, parse in parsers.items()}
+def _section(cls: type, parsers: dict[str, Parse], check: Check = lambda _: (),
+             nested: dict[str, ReadNode] | None = None) -> ReadNode:
+    """A section of plain values (parsers) and of nested structures read node by node, so
+    their problems carry their own line and dotted path (nested)."""
+    readers = {key: _field(parse) for key, parse in parsers.items()} | (nested or {})
 
     def read(node: yaml.Node, path: str, report: _Report) -> Any:
         section = cls(**_read_mapping(node, path, readers, report))
@@ -427,6 +499,103 @@ def _value_node(node: yaml.Node, key: str) -> yaml.Node:
 def _check_upstream(section: UpstreamConfig) -> Iterable[tuple[str, str]]:
     if section.deadline < section.timeout:
         yield "deadline", f"expected seconds >= upstream.timeout ({section.timeout:g})"
+    if section.max_backoff < section.backoff:
+        yield "max_backoff", f"expected seconds >= upstream.backoff ({section.backoff:g})"
+
+
+def _has(node: yaml.MappingNode, key: str) -> bool:
+    return any(key_node.value == key for key_node, _ in node.value)
+
+
+def _server(base: Path) -> ReadNode:
+    """One upstream: an address string (see _upstream), or a mapping with per-server keys.
+    The default port depends on the protocol, so the address is parsed after the rest."""
+    readers = {
+        "address": _field(_text("an address such as '192.0.2.1' or '[2001:db8::1]:853'")),
+        "protocol": _field(_choice(*PROTOCOLS)),
+        "tls_name": _field(_name),
+        "ca_file": _field(_ca_file(base)),
+        "timeout": _field(_seconds),
+    }
+    string = _field(_upstream)
+
+    def read(node: yaml.Node, path: str, report: _Report) -> Any:
+        if not isinstance(node, yaml.MappingNode):
+            return string(node, path, report)
+        values = _read_mapping(node, path, readers, report)
+        if not _has(node, "address"):
+            report.add(node, f"{path}.address", "required")
+        if "address" not in values:
+            return _MISSING
+        tls = values.get("protocol") == "tls"
+        if tls and not _has(node, "tls_name"):
+            # Addresses are IP literals, so there is no host name to check the certificate by.
+            report.add(node, f"{path}.tls_name", "required with tls for an IP address")
+        for key in ("tls_name", "ca_file"):
+            if not tls and _has(node, key):
+                report.add(_value_node(node, key), f"{path}.{key}", "only with protocol tls")
+        try:
+            address = parse_address(values.pop("address"), TLS_PORT if tls else 53)
+        except ValueError as error:
+            report.add(_value_node(node, "address"), f"{path}.address", str(error))
+            return _MISSING
+        return UpstreamServer(address.host, address.port, **values)
+
+    return read
+
+
+def _servers(base: Path, *, required: bool) -> ReadNode:
+    """A list of upstreams; required: at least one (a conditional group has no fallback)."""
+    server = _server(base)
+
+    def read(node: yaml.Node, path: str, report: _Report) -> Any:
+        if not isinstance(node, yaml.SequenceNode):
+            report.add(node, path, "expected a list of servers")
+            return _MISSING
+        if required and not node.value:
+            report.add(node, path, "expected at least one server")
+            return _MISSING
+        servers = [server(item, f"{path}[{index}]", report)
+                   for index, item in enumerate(node.value)]
+        return _MISSING if _MISSING in servers else tuple(servers)
+
+    return read
+
+
+def _conditional(base: Path) -> ReadNode:
+    """Conditional forwarding groups. A domain in two groups is an error: which group wins
+    would otherwise depend on the order of the file."""
+    readers = {
+        "domains": _field(_list_of("domain names", _name,
+                                   if_empty="expected at least one domain")),
+        "servers": _servers(base, required=True),
+    }
+
+    def read(node: yaml.Node, path: str, report: _Report) -> Any:
+        if not isinstance(node, yaml.SequenceNode):
+            report.add(node, path, "expected a list of {domains, servers} mappings")
+            return _MISSING
+        groups, seen = [], {}
+        for index, item in enumerate(node.value):
+            where = f"{path}[{index}]"
+            if not isinstance(item, yaml.MappingNode):
+                report.add(item, where, "expected a mapping with domains and servers")
+                continue
+            values = _read_mapping(item, where, readers, report)
+            for key in readers:
+                if not _has(item, key):
+                    report.add(item, f"{where}.{key}", "required")
+            for position, domain in enumerate(values.get("domains", ())):
+                if domain in seen:
+                    report.add(_value_node(item, "domains").value[position],
+                               f"{where}.domains[{position}]",
+                               f"{domain!r} is already in {seen[domain]}")
+                seen.setdefault(domain, where)
+            if len(values) == len(readers):
+                groups.append(ConditionalForward(values["domains"], values["servers"]))
+        return tuple(groups)
+
+    return read
 
 
 def _check_cache(section: CacheConfig) -> Iterable[tuple[str, str]]:
@@ -444,11 +613,18 @@ def _sections(base: Path) -> dict[str, ReadNode]:
             "max_inflight": _integer(1),
         }),
         "upstream": _section(UpstreamConfig, {
-            "servers": _upstreams,
             "timeout": _seconds,
             "deadline": _seconds,
             "udp_size": _integer(512, 65535),
-        }, _check_upstream),
+            "strategy": _choice(*STRATEGIES),
+            "unhealthy_after": _integer(1),
+            "backoff": _seconds,
+            "max_backoff": _seconds,
+            "tls_idle_timeout": _seconds,
+        }, _check_upstream, {
+            "servers": _servers(base, required=False),
+            "conditional": _conditional(base),
+        }),
         "blocking": _section(BlockingConfig, {
             "rules": _list_of("paths", _path(base)),
             "ttl": _integer(0),

@@ -9,6 +9,7 @@ from resolver.config import (
     Address,
     BlockingConfig,
     CacheConfig,
+    ConditionalForward,
     Config,
     MetricsConfig,
     Overrides,
@@ -20,6 +21,7 @@ from resolver.config import (
     system_upstreams,
 )
 from resolver.errors import ConfigError
+from tests.tls import make_tls_files
 
 REPO = Path(__file__).resolve().parent.parent
 NO_RESOLV_CONF = "/nonexistent/resolv.conf"
@@ -91,7 +93,7 @@ def problems_of(text: str, overrides: Overrides = Overrides()) -> list[str]:
     ("server:\n  max_inflight: '10'\n", "c.yaml:2: server.max_inflight: expected an integer >= 1"),
     # upstream
     ("upstream:\n  servers: 192.0.2.1\n",
-     "c.yaml:2: upstream.servers: expected a list of addresses"),
+     "c.yaml:2: upstream.servers: expected a list of servers"),
     ("upstream:\n  servers: [dns.example.org]\n",
      "c.yaml:2: upstream.servers[0]: 'dns.example.org' is not an IP address "
      "(hostnames are not accepted here)"),
@@ -421,3 +423,152 @@ def test_deploy_example_mentions_every_key():
     for section in (ServerConfig, UpstreamConfig, BlockingConfig, CacheConfig, MetricsConfig):
         for key in section.__dataclass_fields__:
             assert f"{key}:" in text, key
+
+
+# --- upstream servers, strategies and conditional forwarding --------------------------------
+
+@pytest.mark.parametrize("text, problem", [
+    ("upstream:\n  strategy: quickest\n",
+     "c.yaml:2: upstream.strategy: expected one of failover, random, fastest"),
+    ("upstream:\n  unhealthy_after: 0\n",
+     "c.yaml:2: upstream.unhealthy_after: expected an integer >= 1"),
+    ("upstream:\n  backoff: 0\n", "c.yaml:2: upstream.backoff: expected seconds > 0"),
+    ("upstream:\n  backoff: 10\n  max_backoff: 5\n",
+     "c.yaml:3: upstream.max_backoff: expected seconds >= upstream.backoff (10)"),
+    ("upstream:\n  tls_idle_timeout: never\n",
+     "c.yaml:2: upstream.tls_idle_timeout: expected a number"),
+    # a server as a string
+    ("upstream:\n  servers: ['tls://192.0.2.1']\n",
+     "c.yaml:2: upstream.servers[0]: 'tls://192.0.2.1': expected 'tls://HOST[:PORT]#NAME', "
+     "NAME being the name on the server's certificate"),
+    ("upstream:\n  servers: ['tls://192.0.2.1#bad..name']\n",
+     "c.yaml:2: upstream.servers[0]: 'bad..name' is not a valid name: empty label"),
+    ("upstream:\n  servers: ['tls://dns.example#dns.example']\n",
+     "c.yaml:2: upstream.servers[0]: 'dns.example' is not an IP address "
+     "(hostnames are not accepted here)"),
+    ("upstream:\n  servers:\n    - [192.0.2.1]\n",
+     "c.yaml:3: upstream.servers[0]: expected an address such as '127.0.0.1:53' or '[::1]:53'"),
+    # a server as a mapping
+    ("upstream:\n  servers:\n    - 192.0.2.1\n    - {address: 192.0.2.2, protocol: tls}\n",
+     "c.yaml:4: upstream.servers[1].tls_name: required with tls for an IP address"),
+    ("upstream:\n  servers:\n    - protocol: tls\n      tls_name: dns.example\n",
+     "c.yaml:3: upstream.servers[0].address: required"),
+    ("upstream:\n  servers:\n    - address: dns.example\n",
+     "c.yaml:3: upstream.servers[0].address: 'dns.example' is not an IP address "
+     "(hostnames are not accepted here)"),
+    ("upstream:\n  servers:\n    - address: 53\n",
+     "c.yaml:3: upstream.servers[0].address: expected an address such as '192.0.2.1' or "
+     "'[2001:db8::1]:853'"),
+    ("upstream:\n  servers:\n    - address: 192.0.2.1\n      protocol: https\n",
+     "c.yaml:4: upstream.servers[0].protocol: expected one of udp, tls"),
+    ("upstream:\n  servers:\n    - {address: 192.0.2.1, tls_name: dns.example}\n",
+     "c.yaml:3: upstream.servers[0].tls_name: only with protocol tls"),
+    ("upstream:\n  servers:\n    - {address: 192.0.2.1, protocol: tls, tls_name: 'a..b'}\n",
+     "c.yaml:3: upstream.servers[0].tls_name: 'a..b' is not a valid name: empty label"),
+    ("upstream:\n  servers:\n    - address: 192.0.2.1\n      protocol: tls\n"
+     "      tls_name: dns.example\n      ca_file: missing.pem\n",
+     "c.yaml:6: upstream.servers[0].ca_file: cannot read 'missing.pem': "
+     "No such file or directory"),
+    ("upstream:\n  servers:\n    - {address: 192.0.2.1, timeout: 0}\n",
+     "c.yaml:3: upstream.servers[0].timeout: expected seconds > 0"),
+    ("upstream:\n  servers:\n    - {address: 192.0.2.1, tls: true}\n",
+     "c.yaml:3: upstream.servers[0].tls: unknown key"),
+    # conditional forwarding
+    ("upstream:\n  conditional: {domains: [corp.example]}\n",
+     "c.yaml:2: upstream.conditional: expected a list of {domains, servers} mappings"),
+    ("upstream:\n  conditional: [corp.example]\n",
+     "c.yaml:2: upstream.conditional[0]: expected a mapping with domains and servers"),
+    ("upstream:\n  conditional:\n    - domains: [corp.example]\n",
+     "c.yaml:3: upstream.conditional[0].servers: required"),
+    ("upstream:\n  conditional:\n    - servers: [192.0.2.53]\n",
+     "c.yaml:3: upstream.conditional[0].domains: required"),
+    ("upstream:\n  conditional:\n    - {domains: [], servers: [192.0.2.53]}\n",
+     "c.yaml:3: upstream.conditional[0].domains: expected at least one domain"),
+    ("upstream:\n  conditional:\n    - {domains: [corp.example, 'a..example'],"
+     " servers: [192.0.2.53]}\n",
+     "c.yaml:3: upstream.conditional[0].domains[1]: 'a..example' is not a valid name: "
+     "empty label"),
+    ("upstream:\n  conditional:\n    - {domains: [corp.example], servers: []}\n",
+     "c.yaml:3: upstream.conditional[0].servers: expected at least one server"),
+    ("upstream:\n  conditional:\n    - {domains: [corp.example], servers: [dns.example]}\n",
+     "c.yaml:3: upstream.conditional[0].servers[0]: 'dns.example' is not an IP address "
+     "(hostnames are not accepted here)"),
+    ("upstream:\n  conditional:\n    - {domains: [corp.example], servers: [192.0.2.53]}\n"
+     "    - domains:\n        - lab.example\n        - Corp.Example.\n"
+     "      servers: [192.0.2.54]\n",
+     "c.yaml:6: upstream.conditional[1].domains[1]: 'corp.example' is already in "
+     "upstream.conditional[0]"),
+    ("upstream:\n  conditional:\n    - {domains: [corp.example], servers: [192.0.2.53],"
+     " strategy: random}\n",
+     "c.yaml:3: upstream.conditional[0].strategy: unknown key"),
+])
+def test_upstream_error(in_tmp, text, problem):
+    assert problems_of(text) == [problem]
+
+
+def test_a_ca_file_without_certificates_is_an_error(in_tmp):
+    (in_tmp / "not-a-ca.pem").write_text("hello\n")
+    [problem] = problems_of("upstream:\n  servers:\n    - address: 192.0.2.1\n"
+                            "      protocol: tls\n      tls_name: dns.example\n"
+                            "      ca_file: not-a-ca.pem\n")
+    assert problem.startswith("c.yaml:6: upstream.servers[0].ca_file: 'not-a-ca.pem' holds no "
+                              "usable PEM certificate")
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("['192.0.2.1', 'tls://192.0.2.2#Dns.Example.', 'tls://[2001:db8::2]:8853#dns.example']",
+     (UpstreamServer("192.0.2.1"), UpstreamServer("192.0.2.2", 853, "tls", "dns.example"),
+      UpstreamServer("2001:db8::2", 8853, "tls", "dns.example"))),
+    ("[{address: 192.0.2.1, timeout: 0.25}, {address: '192.0.2.2:5353', protocol: udp}]",
+     (UpstreamServer("192.0.2.1", timeout=0.25), UpstreamServer("192.0.2.2", 5353))),
+    ("[{address: 192.0.2.1, protocol: tls, tls_name: dns.example, timeout: 1}]",
+     (UpstreamServer("192.0.2.1", 853, "tls", "dns.example", timeout=1.0),)),
+])
+def test_upstream_servers(in_tmp, text, expected):
+    assert load_text(f"upstream:\n  servers: {text}\n").upstream.servers == expected
+
+
+def test_ca_file_is_resolved_against_the_config_file(in_tmp):
+    (in_tmp / "etc").mkdir()
+    files = make_tls_files(in_tmp / "etc")
+    (in_tmp / "etc" / "c.yaml").write_text(
+        "upstream:\n  servers:\n    - address: 192.0.2.1\n      protocol: tls\n"
+        "      tls_name: dns.example\n      ca_file: ca.pem\n", encoding="utf-8")
+    config = load_config("etc/c.yaml", resolv_conf=NO_RESOLV_CONF)
+    assert config.upstream.servers[0].ca_file == str(files.ca)
+
+
+def test_upstream_settings(in_tmp):
+    text = ("upstream:\n  strategy: fastest\n  unhealthy_after: 5\n  backoff: 0.5\n"
+            "  max_backoff: 30\n  tls_idle_timeout: 20\n  conditional:\n"
+            "    - domains: [Corp.Example., 10.in-addr.arpa]\n"
+            "      servers: [192.0.2.53, {address: 192.0.2.54, timeout: 0.5}]\n"
+            "    - {domains: [lab.example], servers: ['tls://192.0.2.55#dns.lab.example']}\n")
+    Path("c.yaml").write_text(text, encoding="utf-8")
+    upstream = load_config("c.yaml", resolv_conf=NO_RESOLV_CONF).upstream
+    assert upstream == UpstreamConfig(
+        servers=FALLBACK, strategy="fastest", unhealthy_after=5, backoff=0.5, max_backoff=30.0,
+        tls_idle_timeout=20.0, conditional=(
+            ConditionalForward(("corp.example", "10.in-addr.arpa"),
+                               (UpstreamServer("192.0.2.53"),
+                                UpstreamServer("192.0.2.54", timeout=0.5))),
+            ConditionalForward(("lab.example",),
+                               (UpstreamServer("192.0.2.55", 853, "tls", "dns.lab.example"),)),
+        ))
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("tls://192.0.2.1#dns.example", UpstreamServer("192.0.2.1", 853, "tls", "dns.example")),
+    ("192.0.2.1:5353", UpstreamServer("192.0.2.1", 5353)),
+])
+def test_upstream_flag_takes_the_string_forms(value, expected):
+    config = load_config(None, Overrides(upstreams=(value,)), resolv_conf=NO_RESOLV_CONF)
+    assert config.upstream.servers == (expected,)
+
+
+def test_upstream_flag_error():
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, Overrides(upstreams=("tls://192.0.2.1",)), resolv_conf=NO_RESOLV_CONF)
+    assert caught.value.problems == [
+        "--upstream: 'tls://192.0.2.1': expected 'tls://HOST[:PORT]#NAME', NAME being the name "
+        "on the server's certificate"]

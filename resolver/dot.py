@@ -1,0 +1,171 @@
+"""DNS over TLS (RFC 7858) to one upstream: one persistent connection, queries pipelined on it.
+
+A TLS handshake costs round trips and CPU on both ends, so all queries to an upstream share
+one connection: each is written at once under its own ID, and replies are matched by ID in
+whatever order they come (RFC 7766 section 6.2.1.1 lets a server answer out of order). When
+the connection closes or breaks, what was waiting on it fails and the next query opens a new
+one; a connection with nothing in flight for `idle_timeout` seconds is closed, so an upstream
+is not held open for nothing.
+
+This module moves bytes and matches IDs; what a query and an acceptable reply are is the
+caller's business (upstream.py). Failures surface as the standard exceptions: ssl.SSLError
+for a failed handshake or certificate check, TimeoutError, and OSError for the network.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import ssl
+from collections.abc import Callable
+
+log = logging.getLogger(__name__)
+
+
+def tls_context(ca_file: str | None) -> ssl.SSLContext:
+    """Verify the certificate chain and name (the defaults), TLS 1.2 or newer (RFC 8310).
+    ca_file trusts only that CA, for a private upstream; None means the system's store."""
+    context = ssl.create_default_context(cafile=ca_file)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
+class DotClient:
+    """The connection to one DNS-over-TLS upstream, opened on demand and shared by queries."""
+
+    def __init__(self, host: str, port: int, server_name: str, context: ssl.SSLContext,
+                 connect_timeout: float, idle_timeout: float, on_connect: Callable[[], None]):
+        self.host = host
+        self.port = port
+        self.server_name = server_name  # the name the certificate must carry
+        self._context = context
+        self._connect_timeout = connect_timeout
+        self._idle_timeout = idle_timeout
+        self._on_connect = on_connect  # called once per connection made, for metrics
+        self._current: Connection | None = None
+        self._connecting: asyncio.Task | None = None
+
+    async def exchange(self, build: Callable[[int], bytes], timeout: float) -> bytes:
+        """Send build(id) and return the reply carrying that ID, within timeout seconds."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        connection = self._current
+        if connection is None or not connection.usable:
+            connection = await self._connection(timeout)
+        return await connection.exchange(build, deadline - loop.time())
+
+    async def _connection(self, timeout: float) -> Connection:
+        """A new connection, shared by every query that needs one meanwhile. Waiters give up
+        at their own timeout, but the handshake goes on so the next query finds it done."""
+        if self._connecting is None:
+            self._connecting = asyncio.get_running_loop().create_task(self._connect())
+            self._connecting.add_done_callback(self._connect_done)
+        return await asyncio.wait_for(asyncio.shield(self._connecting), timeout)
+
+    async def _connect(self) -> Connection:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self._connect_timeout):
+                _, connection = await loop.create_connection(
+                    lambda: Connection(self._idle_timeout, self._lost), self.host, self.port,
+                    ssl=self._context, server_hostname=self.server_name)
+        except (OSError, TimeoutError) as exc:
+            log.warning("DNS over TLS to %s:%d (%s) failed: %s",
+                        self.host, self.port, self.server_name, exc)
+            raise
+        self._current = connection
+        self._on_connect()
+        return connection
+
+    def _connect_done(self, task: asyncio.Task) -> None:
+        self._connecting = None
+        if not task.cancelled():
+            task.exception()  # seen: when every waiter timed out, nobody else looks at it
+
+    def _lost(self, connection: Connection) -> None:
+        if self._current is connection:
+            self._current = None
+
+    def close(self) -> None:
+        if self._connecting is not None:
+            self._connecting.cancel()
+        if self._current is not None:
+            self._current.close()
+
+
+class Connection(asyncio.Protocol):
+    """One TLS connection: length-prefixed messages (RFC 1035 4.2.2), waiters by ID."""
+
+    def __init__(self, idle_timeout: float, lost: Callable[[Connection], None]):
+        self.transport: asyncio.Transport | None = None
+        self._pending: dict[int, asyncio.Future] = {}
+        self._buffer = bytearray()
+        self._idle_timeout = idle_timeout
+        self._idle: asyncio.TimerHandle | None = None
+        self._lost = lost
+
+    @property
+    def usable(self) -> bool:
+        return self.transport is not None and not self.transport.is_closing()
+
+    async def exchange(self, build: Callable[[int], bytes], timeout: float) -> bytes:
+        loop = asyncio.get_running_loop()
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
+        qid = self._new_id()
+        packet = build(qid)
+        future = loop.create_future()
+        self._pending[qid] = future
+        timer = loop.call_later(timeout, _expire, future)
+        try:
+            self.transport.write(len(packet).to_bytes(2, "big") + packet)
+            return await future
+        finally:
+            timer.cancel()
+            del self._pending[qid]
+            if not self._pending and self.usable:
+                self._idle = loop.call_later(self._idle_timeout, self.close)
+
+    def _new_id(self) -> int:
+        """An ID free on this connection. Nobody can inject replies into a TLS stream, so
+        unlike UDP the ID need not be unpredictable, only unique among those in flight."""
+        while True:
+            qid = random.getrandbits(16)
+            if qid not in self._pending:
+                return qid
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self._buffer
+        buffer += data
+        while len(buffer) >= 2:
+            end = 2 + int.from_bytes(buffer[:2], "big")
+            if len(buffer) < end:
+                return
+            message = bytes(buffer[2:end])
+            del buffer[:end]
+            future = self._pending.get(int.from_bytes(message[:2], "big"))
+            if future is not None and not future.done():
+                future.set_result(message)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._idle is not None:
+            self._idle.cancel()
+        error = exc or ConnectionResetError("the upstream closed the connection")
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(error)
+        self._lost(self)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+def _expire(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_exception(TimeoutError("no reply in time"))

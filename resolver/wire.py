@@ -132,6 +132,42 @@ def skip_name(data: bytes, pos: int) -> int:
         pos += length + 1
 
 
+def read_name(data: bytes, pos: int) -> tuple[bytes, int]:
+    """Read a possibly compressed name: (its lowercase uncompressed wire form, the offset just
+    past it where it starts). For the slow path (CNAME targets of upstream replies).
+
+    Every pointer must point before the label that holds it, so a loop is impossible; a name
+    longer than 255 octets, an unknown label type or a name past the end raises ValueError.
+    """
+    labels, size, end, limit = [], 0, None, pos
+    while True:
+        if pos >= len(data):
+            raise ValueError("name runs past the end")
+        length = data[pos]
+        if length >= 0xC0:
+            if pos + 1 >= len(data):
+                raise ValueError("name runs past the end")
+            target = ((length & 0x3F) << 8) | data[pos + 1]
+            if target >= limit:
+                raise ValueError("compression pointer does not point backwards")
+            if end is None:
+                end = pos + 2
+            pos = limit = target
+            continue
+        if length > 63:
+            raise ValueError("unknown label type")
+        size += length + 1
+        if size > MAX_NAME:
+            raise ValueError("name longer than 255 octets")
+        if length == 0:
+            labels.append(b"\x00")
+            return b"".join(labels).lower(), pos + 1 if end is None else end
+        if pos + 1 + length > len(data):
+            raise ValueError("name runs past the end")
+        labels.append(data[pos:pos + 1 + length])
+        pos += 1 + length
+
+
 def _bare_error(data: bytes, flags: int, rcode: int) -> bytes:
     """Header-only error answer: the question may be what is broken, so echo none of it."""
     return _HEADER.pack(int.from_bytes(data[:2], "big"), _reply_flags(flags, rcode), 0, 0, 0, 0)

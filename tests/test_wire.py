@@ -259,3 +259,61 @@ def test_upstream_query(cd: bool, do: bool) -> None:
     assert msg.question[0].name.to_text() == "WwW.example.org."  # 0x20 case kept upstream
     assert (msg.edns, msg.payload, bool(msg.ednsflags & dns.flags.DO)) == (0, 1400, do)
 
+
+
+# read_name: (message bytes, start) -> (lowercase uncompressed name, end) or the error
+HEAD = b"\x00" * 12
+EXAMPLE_ORG_AT_12 = HEAD + b"\x07Example\x03ORG\x00"  # example.org at offset 12
+
+
+@pytest.mark.parametrize(
+    ("data", "pos", "expected"),
+    [
+        (EXAMPLE_ORG_AT_12, 12, (b"\x07example\x03org\x00", 25)),
+        (EXAMPLE_ORG_AT_12 + b"\x03WWW\xc0\x0c", 25, (b"\x03www\x07example\x03org\x00", 31)),
+        (EXAMPLE_ORG_AT_12 + b"\xc0\x0c", 25, (b"\x07example\x03org\x00", 27)),  # bare pointer
+        (EXAMPLE_ORG_AT_12 + b"\x01a\xc0\x14", 25, (b"\x01a\x03org\x00", 29)),  # into a name
+        (EXAMPLE_ORG_AT_12 + b"\x01b\xc0\x0c\x01a\xc0\x19", 29,  # a pointer to a pointer
+         (b"\x01a\x01b\x07example\x03org\x00", 33)),
+        (HEAD + b"\x00", 12, (b"\x00", 13)),  # the root
+        (HEAD + b"\x3f" + b"x" * 63 + b"\x00", 12, (b"\x3f" + b"x" * 63 + b"\x00", 77)),
+    ],
+)
+def test_read_name(data: bytes, pos: int, expected: tuple[bytes, int]) -> None:
+    assert wire.read_name(data, pos) == expected
+
+
+LONG = b"".join(b"\x3f" + b"x" * 63 for _ in range(3)) + b"\x3d" + b"x" * 61  # 254 octets
+
+
+@pytest.mark.parametrize(
+    ("data", "pos", "problem"),
+    [
+        (HEAD + b"\xc0\x0c", 12, "backwards"),  # points at itself
+        (HEAD + b"\x01a\xc0\x0c", 12, "backwards"),  # back to its own start: a loop
+        (HEAD + b"\x01a\xc0\x20", 12, "backwards"),  # forwards
+        (EXAMPLE_ORG_AT_12 + b"\xc0", 25, "past the end"),
+        (HEAD + b"\x07exam", 12, "past the end"),
+        (HEAD + b"\x03www", 12, "past the end"),
+        (HEAD + b"\x41" + b"x" * 65, 12, "unknown label type"),
+        (HEAD + b"\x80\x00", 12, "unknown label type"),
+        (HEAD + LONG + b"\x00", 12, None),  # 255 octets with the root: the most allowed
+        (HEAD + LONG + b"\x01y\x00", 12, "longer than 255"),
+    ],
+)
+def test_read_name_rejects_malformed_names(data: bytes, pos: int, problem: str | None) -> None:
+    if problem is None:
+        assert wire.read_name(data, pos) == (LONG + b"\x00", len(data))
+        return
+    with pytest.raises(ValueError, match=problem):
+        wire.read_name(data, pos)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=80), st.integers(min_value=0, max_value=80))
+def test_read_name_raises_only_value_error_on_any_bytes(data: bytes, pos: int) -> None:
+    try:
+        name, end = wire.read_name(data, pos)
+    except ValueError:
+        return
+    assert name.endswith(b"\x00") and len(name) <= 255 and pos < end <= len(data)

@@ -88,10 +88,18 @@ class BlockingConfig:
 @dataclass(frozen=True, slots=True)
 class CacheConfig:
     max_entries: int = 100_000  # 0 disables the cache
+    max_bytes: int = 128 * 1024 * 1024  # answer bytes plus a fixed overhead per entry
     min_ttl: int = 0
     max_ttl: int = 86400
     negative_ttl: int = 3600  # cap for NXDOMAIN/NODATA TTLs taken from the SOA
-    servfail_ttl: int = 5
+    servfail_ttl: int = 5  # failures cached (RFC 9520); also how long a failed refresh serves stale
+    prefetch: bool = True  # refresh popular answers in the background before they expire
+    prefetch_min_hits: int = 3  # hits an answer needs to be refreshed early
+    prefetch_window: float = 0.1  # the last fraction of its TTL in which a hit refreshes it
+    serve_stale: bool = True  # RFC 8767: answer with expired data when upstreams fail
+    stale_window: int = 86400  # seconds past expiry an answer is kept for that
+    stale_ttl: int = 30  # TTL of a stale answer
+    stale_client_timeout: float = 1.8  # seconds a client waits for upstream before stale data
 
 
 @dataclass(frozen=True, slots=True)
@@ -598,6 +606,12 @@ def _conditional(base: Path) -> ReadNode:
     return read
 
 
+def _fraction(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
+        raise _Invalid("expected a fraction from 0 up to (not including) 1")
+    return float(value)
+
+
 def _check_cache(section: CacheConfig) -> Iterable[tuple[str, str]]:
     if section.min_ttl > section.max_ttl:
         yield "min_ttl", f"expected at most cache.max_ttl ({section.max_ttl})"
@@ -638,6 +652,14 @@ def _sections(base: Path) -> dict[str, ReadNode]:
             "max_ttl": _integer(0),
             "negative_ttl": _integer(0),
             "servfail_ttl": _integer(0),
+            "max_bytes": _integer(0),
+            "prefetch": _boolean,
+            "prefetch_min_hits": _integer(1),
+            "prefetch_window": _fraction,
+            "serve_stale": _boolean,
+            "stale_window": _integer(0),
+            "stale_ttl": _integer(1),
+            "stale_client_timeout": _seconds,
         }, _check_cache),
         "metrics": _section(MetricsConfig, {"listen": _optional(_metrics_address)}),
     }

@@ -123,6 +123,22 @@ def problems_of(text: str, overrides: Overrides = Overrides()) -> list[str]:
     ("cache:\n  servfail_ttl: -5\n", "c.yaml:2: cache.servfail_ttl: expected an integer >= 0"),
     ("cache:\n  max_ttl: 10\n  min_ttl: 60\n",
      "c.yaml:3: cache.min_ttl: expected at most cache.max_ttl (10)"),
+    ("cache:\n  max_bytes: 64M\n", "c.yaml:2: cache.max_bytes: expected an integer >= 0"),
+    ("cache:\n  prefetch: yes please\n", "c.yaml:2: cache.prefetch: expected true or false"),
+    ("cache:\n  prefetch_min_hits: 0\n",
+     "c.yaml:2: cache.prefetch_min_hits: expected an integer >= 1"),
+    ("cache:\n  prefetch_window: 1\n",
+     "c.yaml:2: cache.prefetch_window: expected a fraction from 0 up to (not including) 1"),
+    ("cache:\n  prefetch_window: -0.1\n",
+     "c.yaml:2: cache.prefetch_window: expected a fraction from 0 up to (not including) 1"),
+    ("cache:\n  prefetch_window: 10%\n",
+     "c.yaml:2: cache.prefetch_window: expected a fraction from 0 up to (not including) 1"),
+    ("cache:\n  serve_stale: 1\n", "c.yaml:2: cache.serve_stale: expected true or false"),
+    ("cache:\n  stale_window: 1.5\n", "c.yaml:2: cache.stale_window: expected an integer >= 0"),
+    ("cache:\n  stale_ttl: 0\n", "c.yaml:2: cache.stale_ttl: expected an integer >= 1"),
+    ("cache:\n  stale_client_timeout: 0\n",
+     "c.yaml:2: cache.stale_client_timeout: expected seconds > 0"),
+    ("cache:\n  stale_ttl: 30\n  stale: true\n", "c.yaml:3: cache.stale: unknown key"),
     # metrics
     ("metrics:\n  listen: 9153\n", "c.yaml:2: metrics.listen: expected an address such as "
                                    "'127.0.0.1:53' or '[::1]:53'"),
@@ -196,7 +212,10 @@ def test_defaults():
             ede=True,
         ),
         cache=CacheConfig(
-            max_entries=100_000, min_ttl=0, max_ttl=86400, negative_ttl=3600, servfail_ttl=5
+            max_entries=100_000, max_bytes=128 * 1024 * 1024, min_ttl=0, max_ttl=86400,
+            negative_ttl=3600, servfail_ttl=5, prefetch=True, prefetch_min_hits=3,
+            prefetch_window=0.1, serve_stale=True, stale_window=86400, stale_ttl=30,
+            stale_client_timeout=1.8,
         ),
         metrics=MetricsConfig(listen=Address("127.0.0.1", 9153)),
         source=None,
@@ -224,6 +243,13 @@ def test_empty_file_or_sections_mean_defaults(in_tmp, text):
      "blocking", BlockingConfig(rules=(), ttl=0, soa_mname="ns.example.org", ede=False)),
     ("cache:\n  max_entries: 0\n  min_ttl: 30\n  max_ttl: 30\n", "cache",
      CacheConfig(max_entries=0, min_ttl=30, max_ttl=30)),
+    ("cache:\n  max_bytes: 1048576\n  servfail_ttl: 0\n  prefetch: false\n"
+     "  prefetch_min_hits: 1\n  prefetch_window: 0\n  serve_stale: false\n"
+     "  stale_window: 0\n  stale_ttl: 1\n  stale_client_timeout: 0.25\n", "cache",
+     CacheConfig(max_bytes=1048576, servfail_ttl=0, prefetch=False, prefetch_min_hits=1,
+                 prefetch_window=0.0, serve_stale=False, stale_window=0, stale_ttl=1,
+                 stale_client_timeout=0.25)),
+    ("cache:\n  prefetch_window: 0.25\n", "cache", CacheConfig(prefetch_window=0.25)),
     ("metrics:\n  listen: null\n", "metrics", MetricsConfig(listen=None)),
     ("metrics:\n  listen: '[::1]'\n", "metrics", MetricsConfig(listen=Address("::1", 9153))),
 ])

@@ -12,8 +12,10 @@ asks `arrange` for an order once per query and reports each attempt back to the 
   random shuffles per query, fastest prefers the lowest smoothed RTT (an EWMA, like Unbound's
   and dnsdist's) but now and then tries another first so a recovered or once-slow upstream is
   measured again.
-Upstreams backed off come after the ready ones, so when every upstream is backed off they are
-tried anyway rather than failing the query unasked.
+Backed-off upstreams are left out of the order; only when every upstream of the group is backed
+off are they all tried anyway, rather than failing the query unasked. (Keeping them as a last
+resort instead would make a name that the healthy upstreams answer with SERVFAIL wait out a dead
+upstream's timeout before the SERVFAIL is relayed.)
 """
 
 from __future__ import annotations
@@ -114,13 +116,7 @@ STRATEGIES: dict[str, Order] = {"failover": _failover, "random": _random, "faste
 
 
 def arrange(strategy: str, members: Sequence[T], now: float, rng: random.Random) -> list[T]:
-    """The order to try members in for one query: the ready ones by the strategy, then the
-    backed-off ones (by the same strategy) as a last resort."""
-    order = STRATEGIES[strategy]
-    ready: list[T] = []
-    resting: list[T] = []
-    for member in members:
-        (ready if member.health.ready(now) else resting).append(member)
-    if not resting:
-        return order(ready, rng)
-    return order(ready, rng) + order(resting, rng)
+    """The upstreams to try for one query, in order: those not backed off, by the strategy;
+    all of them when every one is backed off."""
+    ready = [member for member in members if member.health.ready(now)]
+    return STRATEGIES[strategy](ready or list(members), rng)

@@ -219,12 +219,14 @@ class UpstreamPool:
         self._routes = {to_wire(domain): self._group(forward.servers)
                         for forward in config.conditional for domain in forward.domains}
         self.upstreams = list(self._by_server.values())
+        # Each worker process keeps its own health; across workers the highest value is
+        # shown: the slowest worker's RTT, and healthy unless every worker backed it off.
         metrics.gauge("upstream_rtt_seconds",
                       "Smoothed round-trip time of each upstream (EWMA; failures count as "
-                      "their timeout).", ("upstream",), self._rtts)
+                      "their timeout).", ("upstream",), self._rtts, merge="max")
         metrics.gauge("upstream_healthy",
                       "1 while an upstream is healthy, 0 while it is backed off after "
-                      "consecutive failures.", ("upstream",), self._health)
+                      "consecutive failures.", ("upstream",), self._health, merge="max")
 
     def _group(self, servers: tuple[UpstreamServer, ...]) -> list[Upstream]:
         """The Upstreams for these servers; one object per server however many groups name

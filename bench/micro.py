@@ -69,7 +69,7 @@ def main() -> None:
     rules = load_rules(config.blocking.rules)
     pipeline = build_pipeline(config, rules, metrics, UpstreamPool(config.upstream, metrics),
                               clock=lambda: 1000.0)
-    blocker, cache_stage = pipeline.stages
+    blocker, cache_stage = pipeline.stages[:2]
     sink = NullSink()
 
     blocked = packet("www.binance.com", args.edns)

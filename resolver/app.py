@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, start_http_server
 
-from .blocking import Blocker
-from .cache import Cache, CacheLookup, Clock
+from .blocking import Blocker, CnameBlocker
+from .cache import Cache, CacheLookup, Clock, StaleLookup
 from .config import Address, Config
 from .forward import Forwarder
 from .metrics import Metrics
@@ -42,14 +42,25 @@ def build_pipeline(config: Config, rules: RuleSet, metrics: Metrics, upstreams: 
 
     1. blocking: policy first, so a blocked name is never answered from the cache or
        upstream, even just after a rule change;
-    2. cache lookup: everything still allowed and recently seen is answered synchronously;
-    3. forwarding (not a synchronous stage): the only step that creates a task.
+    2. cache lookup: everything still allowed and recently seen is answered synchronously
+       (and a popular answer about to expire is refreshed in the background);
+    3. CNAME blocking: a cached answer whose CNAME chain leads into a blocked domain is
+       answered as blocked; after the cache, since only such entries get this far;
+    4. stale: while upstreams keep failing for an expired answer, it is served stale at once;
+       last, since it only matters when nothing fresher exists;
+    5. forwarding (not a synchronous stage): the only step that creates a task; coalesces,
+       checks CNAME chains, and falls back on stale answers when upstreams fail.
     """
-    cache = Cache(config.cache.max_entries, metrics, clock)
-    policy = TtlPolicy(config.cache.min_ttl, config.cache.max_ttl, config.cache.negative_ttl)
-    stages = [Blocker(rules, config.blocking, metrics), CacheLookup(cache, metrics)]
-    return Pipeline(stages, Forwarder(upstreams, cache, policy), metrics,
-                    config.server.max_inflight)
+    blocker = Blocker(rules, config.blocking, metrics)
+    cache = Cache(config.cache, metrics, clock, inspect=blocker.check_chain)
+    blocker.on_install(cache.recheck)
+    policy = TtlPolicy(config.cache.min_ttl, config.cache.max_ttl, config.cache.negative_ttl,
+                       config.cache.servfail_ttl)
+    forwarder = Forwarder(upstreams, cache, policy, blocker, config.cache, metrics,
+                          config.server.max_inflight)
+    stages = [blocker, CacheLookup(cache, config.cache, metrics, forwarder.prefetch),
+              CnameBlocker(blocker, cache), StaleLookup(cache, config.cache, metrics)]
+    return Pipeline(stages, forwarder, metrics, config.server.max_inflight)
 
 
 @dataclass

@@ -4,17 +4,23 @@ Each list's answer pieces (SOA tail, sinkhole records, OPT with its Extended DNS
 packed once per rule set. A blocked answer is then a header, the client's own question, and
 those pieces: the SOA's owner is a compression pointer to the matched suffix inside the
 question, so nothing depends on the query name except one two-byte pointer.
+
+A name can also be blocked by where it leads: an allowed name whose upstream answer's CNAME
+chain enters a blocked domain (CNAME cloaking) gets that domain's blocked answer, with the SOA
+owned by the blocked domain, written out in full since it is not in the question.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import struct
+from collections.abc import Callable
 
 from . import wire
+from .cache import Cache, Cloak
 from .config import BlockingConfig
 from .metrics import Metrics
-from .names import to_wire
+from .names import label_offsets, to_wire
 from .query import Outcome, Query
 from .rules import RuleList, RuleSet
 
@@ -39,8 +45,12 @@ class ListAnswers:
                   if config.ede else b"")
         self.opt = (wire.opt_record(False, option), wire.opt_record(True, option))
 
-    def build(self, q: Query, offset: int) -> bytes:
-        """The blocked answer for q, whose name matched the rule at name[offset:]."""
+    def build(self, q: Query, offset: int, owner: bytes | None = None) -> bytes:
+        """The blocked answer for q, whose name matched the rule at name[offset:].
+
+        owner: the SOA owner when the blocked domain is not in the question (a CNAME target,
+        in uncompressed wire form); offset is then unused.
+        """
         opt = self.opt[q.do] if q.edns else b""
         ar = 1 if q.edns else 0
         if self.refused:
@@ -51,7 +61,8 @@ class ListAnswers:
                 count, records = found  # many addresses may not fit a small UDP buffer
                 return wire.fit_udp(
                     q, wire.header(q, wire.NOERROR, count, 0, ar) + q.question + records + opt)
-        owner = struct.pack("!H", 0xC000 | (12 + offset))
+        if owner is None:
+            owner = struct.pack("!H", 0xC000 | (12 + offset))
         return wire.header(q, self.rcode, 0, 1, ar) + q.question + owner + self.soa_tail + opt
 
 
@@ -78,6 +89,7 @@ class Blocker:
     def __init__(self, rules: RuleSet, config: BlockingConfig, metrics: Metrics):
         self._metrics = metrics
         self._config = config
+        self._listeners: list[Callable[[], None]] = []
         self.install(rules)
         metrics.gauge("rules_domains", "Domains blocked by the loaded rules.", (),
                       lambda: {(): self.rules.domain_count}, merge="max")
@@ -86,6 +98,12 @@ class Blocker:
         """Swap in a new rule set with its packed answers in one assignment (no locks needed)."""
         answers = {lst.name: ListAnswers(lst, self._config) for lst in rules.lists}
         self._state = (rules, answers)
+        for listener in self._listeners:
+            listener()
+
+    def on_install(self, listener: Callable[[], None]) -> None:
+        """Call listener after every rule swap (the cache checks its CNAME chains again)."""
+        self._listeners.append(listener)
 
     @property
     def rules(self) -> RuleSet:
@@ -100,3 +118,43 @@ class Blocker:
         lst = rule.list
         self._metrics.blocked.inc((lst.name, rule.entry_id, lst.action))
         return answers[lst.name].build(q, offset)
+
+    def check_chain(self, targets: tuple[bytes, ...]) -> Cloak | None:
+        """The first block among an answer's CNAME targets (lowercase wire names): the rule and
+        the blocked domain, or None when the live rules let the whole chain through."""
+        rules = self._state[0]
+        for target in targets:
+            hit = rules.lookup(target, label_offsets(target))
+            if hit is not None:
+                return hit[0], target[hit[1]:]
+        return None
+
+    def answer_chain(self, q: Query, cloak: Cloak) -> bytes:
+        """The blocked answer for q, whose CNAME chain leads into a blocked domain (CNAME
+        cloaking, blocked as Pi-hole, Blocky and AdGuard Home do): the list's answer with the
+        SOA owned by that domain, counted like any other block."""
+        rule, domain = cloak
+        lst = rule.list
+        self._metrics.blocked.inc((lst.name, rule.entry_id, lst.action))
+        return self._state[1][lst.name].build(q, 0, owner=domain)
+
+
+class CnameBlocker:
+    """Pipeline stage: a cached answer whose CNAME chain leads into a blocked domain is
+    answered as blocked, from the cache, without asking upstream again.
+
+    The cache keeps the verdict on the entry (and recomputes it when the rules change), so a
+    plain cache hit pays nothing for this; only such entries reach this stage.
+    """
+
+    outcome = Outcome.BLOCKED.value
+
+    def __init__(self, blocker: Blocker, cache: Cache):
+        self._blocker = blocker
+        self._cache = cache
+
+    def answer(self, q: Query) -> bytes | None:
+        entry = self._cache.fresh(q.cache_key)
+        if entry is None or entry.cloak is None:
+            return None
+        return self._blocker.answer_chain(q, entry.cloak)

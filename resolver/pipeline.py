@@ -75,8 +75,7 @@ class Pipeline:
 
     async def _forward(self, q: Query, sink: Sink) -> None:
         try:
-            answer = await self._forwarder.resolve(q)
-            outcome = Outcome.FORWARDED
+            answer, outcome = await self._forwarder.resolve(q)
         except UpstreamError as exc:
             log.debug("upstream failed: %s", exc)
             answer, outcome = wire.error_answer(q, wire.SERVFAIL), Outcome.SERVFAIL
@@ -91,3 +90,4 @@ class Pipeline:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._forwarder.drain()

@@ -15,6 +15,7 @@ class Outcome(str, enum.Enum):
 
     BLOCKED = "blocked"
     CACHED = "cached"
+    STALE = "stale"  # an expired answer, served because upstreams failed (RFC 8767)
     FORWARDED = "forwarded"
     SERVFAIL = "servfail"
     FORMERR = "formerr"

@@ -18,15 +18,20 @@ from .query import Query
 
 _TTL = struct.Struct("!I")
 _RR_FIXED = struct.Struct("!HHIH")
+TYPE_CNAME = 5
+EDE_STALE = 3  # RFC 8914 "Stale Answer"
 
 
 @dataclass(frozen=True, slots=True)
 class TtlPolicy:
-    """How upstream TTLs are bounded before they are stored and served (RFC 2308 for negatives)."""
+    """How long replies may be kept: upstream TTLs bounded before they are stored and served
+    (RFC 2308 for negatives), and the lifetime of a failure (RFC 9520: a resolution failure is
+    cached briefly, so a failing name does not send every client's query upstream again)."""
 
     min_ttl: int = 0
     max_ttl: int = 86400
     negative_max: int = 3600
+    servfail_ttl: int = 5  # 0: failures are not cached
 
 
 class Reply:
@@ -36,16 +41,20 @@ class Reply:
     an, ns, ar: record counts, OPT excluded.
     body: the records after the question, TTLs already bounded by the policy.
     ttls: (offset in body, stored TTL) for every record.
-    ttl: the lifetime of the whole reply: its shortest stored TTL, or the negative TTL;
-        None when it must not be cached (a negative answer without an SOA, or SERVFAIL).
+    ttl: the lifetime of the whole reply: its shortest stored TTL, the negative TTL, or the
+        SERVFAIL TTL; None when it must not be cached (a negative answer without an SOA,
+        REFUSED and other errors).
+    cnames: the targets of the answer section's CNAME records, in lowercase wire form, so the
+        chain can be checked against the rules (CNAME cloaking) without parsing again.
     """
 
-    __slots__ = ("flags", "an", "ns", "ar", "body", "ttls", "ttl")
+    __slots__ = ("flags", "an", "ns", "ar", "body", "ttls", "ttl", "cnames")
 
     def __init__(self, flags: int, an: int, ns: int, ar: int, body: bytes,
-                 ttls: tuple[tuple[int, int], ...], ttl: int | None):
+                 ttls: tuple[tuple[int, int], ...], ttl: int | None,
+                 cnames: tuple[bytes, ...] = ()):
         self.flags, self.an, self.ns, self.ar = flags, an, ns, ar
-        self.body, self.ttls, self.ttl = body, ttls, ttl
+        self.body, self.ttls, self.ttl, self.cnames = body, ttls, ttl, cnames
 
     @property
     def rcode(self) -> int:
@@ -66,12 +75,16 @@ def scan_reply(data: bytes, qend: int, policy: TtlPolicy) -> Reply:
         data, ar = data[:opt[0]], ar - 1
     rcode = flags & 0xF
     negative = rcode == wire.NXDOMAIN or (rcode == wire.NOERROR and an == 0)
+    failure = rcode == wire.SERVFAIL
     soa = [rec for index, rec in enumerate(records) if an <= index < an + ns
            and rec[1] == wire.TYPE_SOA]
     if negative:
         limit = _negative_ttl(soa, policy)
         stored = [min(rec[2], limit if limit is not None else 0) for rec in records]
         lifetime = limit
+    elif failure:
+        stored = [min(rec[2], policy.servfail_ttl) for rec in records]
+        lifetime = policy.servfail_ttl or None
     else:
         stored = [min(max(rec[2], policy.min_ttl), policy.max_ttl) for rec in records]
         lifetime = min(stored, default=policy.min_ttl) if rcode == wire.NOERROR else None
@@ -79,7 +92,14 @@ def scan_reply(data: bytes, qend: int, policy: TtlPolicy) -> Reply:
     for (offset, _, _, _), ttl in zip(records, stored):
         _TTL.pack_into(body, offset - qend, ttl)
     ttls = tuple((offset - qend, ttl) for (offset, _, _, _), ttl in zip(records, stored))
-    return Reply(flags, an, ns, ar, bytes(body), ttls, lifetime)
+    cnames = tuple(wire.read_name(data, offset + 6)[0] for offset, rtype, _, _ in records[:an]
+                   if rtype == TYPE_CNAME)  # rdata starts after the TTL and RDLENGTH
+    return Reply(flags, an, ns, ar, bytes(body), ttls, lifetime, cnames)
+
+
+def failure(policy: TtlPolicy) -> Reply:
+    """The SERVFAIL kept when no upstream answered at all (RFC 9520 failure caching)."""
+    return Reply(wire.SERVFAIL, 0, 0, 0, b"", (), policy.servfail_ttl or None)
 
 
 def _walk_records(data: bytes, pos: int, count: int, additional: int
@@ -146,3 +166,20 @@ def render(q: Query, reply: Reply, elapsed: int) -> bytes:
             _TTL.pack_into(out, base + offset, ttl - elapsed if ttl > elapsed else 0)
         out = bytes(out)
     return wire.fit_udp(q, out)
+
+
+def render_stale(q: Query, reply: Reply, ttl: int) -> bytes:
+    """Reply to q with an expired `reply` (RFC 8767 serve-stale): every TTL set to `ttl`, and
+    for a client that sent EDNS, an Extended DNS Error 'Stale Answer' (RFC 8914) saying so."""
+    flags = wire.QR | wire.RA | (q.flags & (wire.OPCODE | wire.RD | wire.CD)) | reply.rcode
+    if reply.flags & wire.AD and (q.do or q.flags & wire.AD):
+        flags |= wire.AD
+    head = struct.pack("!2sHHHHH", q.data[:2], flags, 1, reply.an, reply.ns,
+                       reply.ar + q.edns)
+    out = bytearray(head + q.question + reply.body)
+    base = len(head) + len(q.question)
+    for offset, _ in reply.ttls:
+        _TTL.pack_into(out, base + offset, ttl)
+    if q.edns:
+        out += wire.opt_record(q.do, wire.ede_option(EDE_STALE, ""))
+    return wire.fit_udp(q, bytes(out))

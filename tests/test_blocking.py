@@ -10,12 +10,14 @@ from dnslib import AAAA, CLASS, EDNS0, QTYPE, RR, SOA, A, DNSRecord, EDNSOption
 from prometheus_client import CollectorRegistry
 
 from resolver import wire
-from resolver.blocking import Blocker, ListAnswers
-from resolver.config import BlockingConfig
+from resolver.blocking import Blocker, CnameBlocker, ListAnswers
+from resolver.cache import Cache
+from resolver.config import BlockingConfig, CacheConfig
 from resolver.metrics import Metrics
 from resolver.names import to_wire
+from resolver.reply import TtlPolicy, scan_reply
 from resolver.rules import Rule, RuleList, RuleSet
-from tests.dnsmsg import parse, query_packet, summary
+from tests.dnsmsg import parse, query_packet, response, summary
 
 CONFIG = BlockingConfig(rules=())
 NO_EDE = BlockingConfig(rules=(), ede=False, ttl=120)
@@ -211,3 +213,77 @@ def test_list_answers_build_is_independent_of_earlier_queries() -> None:
     again = answers.build(parse(query_packet("a.example.org", qid=1)), 2)
     assert first == again
     assert summary(second).authority[0][0] == "example.org."
+
+
+# -- CNAME chains (CNAME cloaking) -----------------------------------------------------------
+
+CLOAKED = "www.cloaked.test"  # allowed itself; its answer's chain leads into ads.example.org
+CHAIN = (to_wire("cdn.example.net"), to_wire("x.ads.example.org"), to_wire("y.ads.example.org"))
+
+
+@pytest.mark.parametrize(("lst", "config", "qtype", "qclass", "rcode", "addresses"), ANSWERS)
+@pytest.mark.parametrize("kind", QUERY_KINDS)
+def test_chain_answer_equals_dnslib_answer_with_the_blocked_domain_as_soa_owner(
+        lst: RuleList, config: BlockingConfig, qtype: str, qclass: str, rcode: int,
+        addresses: tuple[str, ...] | None, kind: dict) -> None:
+    metrics = Metrics()
+    blocker = Blocker(RuleSet([lst], [(to_wire("ads.example.org"), Rule(lst, "ads"))]),
+                      config, metrics)
+    packet = query_packet(CLOAKED, qtype, qclass=qclass, qid=0x5A5A, **kind)
+    q = parse(packet)
+    assert blocker.answer(q) is None
+    cloak = blocker.check_chain(CHAIN)
+    assert cloak == (Rule(lst, "ads"), to_wire("ads.example.org"))
+    got = blocker.answer_chain(q, cloak)
+    want = expected_answer(packet, lst, config, "ads.example.org", rcode, addresses)
+    assert summary(got) == summary(want)
+    assert str(DNSRecord.parse(got)) == str(DNSRecord.parse(want))
+    assert metrics.blocked.counts == {(lst.name, "ads", lst.action): 1}
+
+
+@pytest.mark.parametrize(
+    ("chain", "found"),
+    [
+        ((), None),
+        ((to_wire("cdn.example.net"),), None),
+        ((to_wire("cdn.example.net"), to_wire("www.example.org")), "example.org"),
+        ((to_wire("a.bad.test"), to_wire("www.example.org")), "bad.test"),  # first block wins
+        ((to_wire("ok.example.org"),), None),  # allowed
+        ((to_wire("notexample.org"),), None),
+        ((b"\x00",), None),  # the root
+    ],
+)
+def test_check_chain(chain: tuple[bytes, ...], found: str | None) -> None:
+    cloak = Blocker(RULES, CONFIG, Metrics()).check_chain(chain)
+    assert (cloak[1] if cloak else None) == (to_wire(found) if found else None)
+
+
+def test_install_tells_listeners() -> None:
+    blocker = Blocker(RULES, CONFIG, Metrics())
+    calls = []
+    blocker.on_install(lambda: calls.append(blocker.rules))
+    other = RuleSet([REFUSED], [(to_wire("other.test"), Rule(REFUSED))])
+    blocker.install(other)
+    assert calls == [other]
+
+
+def test_cname_blocker_answers_cached_cloaked_names_until_they_expire() -> None:
+    metrics, now = Metrics(), [1000.0]
+    blocker = Blocker(RULES, CONFIG, metrics)
+    cache = Cache(CacheConfig(), metrics, lambda: now[0], blocker.check_chain)
+    blocker.on_install(cache.recheck)
+    stage = CnameBlocker(blocker, cache)
+    chain = (f"{CLOAKED}. 300 IN CNAME www.example.org.", "www.example.org. 300 IN A 192.0.2.1")
+    q = parse(query_packet(CLOAKED, edns=True))
+    data = response(CLOAKED, answer=chain)
+    cache.put(q.cache_key, scan_reply(data, wire.skip_name(data, 12) + 4, TtlPolicy()))
+    got = summary(stage.answer(q))
+    assert got.rcode == wire.NXDOMAIN and got.authority[0][:4] == ("example.org.", 300, "IN", "SOA")
+    assert metrics.blocked.counts == {("ads", "acme", "nxdomain"): 1}
+
+    blocker.install(RuleSet([REFUSED], [(to_wire("other.test"), Rule(REFUSED))]))
+    assert stage.answer(q) is None  # the new rules let the chain through
+    blocker.install(RULES)
+    now[0] += 300
+    assert stage.answer(q) is None  # expired
+

@@ -1,18 +1,27 @@
-"""Table tests for resolver/cache.py with an injected clock: ages, expiry, LRU bounds, and
-the cache lookup stage's answers and tallies."""
+"""Table tests for resolver/cache.py with an injected clock: ages, expiry, LRU bounds on
+entries and bytes, prefetch, serve-stale, failure caching, CNAME verdicts, and the lookup
+stages' answers and tallies."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import pytest
 from prometheus_client import CollectorRegistry
 
 from resolver import wire
-from resolver.cache import Cache, CacheLookup
+from resolver.cache import ENTRY_OVERHEAD, Cache, CacheLookup, StaleLookup
+from resolver.config import CacheConfig
 from resolver.metrics import Metrics
-from resolver.reply import Reply, TtlPolicy, scan_reply
+from resolver.query import Query
+from resolver.reply import Reply, TtlPolicy, failure, scan_reply
+from resolver.rules import Rule, RuleList
 from tests.dnsmsg import query, response, summary
 
 START = 1000.0
+CONFIG = CacheConfig(max_entries=10)
+SOA = "example.org. 60 IN SOA ns.example.org. h.example.org. 1 2 3 4 60"
+CLOAK = (Rule(RuleList("tracking")), b"\x07example\x03org\x00")
 
 
 class FakeClock:
@@ -27,6 +36,9 @@ class FakeClock:
     def advance(self, seconds: float) -> None:
         self.now[0] += seconds
 
+    def at(self, elapsed: float) -> None:
+        self.now[0] = START + elapsed
+
 
 def reply_for(name: str = "www.example.org", ttl: int = 300, **kwargs) -> Reply:
     """A scanned upstream reply: one A record with `ttl`, or what kwargs describe."""
@@ -36,38 +48,80 @@ def reply_for(name: str = "www.example.org", ttl: int = 300, **kwargs) -> Reply:
     return scan_reply(data, wire.skip_name(data, 12) + 4, TtlPolicy())
 
 
-def make_cache(max_entries: int = 10) -> tuple[Cache, FakeClock, Metrics]:
-    clock, metrics = FakeClock(), Metrics()
-    return Cache(max_entries, metrics, clock), clock, metrics
+class Harness:
+    """A cache, its clock and tallies, the lookup stages, and the prefetches they asked for."""
+
+    def __init__(self, config: CacheConfig = CONFIG, inspect=lambda targets: None,
+                 registry: CollectorRegistry | None = None):
+        self.clock, self.metrics = FakeClock(), Metrics(registry)
+        self.cache = Cache(config, self.metrics, self.clock, inspect)
+        self.prefetched: list[Query] = []
+        self.lookup = CacheLookup(self.cache, config, self.metrics, self.prefetched.append)
+        self.stale = StaleLookup(self.cache, config, self.metrics)
+
+    def put(self, name: str, reply: Reply | None = None, **client) -> Query:
+        q = query(name, **client)
+        self.cache.put(q.cache_key, reply or reply_for(name))
+        return q
+
+    def ask(self, name: str, **client) -> bytes | None:
+        return self.lookup.answer(query(name, **client))
+
+    @property
+    def counts(self) -> dict:
+        return self.metrics.cache.counts
+
+
+def answer_ttl(answer: bytes) -> int:
+    return summary(answer).ttls()[0]
 
 
 @pytest.mark.parametrize(
-    ("elapsed", "age"),
+    ("elapsed", "ttl"),
     [
-        (0, 0),
-        (0.4, 0),
-        (0.999, 0),
-        (1, 1),
-        (1.5, 1),
+        (0, 300),
+        (0.4, 300),
+        (0.999, 300),
+        (1, 299),
+        (1.5, 299),
         (150, 150),
-        (299.999, 299),
+        (299.999, 1),
         (300, None),  # a reply lives exactly its TTL
         (300.5, None),
         (10**6, None),
     ],
 )
-def test_get_returns_whole_second_age_until_expiry(elapsed: float, age: int | None) -> None:
-    cache, clock, metrics = make_cache()
-    reply = reply_for(ttl=300)
-    cache.put("k", reply)
-    clock.advance(elapsed)
-    got = cache.get("k")
-    if age is None:
-        assert got is None and len(cache) == 0
-        assert metrics.cache.counts == {("stored",): 1, ("expired",): 1}
+def test_hit_counts_ttl_down_in_whole_seconds_until_expiry(elapsed: float, ttl: int | None) -> None:
+    h = Harness(replace(CONFIG, prefetch=False))
+    h.put("www.example.org")
+    h.clock.advance(elapsed)
+    answer = h.ask("www.example.org")
+    if ttl is None:
+        assert answer is None
+        assert h.counts == {("stored",): 1, ("expired",): 1, ("miss",): 1}
     else:
-        assert got == (reply, age) and type(got[1]) is int and len(cache) == 1
-        assert metrics.cache.counts == {("stored",): 1}
+        assert answer_ttl(answer) == ttl
+        assert h.counts == {("stored",): 1, ("hit",): 1}
+
+
+@pytest.mark.parametrize(
+    ("serve_stale", "stale_window", "elapsed", "kept"),
+    [
+        (True, 100, 300, True),  # just expired: kept for serve-stale
+        (True, 100, 399, True),
+        (True, 100, 400, False),  # past the stale window: dropped
+        (False, 100, 300, False),
+        (True, 0, 300, False),
+    ],
+)
+def test_expired_entries_are_kept_only_for_the_stale_window(serve_stale: bool, stale_window: int,
+                                                            elapsed: float, kept: bool) -> None:
+    h = Harness(replace(CONFIG, serve_stale=serve_stale, stale_window=stale_window))
+    q = h.put("www.example.org")
+    h.clock.advance(elapsed)
+    assert h.ask("www.example.org") is None  # never a hit once expired
+    assert len(h.cache) == int(kept)
+    assert (h.cache.stale(q.cache_key) is not None) == kept
 
 
 @pytest.mark.parametrize(
@@ -75,56 +129,97 @@ def test_get_returns_whole_second_age_until_expiry(elapsed: float, age: int | No
     [
         (["put a", "put b"], ["a", "b"], 0),
         (["put a", "put b", "put c"], ["b", "c"], 1),
-        (["put a", "put b", "get a", "put c"], ["a", "c"], 1),  # a get counts as a use
+        (["put a", "put b", "get a", "put c"], ["a", "c"], 1),  # a hit counts as a use
         (["put a", "put b", "get b", "put c"], ["b", "c"], 1),
         (["put a", "put b", "put a", "put c"], ["a", "c"], 1),  # so does storing again
         (["put a", "put b", "get x", "put c", "put d"], ["c", "d"], 2),
         (["put a", "put a", "put a"], ["a"], 0),
     ],
 )
-def test_lru_eviction(ops: list[str], kept: list[str], evicted: int) -> None:
-    cache, _, metrics = make_cache(max_entries=2)
-    replies = {key: reply_for(f"{key}.example.org") for key in "abcdx"}
+def test_lru_eviction_by_entries(ops: list[str], kept: list[str], evicted: int) -> None:
+    h = Harness(replace(CONFIG, max_entries=2))
     for op in ops:
         verb, key = op.split()
         if verb == "put":
-            cache.put(key, replies[key])
+            h.put(f"{key}.example.org")
         else:
-            cache.get(key)
-    assert len(cache) == len(kept)
+            h.ask(f"{key}.example.org")
+    assert len(h.cache) == len(kept)
     for key in "abcd":
-        assert (cache.get(key) is not None) == (key in kept)
-    assert metrics.cache.counts.get(("evicted",), 0) == evicted
+        assert (h.ask(f"{key}.example.org") is not None) == (key in kept)
+    assert h.counts.get(("evicted",), 0) == evicted
+
+
+def big_reply(name: str, records: int) -> Reply:
+    """An answer of `records` TXT records of 100 bytes of text each."""
+    text = "x" * 100
+    return reply_for(name, answer=tuple(f'{name}. 300 IN TXT "{text}"' for _ in range(records)))
+
+
+def size(records: int) -> int:
+    """What an answer of big_reply(records) counts against max_bytes."""
+    return len(big_reply("a.example.org", records).body) + ENTRY_OVERHEAD
 
 
 @pytest.mark.parametrize(
-    ("max_entries", "kwargs", "stored"),
+    ("records", "budget", "kept"),
     [
-        (10, {"answer": ("www.example.org. 300 IN A 192.0.2.1",)}, True),
-        (0, {"answer": ("www.example.org. 300 IN A 192.0.2.1",)}, False),  # cache disabled
-        (10, {"answer": ("www.example.org. 0 IN A 192.0.2.1",)}, False),  # ttl 0
-        (10, {"rcode": wire.SERVFAIL}, False),  # ttl None
-        (10, {"authority": ("example.org. 3600 IN NS ns.example.org.",)}, False),  # NODATA, no SOA
-        (10, {"rcode": wire.NXDOMAIN, "authority": (
-            "example.org. 60 IN SOA ns.example.org. h.example.org. 1 2 3 4 60",)}, True),
+        ([10, 10, 10], 3 * size(10), "abc"),
+        ([10, 10, 10], 3 * size(10) - 1, "bc"),  # the least recently used goes first
+        ([10, 10, 30], size(10) + size(30) - 1, "c"),  # a big answer pushes out what it needs
+        ([30, 10, 10], size(30) + size(10), "bc"),
+        ([10, 100], size(100) - 1, "a"),  # larger than the whole budget: not stored at all
     ],
 )
-def test_put_stores_only_cacheable_replies(max_entries: int, kwargs: dict, stored: bool) -> None:
-    cache, _, metrics = make_cache(max_entries)
-    cache.put("k", reply_for(**kwargs))
-    assert len(cache) == int(stored)
-    assert (cache.get("k") is not None) == stored
-    assert metrics.cache.counts == ({("stored",): 1} if stored else {})
+def test_lru_eviction_by_bytes(records: list[int], budget: int, kept: str) -> None:
+    h = Harness(replace(CONFIG, max_bytes=budget))
+    for key, count in zip("abc", records):
+        h.put(f"{key}.example.org", big_reply(f"{key}.example.org", count))
+    assert "".join(key for key in "abc" if h.ask(f"{key}.example.org") is not None) == kept
+    assert h.cache.bytes == sum(entry.size for entry in h.cache.entries.values()) <= budget
+
+
+def test_storing_again_replaces_the_bytes_it_counted() -> None:
+    h = Harness()
+    h.put("a.example.org", big_reply("a.example.org", 20))
+    h.put("a.example.org", big_reply("a.example.org", 1))
+    assert h.cache.bytes == len(big_reply("a.example.org", 1).body) + ENTRY_OVERHEAD
+
+
+@pytest.mark.parametrize(
+    ("config", "kwargs", "lifetime"),
+    [
+        (CONFIG, {"answer": ("www.example.org. 300 IN A 192.0.2.1",)}, 300),
+        (replace(CONFIG, max_entries=0), {"answer": ("www.example.org. 300 IN A 192.0.2.1",)},
+         None),  # cache disabled
+        (CONFIG, {"answer": ("www.example.org. 0 IN A 192.0.2.1",)}, None),  # ttl 0
+        (CONFIG, {"rcode": wire.SERVFAIL}, 5),  # servfail_ttl
+        (CONFIG, {"rcode": wire.REFUSED}, None),
+        (CONFIG, {"authority": ("example.org. 3600 IN NS ns.example.org.",)}, None),  # NODATA, no SOA
+        (CONFIG, {"rcode": wire.NXDOMAIN, "authority": (SOA,)}, 60),
+        (CONFIG, {"authority": (SOA,)}, 60),  # NODATA
+    ],
+)
+def test_put_stores_only_cacheable_replies(config: CacheConfig, kwargs: dict,
+                                           lifetime: int | None) -> None:
+    h = Harness(config)
+    h.put("www.example.org", reply_for(**kwargs))
+    assert len(h.cache) == int(lifetime is not None)
+    assert h.counts == ({("stored",): 1} if lifetime else {})
+    if lifetime:
+        h.clock.advance(lifetime - 1)
+        assert h.ask("www.example.org") is not None
+        h.clock.advance(1)
+        assert h.ask("www.example.org") is None
 
 
 def test_storing_again_restarts_the_age() -> None:
-    cache, clock, _ = make_cache()
-    cache.put("k", reply_for(ttl=100))
-    clock.advance(90)
-    fresh = reply_for(ttl=100)
-    cache.put("k", fresh)
-    clock.advance(50)
-    assert cache.get("k") == (fresh, 50)
+    h = Harness()
+    h.put("www.example.org", reply_for(ttl=100))
+    h.clock.advance(90)
+    h.put("www.example.org", reply_for(ttl=100))
+    h.clock.advance(50)
+    assert answer_ttl(h.ask("www.example.org")) == 50
 
 
 @pytest.mark.parametrize(
@@ -140,16 +235,13 @@ def test_storing_again_restarts_the_age() -> None:
     ],
 )
 def test_lookup_serves_other_clients_of_the_same_question(client: dict, hit: bool) -> None:
-    clock, metrics = FakeClock(), Metrics()
-    cache = Cache(10, metrics, clock)
-    lookup = CacheLookup(cache, metrics)
-    first = query("www.example.org")
-    cache.put(first.cache_key, reply_for(ttl=300))
-    clock.advance(42.7)
+    h = Harness()
+    h.put("www.example.org")
+    h.clock.advance(42.7)
     q = query("WWW.Example.org", **client)
-    answer = lookup.answer(q)
+    answer = h.lookup.answer(q)
     assert (answer is not None) == hit
-    assert metrics.cache.counts == {("stored",): 1, ("hit" if hit else "miss",): 1}
+    assert h.counts == {("stored",): 1, ("hit" if hit else "miss",): 1}
     if hit:
         got = summary(answer)
         assert got.id == client.get("qid", 0x1234)
@@ -159,31 +251,189 @@ def test_lookup_serves_other_clients_of_the_same_question(client: dict, hit: boo
 
 
 def test_lookup_tallies_through_a_lifetime() -> None:
-    clock, metrics = FakeClock(), Metrics()
-    cache = Cache(1, metrics, clock)
-    lookup = CacheLookup(cache, metrics)
-    a, b = query("a.example.org"), query("b.example.org")
-    assert lookup.answer(a) is None  # miss
-    cache.put(a.cache_key, reply_for("a.example.org", ttl=60))  # stored
-    assert lookup.answer(a) is not None  # hit
-    clock.advance(59)
-    assert summary(lookup.answer(a)).answer[0][1] == 1  # hit, one second left
-    clock.advance(1)
-    assert lookup.answer(a) is None  # expired and miss
-    cache.put(a.cache_key, reply_for("a.example.org", ttl=60))  # stored
-    cache.put(b.cache_key, reply_for("b.example.org", ttl=60))  # stored, a evicted
-    assert lookup.answer(a) is None  # miss
-    assert lookup.answer(b) is not None  # hit
-    assert metrics.cache.counts == {("miss",): 3, ("stored",): 3, ("hit",): 3,
-                                    ("expired",): 1, ("evicted",): 1}
+    h = Harness(replace(CONFIG, max_entries=1, prefetch=False))
+    assert h.ask("a.example.org") is None  # miss
+    h.put("a.example.org", reply_for("a.example.org", ttl=60))  # stored
+    assert h.ask("a.example.org") is not None  # hit
+    h.clock.advance(59)
+    assert answer_ttl(h.ask("a.example.org")) == 1  # hit, one second left
+    h.clock.advance(1)
+    assert h.ask("a.example.org") is None  # expired and miss (kept for serve-stale)
+    h.put("a.example.org", reply_for("a.example.org", ttl=60))  # stored
+    h.put("b.example.org", reply_for("b.example.org", ttl=60))  # stored, a evicted
+    assert h.ask("a.example.org") is None  # miss
+    assert h.ask("b.example.org") is not None  # hit
+    assert h.counts == {("miss",): 3, ("stored",): 3, ("hit",): 3,
+                        ("expired",): 1, ("evicted",): 1}
 
 
-def test_cache_entries_gauge() -> None:
+def test_cache_gauges() -> None:
     registry = CollectorRegistry()
-    metrics = Metrics(registry)
-    cache = Cache(2, metrics, FakeClock())
+    h = Harness(replace(CONFIG, max_entries=2), registry=registry)
     assert registry.get_sample_value("resolver_cache_entries") == 0
+    assert registry.get_sample_value("resolver_cache_bytes") == 0
     for key in "abc":
-        cache.put(key, reply_for())
+        h.put(f"{key}.example.org")
     assert registry.get_sample_value("resolver_cache_entries") == 2
+    assert registry.get_sample_value("resolver_cache_bytes") == h.cache.bytes > 2 * ENTRY_OVERHEAD
     assert registry.get_sample_value("resolver_cache_total", {"result": "evicted"}) == 1
+
+
+# -- prefetch ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    ("config", "hits", "prefetch_at"),
+    [
+        # TTL 100, default window 10%: hits from second 90 on may prefetch, from the 3rd hit on
+        (CONFIG, [0, 10, 90], 90),
+        (CONFIG, [0, 10, 89.9, 95], 95),
+        (CONFIG, [0, 89.9], None),  # window not reached
+        (CONFIG, [91, 92, 93, 94], 93),  # third hit, and only once
+        (CONFIG, [0, 95], None),  # too few hits: not popular
+        (replace(CONFIG, prefetch_min_hits=1), [95], 95),
+        (replace(CONFIG, prefetch_window=0.5), [0, 10, 50], 50),
+        (replace(CONFIG, prefetch=False), [0, 10, 95, 99], None),
+        (CONFIG, [0, 10, 99.9, 100], 99.9),  # the last hit is past expiry: a miss
+    ],
+)
+def test_prefetch_once_for_a_popular_answer_close_to_expiry(config: CacheConfig, hits: list[float],
+                                                            prefetch_at: float | None) -> None:
+    h = Harness(config)
+    h.put("www.example.org", reply_for(ttl=100))
+    for elapsed in hits:
+        h.clock.at(elapsed)
+        answer = h.ask("www.example.org")
+        assert (answer is not None) == (elapsed < 100), "prefetch never delays the hit"
+        if elapsed == prefetch_at:
+            assert [q.question for q in h.prefetched] == [query("www.example.org").question]
+            h.prefetched.clear()
+    assert h.prefetched == []
+
+
+def test_a_refreshed_answer_can_be_prefetched_again() -> None:
+    h = Harness(replace(CONFIG, prefetch_min_hits=1))
+    h.put("www.example.org", reply_for(ttl=100))
+    h.clock.at(95)
+    h.ask("www.example.org")
+    h.put("www.example.org", reply_for(ttl=100))  # what the prefetch brings back
+    h.clock.at(95 + 95)
+    h.ask("www.example.org")
+    assert len(h.prefetched) == 2
+
+
+def test_failures_are_not_prefetched() -> None:
+    h = Harness(replace(CONFIG, prefetch_min_hits=1, servfail_ttl=10))
+    h.put("www.example.org", failure(TtlPolicy(servfail_ttl=10)))
+    h.clock.at(9.5)
+    assert summary(h.ask("www.example.org")).rcode == wire.SERVFAIL
+    assert h.prefetched == []
+
+
+# -- failures and serve-stale ----------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    ("stored", "elapsed", "servfail_ttl", "after"),
+    [
+        (None, 0, 5, "failure"),  # nothing cached: the failure is, for servfail_ttl
+        (None, 0, 0, "nothing"),
+        ("answer", 50, 5, "answer"),  # still fresh (a failed prefetch): left alone
+        ("answer", 300, 5, "stale"),  # expired: served stale from the cache for a while
+        ("answer", 300, 0, "answer"),  # ... unless servfail_ttl is 0
+        ("answer", 300 + 86400, 5, "failure"),  # past the stale window
+        ("failure", 10, 5, "failure"),  # an expired failure is replaced by the new one
+    ],
+)
+def test_failed_keeps_answers_and_caches_failures(stored: str | None, elapsed: float,
+                                                 servfail_ttl: int, after: str) -> None:
+    h = Harness(replace(CONFIG, servfail_ttl=servfail_ttl))
+    policy = TtlPolicy(servfail_ttl=servfail_ttl)
+    q = query("www.example.org")
+    if stored == "answer":
+        h.put("www.example.org")
+    elif stored == "failure":
+        h.put("www.example.org", failure(TtlPolicy(servfail_ttl=5)))
+    h.clock.at(elapsed)
+    h.cache.failed(q.cache_key, failure(policy))
+    entry = h.cache.entries.get(q.cache_key)
+    if after == "nothing":
+        assert entry is None
+    elif after == "failure":
+        assert entry.reply.rcode == wire.SERVFAIL and entry.expires == START + elapsed + 5
+        assert summary(h.ask("www.example.org")).rcode == wire.SERVFAIL
+    else:
+        assert entry.reply.rcode == wire.NOERROR
+        assert (h.stale.answer(q) is not None) == (after == "stale")
+
+
+@pytest.mark.parametrize(
+    ("client", "edns"),
+    [({}, None), ({"edns": True}, (0, 1232, False, ((15, b"\x00\x03"),))),
+     ({"edns": True, "do": True}, (0, 1232, True, ((15, b"\x00\x03"),)))],
+)
+def test_stale_lookup_answers_while_the_refresh_keeps_failing(client: dict, edns) -> None:
+    h = Harness(replace(CONFIG, stale_ttl=30, servfail_ttl=5))
+    cname = ("www.example.org. 3600 IN CNAME edge.example.net.",
+             "edge.example.net. 300 IN A 192.0.2.7")
+    q = h.put("www.example.org", reply_for(answer=cname), **client)
+    h.clock.at(400)
+    assert h.stale.answer(q) is None  # expired, but no failure yet: ask upstream first
+    h.cache.failed(q.cache_key, failure(TtlPolicy()))
+    h.clock.at(404.9)
+    got = summary(h.stale.answer(q))
+    assert got.rcode == wire.NOERROR and got.id == 0x1234
+    assert got.answer == (("edge.example.net.", 30, "IN", "A", "192.0.2.7"),
+                          ("www.example.org.", 30, "IN", "CNAME", "edge.example.net."))
+    assert got.edns == edns  # Extended DNS Error 3, Stale Answer (RFC 8914)
+    h.clock.at(405)  # the failure recheck is over: upstream gets asked again
+    assert h.stale.answer(q) is None
+    assert h.counts[("stale",)] == 1
+
+
+@pytest.mark.parametrize(
+    ("kind", "servable"),
+    [("answer", True), ("negative", True), ("failure", False), ("cloaked", False)],
+)
+def test_what_may_be_served_stale(kind: str, servable: bool) -> None:
+    h = Harness(inspect=lambda targets: CLOAK)
+    reply = {
+        "answer": reply_for(),
+        "negative": reply_for(rcode=wire.NXDOMAIN, authority=(SOA,)),
+        "failure": failure(TtlPolicy()),
+        "cloaked": reply_for(answer=("www.example.org. 300 IN CNAME t.example.org.",)),
+    }[kind]
+    q = h.put("www.example.org", reply)
+    h.clock.at(reply.ttl)
+    assert (h.cache.stale(q.cache_key) is not None) == servable
+
+
+# -- CNAME verdicts -----------------------------------------------------------------------------
+
+CHAIN = ("www.example.test. 300 IN CNAME cdn.example.net.",
+         "cdn.example.net. 300 IN CNAME t.tracker.example.",
+         "t.tracker.example. 300 IN A 192.0.2.9")
+
+
+def test_cname_verdict_is_kept_and_rechecked_when_the_rules_change() -> None:
+    blocked: set[bytes] = set()
+    seen: list[tuple[bytes, ...]] = []
+
+    def inspect(targets: tuple[bytes, ...]):
+        seen.append(targets)
+        return CLOAK if blocked & set(targets) else None
+
+    h = Harness(inspect=inspect)
+    h.put("www.example.test", reply_for("www.example.test", answer=CHAIN))
+    h.put("plain.example.test")
+    assert seen == [(b"\x03cdn\x07example\x03net\x00", b"\x01t\x07tracker\x07example\x00")]
+    assert h.ask("www.example.test") is not None  # allowed chain: a plain hit
+
+    blocked.add(b"\x01t\x07tracker\x07example\x00")  # a reload blocks the target
+    h.cache.recheck()
+    assert len(seen) == 2, "only entries with a CNAME chain are checked again"
+    assert h.ask("www.example.test") is None  # left to blocking.CnameBlocker
+    assert h.cache.fresh(query("www.example.test").cache_key).cloak == CLOAK
+    assert h.ask("plain.example.test") is not None
+
+    blocked.clear()
+    h.cache.recheck()
+    assert h.ask("www.example.test") is not None

@@ -3,6 +3,7 @@ rendered for other clients, read back by dnspython."""
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 
 import pytest
@@ -12,7 +13,7 @@ from hypothesis import strategies as st
 
 from resolver import wire
 from resolver.query import Query
-from resolver.reply import Reply, TtlPolicy, render, scan_reply
+from resolver.reply import Reply, TtlPolicy, failure, render, render_stale, scan_reply
 from tests.dnsmsg import query, response, summary
 
 POLICY = TtlPolicy()
@@ -137,8 +138,10 @@ def test_render_equals_upstream_reply(case: str, client: dict) -> None:
           "additional": ("ns.example.org. 3600 IN A 192.0.2.53",)}, POLICY, [300, 300], 300),
         ({"authority": NS}, POLICY, [0, 0], None),  # NODATA without SOA: not cached
         ({"rcode": wire.NXDOMAIN}, POLICY, [], None),
-        ({"rcode": wire.SERVFAIL}, POLICY, [], None),
-        ({"rcode": wire.SERVFAIL, "authority": (SOA_3600_300,)}, POLICY, [3600], None),
+        # RFC 9520: a failure is kept for servfail_ttl seconds (default 5), or not at all
+        ({"rcode": wire.SERVFAIL}, POLICY, [], 5),
+        ({"rcode": wire.SERVFAIL}, TtlPolicy(servfail_ttl=0), [], None),
+        ({"rcode": wire.SERVFAIL, "authority": (SOA_3600_300,)}, POLICY, [5], 5),
         ({"rcode": wire.REFUSED}, POLICY, [], None),
         ({"rcode": wire.NOTIMP, "opt": "last"}, POLICY, [], None),
     ],
@@ -315,3 +318,69 @@ def test_scan_reply_of_dnslib_edns_reply_after_question_only() -> None:
     record.add_ar(EDNS0(udp_len=4096))
     reply = scan(bytes(record.pack()))
     assert (reply.an, reply.ns, reply.ar, reply.body, reply.ttls) == (0, 0, 0, b"", ())
+
+
+@pytest.mark.parametrize(
+    ("case", "cnames"),
+    [
+        ("a", ()),
+        ("cname-chain", (b"\x03cdn\x07example\x03net\x00",
+                         b"\x04edge\x03cdn\x07example\x03net\x00")),
+        ("nxdomain", ()),
+        ("referral-like", ()),  # names in MX, NS and glue are not a chain
+        ("opt-first", ()),
+    ],
+)
+def test_scan_reply_reads_cname_targets(case: str, cnames: tuple[bytes, ...]) -> None:
+    name, qtype, kwargs = REPLIES[case]
+    assert scan(response(name, qtype, **kwargs)).cnames == cnames
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        ("WWW.example.org. 300 IN CNAME Tracker.Example.NET.",),
+        ("www.example.org. 300 IN CNAME tracker.example.net.",  # after OPT-first repacking
+         "tracker.example.net. 60 IN A 192.0.2.1"),
+    ],
+)
+@pytest.mark.parametrize("opt", [None, "last", "first"])
+def test_cname_targets_are_lowercase_and_uncompressed(answer: tuple[str, ...], opt) -> None:
+    data = response("www.example.org", answer=answer, opt=opt,
+                    additional=("ns.example.net. 60 IN A 192.0.2.53",))
+    assert scan(data).cnames == (b"\x07tracker\x07example\x03net\x00",)
+
+
+def test_failure_reply() -> None:
+    assert failure(TtlPolicy(servfail_ttl=0)).ttl is None
+    reply = failure(TtlPolicy(servfail_ttl=7))
+    assert (reply.rcode, reply.ttl, reply.an, reply.body) == (wire.SERVFAIL, 7, 0, b"")
+    got = summary(render(query("www.example.org", edns=True), reply, 3))
+    assert got.rcode == wire.SERVFAIL and got.answer == () and got.edns == (0, 1232, False, ())
+
+
+STALE_EDE = ((15, b"\x00\x03"),)  # RFC 8914 code 3, Stale Answer, no text
+
+
+@pytest.mark.parametrize("case", ["a", "cname-chain", "nxdomain", "referral-like", "ad"])
+@pytest.mark.parametrize("client", CLIENTS)
+def test_render_stale_sets_every_ttl_and_says_stale(case: str, client: dict) -> None:
+    name, qtype, kwargs = REPLIES[case]
+    data = response(name, qtype, **kwargs)
+    reply = scan(data)
+    before = reply.body
+    q = query(client_name(name), qtype, **client)
+    got = summary(render_stale(q, reply, 30))
+    fresh = summary(render(q, reply, 0))
+    edns = fresh.edns[:3] + (STALE_EDE,) if q.edns else None
+    assert got.without_ttls() == dataclasses.replace(fresh.without_ttls(), edns=edns)
+    assert set(got.ttls()) <= {30}
+    assert len(got.ttls()) == len(reply.ttls)
+    assert reply.body == before
+
+
+def test_render_stale_truncates_for_small_udp_buffers() -> None:
+    reply = scan(response("www.example.org", **BIG))
+    got = summary(render_stale(query("www.example.org"), reply, 30))
+    assert "TC" in got.flags and got.answer == ()
+

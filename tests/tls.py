@@ -159,7 +159,11 @@ def run_unbound_dot(workdir: Path, tls: TlsFiles, forward_to: NsdServer, *,
         finally:
             if process.poll() is None:
                 process.terminate()
-                process.wait(timeout=10)
+                try:
+                    process.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait(timeout=10)
         output = "".join(path.read_text(errors="replace") for path in (stderr, log)
                          if path.exists())
         if "in use" not in output:

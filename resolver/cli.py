@@ -18,6 +18,7 @@ from .config import Config, Overrides, load_config
 from .errors import ConfigError
 from .rules import RuleSet, load_rules
 from .supervisor import Supervisor, default_workers
+from .upstream import address_label
 
 log = logging.getLogger("resolver")
 
@@ -39,7 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("-c", "--config", metavar="FILE", help="YAML config file")
     serve.add_argument("--listen", action="append", default=[], metavar="HOST:PORT",
                        help="address to serve UDP and TCP on (repeatable)")
-    serve.add_argument("--upstream", action="append", default=[], metavar="HOST[:PORT]",
+    serve.add_argument("--upstream", action="append", default=[],
+                       metavar="HOST[:PORT]|tls://HOST[:PORT]#NAME",
                        help="upstream resolver to forward to (repeatable)")
     serve.add_argument("--rules", action="append", default=[], metavar="PATH",
                        help="rule file or directory (repeatable)")
@@ -87,7 +89,8 @@ def _banner(config: Config, rules: RuleSet, addresses: list[tuple[str, int]],
             workers: int) -> str:
     """The one startup line: where we listen, what we block, and a query to try."""
     where = ", ".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in addresses)
-    upstreams = ", ".join(f"{s.host}:{s.port}" for s in config.upstream.servers)
+    upstreams = ", ".join(f"tls://{address_label(s)}#{s.tls_name}" if s.protocol == "tls"
+                          else address_label(s) for s in config.upstream.servers)
     lists = len([lst for lst in rules.lists if lst.action != "allow"])
     processes = f", {workers} workers" if workers > 1 else ""
     line = (f"resolver: listening on {where} (UDP and TCP{processes}), blocking "

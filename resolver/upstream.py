@@ -87,7 +87,7 @@ class _UdpSocket(asyncio.DatagramProtocol):
                 return qid
 
 
-def _label(server: UpstreamServer) -> str:
+def address_label(server: UpstreamServer) -> str:
     """The `upstream` metric label: the address as written in config, [v6]:port."""
     host = f"[{server.host}]" if ":" in server.host else server.host
     return f"{host}:{server.port}"
@@ -99,7 +99,7 @@ class Upstream:
     def __init__(self, server: UpstreamServer, config: UpstreamConfig, metrics: Metrics,
                  connections: Tally):
         self.server = server
-        self.name = _label(server)
+        self.name = address_label(server)
         self.timeout = server.timeout or config.timeout
         self.health = Health(Backoff(config.unhealthy_after, config.backoff, config.max_backoff),
                              self.timeout)

@@ -48,7 +48,7 @@ def build_pipeline(config: Config, rules: RuleSet, metrics: Metrics, upstreams: 
        answered as blocked; after the cache, since only such entries get this far;
     4. stale: while upstreams keep failing for an expired answer, it is served stale at once;
        last, since it only matters when nothing fresher exists;
-    5. forwarding (not a synchronous stage): the only step that creates a task; coalesces,
+    5. forwarding (not a synchronous stage): answers later, from callbacks; coalesces,
        checks CNAME chains, and falls back on stale answers when upstreams fail.
     """
     blocker = Blocker(rules, config.blocking, metrics)
@@ -127,7 +127,7 @@ async def running_server(config: Config, rules: RuleSet, clock: Clock | None = N
             close()
         for connection in list(limits.open):
             connection.transport.close()
-        await pipeline.drain()
+        pipeline.drain()
         upstreams.close()
         if http is not None:
             http.shutdown()

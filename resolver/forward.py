@@ -1,34 +1,48 @@
 """The last stage: ask upstream, once per distinct question in flight, cache the reply, and
 answer each waiting client: from the reply, blocked (CNAME cloaking), or stale (RFC 8767).
 
-Each distinct question in flight is one fetch task, kept in `_inflight` by cache key; every
-client with that question awaits the same task, so an expiring popular name costs the
-upstream one query, not a stampede. Clients await through asyncio.shield, so a client that
-gives up (a stale answer sent after stale_client_timeout, a shutdown) never cancels the fetch
-the others, and the cache, are waiting for. A prefetch is such a fetch with nobody waiting.
+Each distinct question in flight is one Flight, kept in `_inflight` by cache key, with the
+clients waiting for it; an expiring popular name costs the upstream one query, not a
+stampede. Nothing here is a task: the upstream Exchange calls `_landed` when it ends, and a
+timer serves stale answers to clients that should not wait longer (RFC 8767's client
+response timer). A prefetch is a flight with nobody waiting.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-import logging
 import struct
+from collections.abc import Callable
 
 from . import wire
 from .blocking import Blocker
-from .cache import Cache
+from .cache import Cache, Entry
 from .config import CacheConfig
 from .metrics import Metrics
 from .query import Outcome, Query
 from .reply import Reply, TtlPolicy, failure, render, render_stale, scan_reply
-from .upstream import UpstreamError, UpstreamPool
+from .upstream import Exchange, UpstreamError, UpstreamPool
 
-log = logging.getLogger(__name__)
+Respond = Callable[..., None]  # Pipeline.respond(q, sink, build, *args)
+
+
+class Flight:
+    """One question on its way upstream, and who waits for it."""
+
+    __slots__ = ("key", "waiters", "stale", "stale_due", "timer", "exchange")
+
+    def __init__(self, key: tuple, stale: Entry | None):
+        self.key = key
+        self.waiters: list[tuple[Query, object]] = []
+        self.stale = stale  # the expired answer to fall back on, if any
+        self.stale_due = False  # the client response timer fired: serve stale at once
+        self.timer: asyncio.TimerHandle | None = None
+        self.exchange: Exchange | None = None
 
 
 class Forwarder:
-    """Resolves a query through the upstream pool, coalescing identical questions."""
+    """Resolves queries through the upstream pool, coalescing identical questions."""
 
     def __init__(self, upstreams: UpstreamPool, cache: Cache, policy: TtlPolicy,
                  blocker: Blocker, config: CacheConfig, metrics: Metrics, max_inflight: int):
@@ -40,79 +54,109 @@ class Forwarder:
         self._stale_timeout = config.stale_client_timeout
         self._tally = metrics.cache
         self._max_inflight = max_inflight
-        self._inflight: dict[tuple, asyncio.Task] = {}
+        self._inflight: dict[tuple, Flight] = {}
+        self.waiting = 0  # clients waiting on a flight
+        self.respond: Respond = _unwired
 
-    async def resolve(self, q: Query) -> tuple[bytes, Outcome]:
-        """The answer for q and how it was made; raises UpstreamError when no upstream gave one
-        and there is no stale answer to fall back on."""
-        key = q.cache_key
-        fetch = self._inflight.get(key)
-        if fetch is None:
-            fetch = self._start(q)
-        stale = self._cache.stale(key)
-        try:
-            if stale is None:
-                reply = await asyncio.shield(fetch)
-            else:  # RFC 8767 client response timer: do not keep the client past it
-                reply = await asyncio.wait_for(asyncio.shield(fetch), self._stale_timeout)
-        except (UpstreamError, TimeoutError):
-            if stale is None:
-                raise
-            return self._stale(q, stale.reply), Outcome.STALE
-        if stale is not None and reply.rcode == wire.SERVFAIL:
-            return self._stale(q, stale.reply), Outcome.STALE
-        if reply.cnames:
-            cloak = self._blocker.check_chain(reply.cnames)
-            if cloak is not None:
-                return self._blocker.answer_chain(q, cloak), Outcome.BLOCKED
-        return render(q, reply, 0), Outcome.FORWARDED
+    def submit(self, q: Query, sink) -> None:
+        """Answer q later, through respond(), once its question has been asked upstream."""
+        flight = self._inflight.get(q.cache_key)
+        if flight is not None and flight.stale_due:
+            self.respond(q, sink, self._stale, flight.stale.reply)
+            return
+        fresh = flight is None
+        if fresh:
+            flight = self._open(q)
+        flight.waiters.append((q, sink))
+        self.waiting += 1
+        if fresh:  # started only now: an exchange may end at once, and must find the waiter
+            flight.exchange.start()
 
     def prefetch(self, q: Query) -> None:
         """Refresh q's cached answer in the background (a popular answer about to expire),
         unless a fetch for it is already in flight or too many are."""
         if q.cache_key in self._inflight or len(self._inflight) >= self._max_inflight:
             return
-        self._start(q)
+        self._open(q).exchange.start()
         self._tally.inc(("prefetch",))
 
-    async def drain(self) -> None:
-        """Cancel the fetches still in flight (at shutdown)."""
-        fetches = list(self._inflight.values())
-        for fetch in fetches:
-            fetch.cancel()
-        await asyncio.gather(*fetches, return_exceptions=True)
+    def drain(self) -> None:
+        """Abandon the flights still in the air (at shutdown)."""
+        for flight in self._inflight.values():
+            flight.exchange.cancel()
+            if flight.timer is not None:
+                flight.timer.cancel()
+        self._inflight.clear()
+        self.waiting = 0
 
-    def _start(self, q: Query) -> asyncio.Task:
+    def _open(self, q: Query) -> Flight:
+        """Register a flight for q's question, its exchange ready to start."""
         key = q.cache_key
-        fetch = asyncio.get_running_loop().create_task(self._fetch(q))
-        self._inflight[key] = fetch
-        fetch.add_done_callback(functools.partial(self._finished, key))
-        return fetch
+        flight = Flight(key, self._cache.stale(key))
+        self._inflight[key] = flight
+        if flight.stale is not None:
+            flight.timer = asyncio.get_running_loop().call_later(
+                self._stale_timeout, self._stale_due, flight)
+        flight.exchange = self._upstreams.exchange(
+            q, functools.partial(self._landed, flight, 12 + len(q.question)))
+        return flight
 
-    def _finished(self, key: tuple, fetch: asyncio.Task) -> None:
-        if self._inflight.get(key) is fetch:
-            del self._inflight[key]
-        if not fetch.cancelled() and fetch.exception() is not None:  # retrieved: not logged
-            log.debug("upstream failed: %s", fetch.exception())
+    def _landed(self, flight: Flight, qend: int, data: bytes | None) -> None:
+        """The exchange ended: cache what came back (answer or failure), answer the waiters."""
+        if self._inflight.get(flight.key) is flight:
+            del self._inflight[flight.key]
+        if flight.timer is not None:
+            flight.timer.cancel()
+        reply = self._store(flight.key, data, qend)
+        waiters, flight.waiters = flight.waiters, []
+        self.waiting -= len(waiters)
+        for q, sink in waiters:
+            self.respond(q, sink, self._answer, reply, flight.stale)
 
-    async def _fetch(self, q: Query) -> Reply:
-        """Ask upstream, and cache what came back: the answer, or the failure."""
-        key = q.cache_key
-        try:
-            data = await self._upstreams.query(q)
+    def _store(self, key: tuple, data: bytes | None, qend: int) -> Reply | None:
+        reply = None
+        if data is not None:
             try:
-                reply = scan_reply(data, 12 + len(q.question), self._policy)
-            except (ValueError, IndexError, struct.error) as exc:
-                raise UpstreamError(f"malformed reply: {exc}") from exc
-        except UpstreamError:
+                reply = scan_reply(data, qend, self._policy)
+            except (ValueError, IndexError, struct.error):
+                reply = None  # a malformed reply counts as no reply
+        if reply is None:
             self._cache.failed(key, failure(self._policy))
-            raise
-        if reply.rcode == wire.SERVFAIL:
+        elif reply.rcode == wire.SERVFAIL:
             self._cache.failed(key, reply)
         else:
             self._cache.put(key, reply)
         return reply
 
-    def _stale(self, q: Query, reply: Reply) -> bytes:
+    def _stale_due(self, flight: Flight) -> None:
+        """RFC 8767 client response timer: the waiters get the stale answer now; the flight
+        goes on and refreshes the cache when it lands."""
+        flight.timer = None
+        flight.stale_due = True
+        waiters, flight.waiters = flight.waiters, []
+        self.waiting -= len(waiters)
+        for q, sink in waiters:
+            self.respond(q, sink, self._stale, flight.stale.reply)
+
+    def _answer(self, q: Query, reply: Reply | None, stale: Entry | None
+                ) -> tuple[bytes, Outcome]:
+        """What one waiting client gets once the flight landed."""
+        if reply is None or reply.rcode == wire.SERVFAIL:
+            if stale is not None:
+                return self._stale(q, stale.reply)
+            if reply is None:
+                raise UpstreamError("no usable answer from any upstream")
+            return render(q, reply, 0), Outcome.SERVFAIL
+        if reply.cnames:
+            cloak = self._blocker.check_chain(reply.cnames)
+            if cloak is not None:
+                return self._blocker.answer_chain(q, cloak), Outcome.BLOCKED
+        return render(q, reply, 0), Outcome.FORWARDED
+
+    def _stale(self, q: Query, reply: Reply) -> tuple[bytes, Outcome]:
         self._tally.inc(("stale",))
-        return render_stale(q, reply, self._stale_ttl)
+        return render_stale(q, reply, self._stale_ttl), Outcome.STALE
+
+
+def _unwired(*args) -> None:
+    raise RuntimeError("Forwarder.respond is set by the Pipeline that owns it")

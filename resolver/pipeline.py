@@ -1,14 +1,14 @@
 """The query path from bytes to answer, shared by the UDP and TCP transports.
 
-A packet is decoded once, offered to the synchronous stages in order, and only if none of them
-answers does it become an asyncio task that goes upstream. This is also the one place where an
-unexpected exception becomes SERVFAIL.
+A packet is decoded once and offered to the synchronous stages in order; only if none of them
+answers is it handed to the forwarder, which answers later through `respond`. `respond` is the
+one place where an exception becomes SERVFAIL.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
+from collections.abc import Callable
 from typing import Protocol
 
 from . import wire
@@ -39,17 +39,17 @@ class Sink(Protocol):
 
 
 class Pipeline:
-    """Decode, the synchronous stages, then forwarding as a bounded number of tasks."""
+    """Decode, the synchronous stages, then the forwarder for a bounded number of clients."""
 
     def __init__(self, stages: list[Stage], forwarder: Forwarder, metrics: Metrics,
                  max_inflight: int):
         self.stages = stages
         self._forwarder = forwarder
+        forwarder.respond = self.respond
         self._metrics = metrics
         self._max_inflight = max_inflight
-        self._tasks: set[asyncio.Task] = set()
         metrics.gauge("inflight", "Queries waiting for an upstream answer.", (),
-                      lambda: {(): len(self._tasks)})
+                      lambda: {(): forwarder.waiting})
 
     def handle(self, data: bytes, client: tuple, sink: Sink) -> bytes | None:
         """Answer a packet now (the bytes returned), later (PENDING: through sink.deliver), or
@@ -65,29 +65,26 @@ class Pipeline:
             if answer is not None:
                 self._metrics.queries.inc((sink.name, stage.outcome))
                 return answer
-        if len(self._tasks) >= self._max_inflight:  # shed load instead of growing memory
+        if self._forwarder.waiting >= self._max_inflight:  # shed load, don't grow memory
             self._metrics.queries.inc((sink.name, Outcome.DROPPED.value))
             return None
-        task = asyncio.get_running_loop().create_task(self._forward(q, sink))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._forwarder.submit(q, sink)
         return PENDING
 
-    async def _forward(self, q: Query, sink: Sink) -> None:
+    def respond(self, q: Query, sink: Sink, build: Callable[..., tuple[bytes, Outcome]],
+                *args) -> None:
+        """Deliver a later answer: build(q, *args), or SERVFAIL if that raises."""
         try:
-            answer, outcome = await self._forwarder.resolve(q)
+            answer, outcome = build(q, *args)
         except UpstreamError as exc:
             log.debug("upstream failed: %s", exc)
             answer, outcome = wire.error_answer(q, wire.SERVFAIL), Outcome.SERVFAIL
         except Exception:
-            log.exception("unexpected error while forwarding")
+            log.exception("unexpected error while answering a forwarded query")
             answer, outcome = wire.error_answer(q, wire.SERVFAIL), Outcome.SERVFAIL
         self._metrics.queries.inc((q.transport, outcome.value))
         sink.deliver(answer, q.client)
 
-    async def drain(self) -> None:
-        """Cancel forwarding still in flight (at shutdown)."""
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self._forwarder.drain()
+    def drain(self) -> None:
+        """Abandon forwarding still in flight (at shutdown)."""
+        self._forwarder.drain()

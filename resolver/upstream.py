@@ -7,9 +7,12 @@ and question match what we sent. A truncated reply is retried over TCP. An upstr
 for DNS over TLS goes through dot.py instead, on one persistent connection.
 
 The pool picks the upstreams for a name (a conditional-forwarding domain, or the default
-servers), orders them by the configured strategy and their health (selection.py), and moves
-on after a failure until the deadline; then it raises UpstreamError, which the pipeline turns
-into SERVFAIL.
+servers), orders them by the configured strategy and their health (selection.py), and an
+Exchange moves on after a failure until the deadline, then reports failure (None).
+
+An Exchange is driven by callbacks, not by a task: the UDP datagram callback and a timer move
+it along, so a forward over UDP costs no task, no future and no coroutine frames. Only the
+rare stream paths (TCP after truncation, DNS over TLS) run as a task per attempt.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import random
 import ssl
 import struct
 import time
+from collections.abc import Callable, Coroutine
 
 from . import wire
 from .config import UpstreamConfig, UpstreamServer
@@ -56,11 +60,11 @@ def _matches(data: bytes, q: Query) -> bool:
 
 
 class _UdpSocket(asyncio.DatagramProtocol):
-    """One connected UDP socket with its queries in flight, by ID."""
+    """One connected UDP socket with its exchanges in flight, by query ID."""
 
     def __init__(self) -> None:
         self.transport: asyncio.DatagramTransport | None = None
-        self.pending: dict[int, tuple[asyncio.Future, Query]] = {}
+        self.pending: dict[int, Exchange] = {}
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -68,17 +72,13 @@ class _UdpSocket(asyncio.DatagramProtocol):
     def datagram_received(self, data: bytes, addr) -> None:
         if len(data) < 12:
             return
-        waiter = self.pending.get(int.from_bytes(data[:2], "big"))
-        if waiter is None:  # late, or a guess at our ID: ignore it
-            return
-        future, q = waiter
-        if not future.done() and _matches(data, q):
-            future.set_result(data)
+        exchange = self.pending.get((data[0] << 8) | data[1])
+        if exchange is not None and _matches(data, exchange.q):  # else late, or a guess
+            exchange.udp_reply(data)
 
     def error_received(self, exc: Exception) -> None:
-        for future, _ in self.pending.values():
-            if not future.done():
-                future.set_exception(_Attempt("network"))
+        for exchange in list(self.pending.values()):
+            exchange.udp_failed("network")
 
     def new_id(self) -> int:
         while True:
@@ -106,6 +106,7 @@ class Upstream:
         self._udp_size = config.udp_size
         self._metrics = metrics
         self._sockets: list[_UdpSocket] = []
+        self._turn = 0
         self._udp_key = (self.name, "udp")  # label values bound once, off the hot path
         self._tcp_key = (self.name, "tcp")
         self._tls_key = (self.name, "tls")
@@ -134,29 +135,28 @@ class Upstream:
         if self._tls is not None:
             self._tls.close()
 
-    async def query(self, q: Query, timeout: float) -> bytes:
-        """The upstream's reply to q: over TLS, or UDP and then TCP if it came back truncated."""
+    @property
+    def streams(self) -> bool:
+        """Whether every query goes over a stream (TLS) rather than UDP first."""
+        return self._tls is not None
+
+    def send_udp(self, exchange: Exchange) -> tuple[_UdpSocket, int]:
+        """Send the exchange's query on the next socket of the pool with a fresh random ID."""
+        sockets = self._sockets
+        self._turn = turn = (self._turn + 1) % len(sockets)
+        sock = sockets[turn]
+        qid = sock.new_id()
+        sock.pending[qid] = exchange
+        self._metrics.upstream_queries.inc(self._udp_key)
+        sock.transport.sendto(wire.upstream_query(exchange.q, qid, self._udp_size))
+        return sock, qid
+
+    async def stream(self, q: Query, timeout: float) -> bytes:
+        """One exchange over a stream: TLS for a DoT upstream, else TCP (after truncation)."""
         if self._tls is not None:
             return await self._query_tls(q, timeout)
-        self._metrics.upstream_queries.inc(self._udp_key)
-        data = await self._udp(q, timeout)
-        if data[2] & (wire.TC >> 8):
-            self._metrics.upstream_queries.inc(self._tcp_key)
-            data = await asyncio.wait_for(self._tcp(q), timeout)
-        return data
-
-    async def _udp(self, q: Query, timeout: float) -> bytes:
-        sock = random.choice(self._sockets)
-        qid = sock.new_id()
-        future = asyncio.get_running_loop().create_future()
-        sock.pending[qid] = (future, q)
-        timer = asyncio.get_running_loop().call_later(timeout, _expire, future)
-        try:
-            sock.transport.sendto(wire.upstream_query(q, qid, self._udp_size))
-            return await future
-        finally:
-            timer.cancel()
-            del sock.pending[qid]
+        self._metrics.upstream_queries.inc(self._tcp_key)
+        return await asyncio.wait_for(self._tcp(q), timeout)
 
     async def _tcp(self, q: Query) -> bytes:
         qid = int.from_bytes(os.urandom(2), "big")
@@ -195,9 +195,115 @@ class Upstream:
         return data
 
 
-def _expire(future: asyncio.Future) -> None:
-    if not future.done():
-        future.set_exception(_Attempt("timeout"))
+class Exchange:
+    """One question's way through the upstreams: attempts in the strategy's order, each
+    upstream up to ROUNDS times, until a usable reply, the last SERVFAIL/REFUSED, or the
+    deadline; then `done(reply bytes or None)` is called once.
+
+    SERVFAIL and REFUSED move on, since another upstream may do better, but do not make an
+    upstream unhealthy: a live server said them, and the next name may be fine.
+    """
+
+    __slots__ = ("q", "_order", "_deadline", "_done", "_loop", "_metrics", "_attempt",
+                 "_last", "_upstream", "_sent", "_timeout", "_timer", "_sock", "_qid", "_task")
+
+    def __init__(self, q: Query, order: list[Upstream], deadline: float, metrics: Metrics,
+                 done: Callable[[bytes | None], None]):
+        self.q = q
+        self._order, self._deadline, self._done = order, deadline, done
+        self._loop = asyncio.get_running_loop()
+        self._metrics = metrics
+        self._attempt = 0
+        self._last: bytes | None = None
+        self._upstream: Upstream | None = None
+        self._sent = self._timeout = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._sock: _UdpSocket | None = None
+        self._qid = 0
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._next()
+
+    def cancel(self) -> None:
+        """Stop without calling back (shutdown, or nobody waits any more)."""
+        self._done = None
+        self._stop_udp()
+        if self._task is not None:
+            self._task.cancel()
+
+    def _next(self) -> None:
+        if self._done is None:  # cancelled while a stream attempt was finishing
+            return
+        order = self._order
+        now = time.monotonic()
+        remaining = self._deadline - now
+        if self._attempt >= ROUNDS * len(order) or remaining <= 0:
+            self._finish(self._last)
+            return
+        upstream = self._upstream = order[self._attempt % len(order)]
+        self._attempt += 1
+        self._sent, self._timeout = now, min(upstream.timeout, remaining)
+        if upstream.streams:
+            self._stream(upstream.stream(self.q, self._timeout))
+        else:
+            self._sock, self._qid = upstream.send_udp(self)
+            self._timer = self._loop.call_later(self._timeout, self.udp_failed, "timeout")
+
+    def udp_reply(self, data: bytes) -> None:
+        """A matching datagram: done, or retried over TCP when it came back truncated."""
+        self._stop_udp()
+        if data[2] & (wire.TC >> 8):
+            remaining = self._timeout - (time.monotonic() - self._sent)
+            self._stream(self._upstream.stream(self.q, max(remaining, 0.001)))
+        else:
+            self._got(data)
+
+    def udp_failed(self, kind: str) -> None:
+        self._stop_udp()
+        self._failed(kind)
+
+    def _stop_udp(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._sock is not None:
+            self._sock.pending.pop(self._qid, None)
+            self._sock = None
+
+    def _stream(self, exchange: Coroutine) -> None:
+        self._task = self._loop.create_task(exchange)
+        self._task.add_done_callback(self._streamed)
+
+    def _streamed(self, task: asyncio.Task) -> None:
+        self._task = None
+        if task.cancelled():
+            return
+        error = task.exception()
+        if error is None:
+            self._got(task.result())
+        else:
+            self._failed(error.kind if isinstance(error, _Attempt) else "timeout")
+
+    def _failed(self, kind: str) -> None:
+        upstream = self._upstream
+        self._metrics.upstream_errors.inc((upstream.name, kind))
+        upstream.health.failure(time.monotonic(), self._timeout)
+        self._next()
+
+    def _got(self, data: bytes) -> None:
+        self._upstream.health.success(time.monotonic() - self._sent)
+        if data[3] & 0xF in (wire.SERVFAIL, wire.REFUSED):
+            self._metrics.upstream_errors.inc((self._upstream.name, "rcode"))
+            self._last = data
+            self._next()
+        else:
+            self._finish(data)
+
+    def _finish(self, data: bytes | None) -> None:
+        done, self._done = self._done, None
+        if done is not None:
+            done(data)
 
 
 class UpstreamPool:
@@ -266,38 +372,21 @@ class UpstreamPool:
                     return group
         return self._default
 
-    async def query(self, q: Query) -> bytes:
-        """A usable reply from the first upstream that gives one; UpstreamError otherwise.
+    def exchange(self, q: Query, done: Callable[[bytes | None], None]) -> Exchange:
+        """An Exchange for q over its group, in the strategy's order; call start() on it."""
+        now = time.monotonic()
+        order = arrange(self._config.strategy, self.group_for(q), now, self._rng)
+        return Exchange(q, order, now + self._config.deadline, self._metrics, done)
 
-        Each upstream is tried up to ROUNDS times in turn, within the deadline, so a lost
-        datagram is retried but a refused port does not spin. SERVFAIL and REFUSED count as
-        failures and move on, since another upstream may do better; when all say so, the
-        last such reply is relayed. They do not make an upstream unhealthy, though: a live
-        server said them, and the next name may be fine.
-        """
-        start = time.monotonic()
-        deadline = start + self._config.deadline
-        order = arrange(self._config.strategy, self.group_for(q), start, self._rng)
-        last = None
-        for attempt in range(ROUNDS * len(order)):
-            sent = time.monotonic()
-            remaining = deadline - sent
-            if remaining <= 0:
-                break
-            upstream = order[attempt % len(order)]
-            timeout = min(upstream.timeout, remaining)
-            try:
-                data = await upstream.query(q, timeout)
-            except (_Attempt, asyncio.TimeoutError) as exc:
-                kind = exc.kind if isinstance(exc, _Attempt) else "timeout"
-                self._metrics.upstream_errors.inc((upstream.name, kind))
-                upstream.health.failure(time.monotonic(), timeout)
-                continue
-            upstream.health.success(time.monotonic() - sent)
-            if data[3] & 0xF not in (wire.SERVFAIL, wire.REFUSED):
-                return data
-            self._metrics.upstream_errors.inc((upstream.name, "rcode"))
-            last = data
-        if last is not None:
-            return last
-        raise UpstreamError(f"no usable answer within {self._config.deadline:g}s")
+    async def query(self, q: Query) -> bytes:
+        """A usable reply for q, or UpstreamError: the exchange awaited, for tools and tests."""
+        result = asyncio.get_running_loop().create_future()
+        exchange = self.exchange(q, lambda data: result.done() or result.set_result(data))
+        exchange.start()
+        try:
+            data = await result
+        finally:
+            exchange.cancel()
+        if data is None:
+            raise UpstreamError(f"no usable answer within {self._config.deadline:g}s")
+        return data

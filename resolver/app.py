@@ -23,6 +23,7 @@ from .cache import Cache, CacheLookup, Clock, StaleLookup
 from .config import Address, Config
 from .forward import Forwarder
 from .metrics import Metrics
+from .packetcache import PacketCache
 from .pipeline import Pipeline
 from .reply import TtlPolicy
 from .errors import ConfigError
@@ -40,6 +41,8 @@ def build_pipeline(config: Config, rules: RuleSet, metrics: Metrics, upstreams: 
                    clock: Clock) -> Pipeline:
     """The chain, in order, and why:
 
+    0. the packet cache (UDP only, before decoding): answers identical to ones a stage below
+       gave and said still hold; cleared whenever the rules change;
     1. blocking: policy first, so a blocked name is never answered from the cache or
        upstream, even just after a rule change;
     2. cache lookup: everything still allowed and recently seen is answered synchronously
@@ -60,7 +63,11 @@ def build_pipeline(config: Config, rules: RuleSet, metrics: Metrics, upstreams: 
                           config.server.max_inflight)
     stages = [blocker, CacheLookup(cache, config.cache, metrics, forwarder.prefetch),
               CnameBlocker(blocker, cache), StaleLookup(cache, config.cache, metrics)]
-    return Pipeline(stages, forwarder, metrics, config.server.max_inflight)
+    packets = PacketCache(config.cache.packet_entries, clock, metrics.queries)
+    blocker.on_install(packets.clear)
+    metrics.gauge("packet_cache_entries", "Whole UDP answers kept by query bytes.", (),
+                  lambda: {(): len(packets)})
+    return Pipeline(stages, forwarder, metrics, config.server.max_inflight, packets)
 
 
 @dataclass

@@ -17,11 +17,11 @@ import struct
 from collections.abc import Callable
 
 from . import wire
-from .cache import Cache, Cloak
+from .cache import NEVER, Cache, Cloak
 from .config import BlockingConfig
 from .metrics import Metrics
 from .names import label_offsets, to_wire
-from .query import Outcome, Query
+from .query import Memo, Outcome, Query
 from .rules import RuleList, RuleSet
 
 EDE_BLOCKED = 15  # RFC 8914 "Blocked"
@@ -85,6 +85,7 @@ class Blocker:
     """
 
     outcome = Outcome.BLOCKED.value
+    memo: Memo | None = None
 
     def __init__(self, rules: RuleSet, config: BlockingConfig, metrics: Metrics):
         self._metrics = metrics
@@ -116,7 +117,10 @@ class Blocker:
             return None
         rule, offset = hit
         lst = rule.list
-        self._metrics.blocked.inc((lst.name, rule.entry_id, lst.action))
+        key = (lst.name, rule.entry_id, lst.action)
+        blocked = self._metrics.blocked
+        blocked.inc(key)
+        self.memo = (NEVER, blocked, key)  # holds until the rules change (install clears)
         return answers[lst.name].build(q, offset)
 
     def check_chain(self, targets: tuple[bytes, ...]) -> Cloak | None:
@@ -148,6 +152,7 @@ class CnameBlocker:
     """
 
     outcome = Outcome.BLOCKED.value
+    memo: Memo | None = None  # never offered: the cache entry may change under it
 
     def __init__(self, blocker: Blocker, cache: Cache):
         self._blocker = blocker

@@ -21,11 +21,10 @@ from collections.abc import Callable
 from . import wire
 from .config import CacheConfig
 from .metrics import Metrics
-from .query import Outcome, Query
+from .query import Clock, Memo, Outcome, Query
 from .reply import Reply, render, render_stale
 from .rules import Rule
 
-Clock = Callable[[], float]
 Cloak = tuple[Rule, bytes]  # the rule, and the blocked domain (wire form) a CNAME chain reaches
 Inspect = Callable[[tuple[bytes, ...]], Cloak | None]  # CNAME targets -> the block, if any
 
@@ -165,6 +164,7 @@ class CacheLookup:
     """
 
     outcome = Outcome.CACHED.value
+    memo: Memo | None = None
 
     def __init__(self, cache: Cache, config: CacheConfig, metrics: Metrics,
                  prefetch: Callable[[Query], None]):
@@ -189,7 +189,10 @@ class CacheLookup:
         self._entries.move_to_end(key)
         counts = self._counts
         counts[_HIT] = counts.get(_HIT, 0) + 1
-        return render(q, entry.reply, int(now - entry.stored))
+        age = int(now - entry.stored)
+        # The same bytes hold until the TTLs tick down, and never into the prefetch window.
+        self.memo = (min(entry.stored + age + 1, entry.check_at), self._tally, _HIT)
+        return render(q, entry.reply, age)
 
     def _closer_look(self, q: Query, key: tuple, entry: Entry, now: float) -> bytes | None:
         """Expired (a miss), CNAME chain blocked (left to blocking.CnameBlocker), or a hit in
@@ -215,6 +218,7 @@ class StaleLookup:
     for upstreams that are down. The first failure is met in forward.py."""
 
     outcome = Outcome.STALE.value
+    memo: Memo | None = None  # never offered: stale answers are for a failure's duration
 
     def __init__(self, cache: Cache, config: CacheConfig, metrics: Metrics):
         self._cache = cache

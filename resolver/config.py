@@ -100,6 +100,7 @@ class CacheConfig:
     stale_window: int = 86400  # seconds past expiry an answer is kept for that
     stale_ttl: int = 30  # TTL of a stale answer
     stale_client_timeout: float = 1.8  # seconds a client waits for upstream before stale data
+    packet_entries: int = 100_000  # whole UDP answers kept by query bytes; 0 disables
 
 
 @dataclass(frozen=True, slots=True)
@@ -660,6 +661,7 @@ def _sections(base: Path) -> dict[str, ReadNode]:
             "stale_window": _integer(0),
             "stale_ttl": _integer(1),
             "stale_client_timeout": _seconds,
+            "packet_entries": _integer(0),
         }, _check_cache),
         "metrics": _section(MetricsConfig, {"listen": _optional(_metrics_address)}),
     }

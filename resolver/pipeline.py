@@ -14,7 +14,8 @@ from typing import Protocol
 from . import wire
 from .forward import Forwarder
 from .metrics import Metrics
-from .query import Outcome, Query
+from .packetcache import PacketCache
+from .query import Memo, Outcome, Query
 from .upstream import UpstreamError
 
 log = logging.getLogger(__name__)
@@ -23,9 +24,14 @@ PENDING = b""  # handle()'s answer when it will come later through sink.deliver
 
 
 class Stage(Protocol):
-    """A synchronous step that may answer a query (returns bytes) or pass it on (None)."""
+    """A synchronous step that may answer a query (returns bytes) or pass it on (None).
+
+    memo: set by answer() when that answer may be replayed to identical UDP queries, and
+    until when (see packetcache.py); the pipeline takes it and resets it to None.
+    """
 
     outcome: str
+    memo: Memo | None
 
     def answer(self, q: Query) -> bytes | None: ...
 
@@ -42,8 +48,9 @@ class Pipeline:
     """Decode, the synchronous stages, then the forwarder for a bounded number of clients."""
 
     def __init__(self, stages: list[Stage], forwarder: Forwarder, metrics: Metrics,
-                 max_inflight: int):
+                 max_inflight: int, packets: PacketCache):
         self.stages = stages
+        self.packets = packets
         self._forwarder = forwarder
         forwarder.respond = self.respond
         self._metrics = metrics
@@ -51,9 +58,17 @@ class Pipeline:
         metrics.gauge("inflight", "Queries waiting for an upstream answer.", (),
                       lambda: {(): forwarder.waiting})
 
-    def handle(self, data: bytes, client: tuple, sink: Sink) -> bytes | None:
+    def handle_udp(self, data: bytes, client: tuple, sink: Sink) -> bytes | None:
+        """handle() for a datagram: first the packet cache, which needs no decoding."""
+        answer = self.packets.answer(data)
+        if answer is not None:
+            return answer
+        return self.handle(data, client, sink, remember=True)
+
+    def handle(self, data: bytes, client: tuple, sink: Sink, remember: bool = False
+               ) -> bytes | None:
         """Answer a packet now (the bytes returned), later (PENDING: through sink.deliver), or
-        never (None: dropped)."""
+        never (None: dropped). remember: offer local answers to the packet cache."""
         try:
             q = wire.parse_query(data, client, sink.name)
         except wire.FormError as exc:
@@ -64,6 +79,11 @@ class Pipeline:
             answer = stage.answer(q)
             if answer is not None:
                 self._metrics.queries.inc((sink.name, stage.outcome))
+                memo = stage.memo
+                if memo is not None:
+                    stage.memo = None
+                    if remember:
+                        self.packets.remember(data, answer, stage.outcome, memo)
                 return answer
         if self._forwarder.waiting >= self._max_inflight:  # shed load, don't grow memory
             self._metrics.queries.inc((sink.name, Outcome.DROPPED.value))

@@ -23,7 +23,7 @@ class UdpServer(asyncio.DatagramProtocol):
         self.transport = transport
 
     def datagram_received(self, data: bytes, addr) -> None:
-        answer = self._pipeline.handle(data, addr, self)
+        answer = self._pipeline.handle_udp(data, addr, self)
         if answer:  # None is a drop, PENDING comes later through deliver()
             self.transport.sendto(answer, addr)
 

@@ -215,7 +215,7 @@ def test_defaults():
             max_entries=100_000, max_bytes=128 * 1024 * 1024, min_ttl=0, max_ttl=86400,
             negative_ttl=3600, servfail_ttl=5, prefetch=True, prefetch_min_hits=3,
             prefetch_window=0.1, serve_stale=True, stale_window=86400, stale_ttl=30,
-            stale_client_timeout=1.8,
+            stale_client_timeout=1.8, packet_entries=100_000,
         ),
         metrics=MetricsConfig(listen=Address("127.0.0.1", 9153)),
         source=None,

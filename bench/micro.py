@@ -2,7 +2,9 @@
 
 Run by hand: `.venv/bin/python bench/micro.py`. It builds the real pipeline (shipped rules,
 default config, metrics on) and times each stage on its own, then whole `Pipeline.handle`
-calls for a blocked name and a cache hit, so a regression shows where the time went.
+calls for a blocked name and a cache hit (the full path), and `handle_udp` calls answered
+by the packet cache (the replay path a repeated question takes), so a regression shows where
+the time went.
 Numbers move with the machine; compare them between commits on one machine.
 """
 
@@ -87,6 +89,10 @@ def main() -> None:
         ("encode cached reply (render, aged)", lambda: render(q_allowed, reply, 7)),
         ("whole handle(): blocked", lambda: pipeline.handle(blocked, CLIENT, sink)),
         ("whole handle(): cache hit", lambda: pipeline.handle(allowed, CLIENT, sink)),
+        ("handle_udp(): blocked, packet cache replay",
+         lambda: pipeline.handle_udp(blocked, CLIENT, sink)),
+        ("handle_udp(): cached, packet cache replay",
+         lambda: pipeline.handle_udp(allowed, CLIENT, sink)),
     ]
     print(f"{'stage':44} {'us/query':>9} {'queries/s':>11}")
     for label, func in rows:

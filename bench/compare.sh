@@ -5,7 +5,7 @@
 #   bench/compare.sh [--quick] [--light-latency] [--json FILE] [...any compare.sh option]
 #
 # WORKERS=N (default 1) runs ours with N worker processes; the harness pins the server to one
-# core, so use bench/scaling.sh to see more cores at work. Everything the harness starts
+# core, so use bench/scaling.py to see more cores at work. Everything the harness starts
 # listens on 127.0.0.1 and every load run is bounded in time. Run by hand, never from CI.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import sys
 
@@ -21,6 +22,8 @@ from .supervisor import Supervisor, default_workers
 from .upstream import address_label
 
 log = logging.getLogger("resolver")
+
+GC_THRESHOLD = 50_000  # allocations between young-generation collections (default 700)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,6 +71,7 @@ def _serve(args: argparse.Namespace) -> int:
         for problem in exc.problems:
             print(f"resolver: {problem}", file=sys.stderr)
         return 2
+    _settle_memory()
     workers = args.workers or default_workers()
     try:
         if workers > 1:
@@ -83,6 +87,20 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     log.info("stopped")
     return 0
+
+
+def _settle_memory() -> None:
+    """Move everything loaded so far (rules, config) out of the garbage collector's sight,
+    and collect young objects less often.
+
+    The query path allocates many short-lived, acyclic objects; with the default threshold
+    the collector runs every 700 allocations and walks the survivors, a few per cent of the
+    forwarding path. Frozen objects are never walked again (a million-domain rule set would
+    otherwise be), and freezing before the workers fork keeps their pages shared.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_THRESHOLD, 20, 20)
 
 
 def _banner(config: Config, rules: RuleSet, addresses: list[tuple[str, int]],

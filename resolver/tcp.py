@@ -34,6 +34,7 @@ class TcpConnection(asyncio.Protocol):
 
     def connection_made(self, transport) -> None:
         self.transport = transport
+        self._loop = asyncio.get_running_loop()  # once: each call costs a getpid() syscall
         if len(self._limits.open) >= self._limits.max_connections:
             transport.abort()  # over the cap: refuse cheaply rather than queue
             return
@@ -74,8 +75,7 @@ class TcpConnection(asyncio.Protocol):
     def _arm_idle(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
-        self._timer = asyncio.get_running_loop().call_later(self._limits.idle_timeout,
-                                                             self._idle)
+        self._timer = self._loop.call_later(self._limits.idle_timeout, self._idle)
 
     def _idle(self) -> None:
         """Close a quiet connection, but not while answers are still owed to it."""

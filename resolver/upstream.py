@@ -208,10 +208,10 @@ class Exchange:
                  "_last", "_upstream", "_sent", "_timeout", "_timer", "_sock", "_qid", "_task")
 
     def __init__(self, q: Query, order: list[Upstream], deadline: float, metrics: Metrics,
-                 done: Callable[[bytes | None], None]):
+                 loop: asyncio.AbstractEventLoop, done: Callable[[bytes | None], None]):
         self.q = q
         self._order, self._deadline, self._done = order, deadline, done
-        self._loop = asyncio.get_running_loop()
+        self._loop = loop
         self._metrics = metrics
         self._attempt = 0
         self._last: bytes | None = None
@@ -315,6 +315,7 @@ class UpstreamPool:
         self._config = config
         self._metrics = metrics
         self._rng = rng or random.Random()
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._connections = metrics.counter(
             "upstream_tls_connections_total",
             "TLS connections opened to DNS-over-TLS upstreams (each is a handshake; reused "
@@ -376,7 +377,9 @@ class UpstreamPool:
         """An Exchange for q over its group, in the strategy's order; call start() on it."""
         now = time.monotonic()
         order = arrange(self._config.strategy, self.group_for(q), now, self._rng)
-        return Exchange(q, order, now + self._config.deadline, self._metrics, done)
+        if self._loop is None:  # asyncio.get_running_loop() costs a getpid() syscall: once
+            self._loop = asyncio.get_running_loop()
+        return Exchange(q, order, now + self._config.deadline, self._metrics, self._loop, done)
 
     async def query(self, q: Query) -> bytes:
         """A usable reply for q, or UpstreamError: the exchange awaited, for tools and tests."""

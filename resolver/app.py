@@ -34,6 +34,7 @@ from .upstream import UpstreamPool
 
 log = logging.getLogger(__name__)
 
+UDP_RECEIVE_BUFFER = 4 * 1024 * 1024  # bytes asked for; the kernel may grant less
 BIND_ATTEMPTS = 20  # port 0: retry when the TCP port's UDP twin is taken
 
 
@@ -141,6 +142,15 @@ async def running_server(config: Config, rules: RuleSet, clock: Clock | None = N
             http.server_close()
 
 
+def _grow_receive_buffer(sock) -> None:
+    """Ask for a deep UDP receive queue, so a burst waits instead of being dropped by the
+    kernel; Linux caps it at net.core.rmem_max (raise that sysctl to get all of it)."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RECEIVE_BUFFER)
+    except OSError as exc:
+        log.warning("could not enlarge the UDP receive buffer: %s", exc)
+
+
 async def _bind(address: Address, pipeline: Pipeline, limits: TcpLimits, closers: list,
                 reuse_port: bool) -> tuple[str, int]:
     """Bind TCP, then UDP on the port TCP got; return the (host, port) bound."""
@@ -162,6 +172,7 @@ async def _bind(address: Address, pipeline: Pipeline, limits: TcpLimits, closers
             continue
         closers.append(tcp.close)
         closers.append(udp.close)
+        _grow_receive_buffer(udp.get_extra_info("socket"))
         return address.host, port
     raise AssertionError("unreachable")
 

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import ssl
 from collections.abc import Callable
+
+from .ids import random_id
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +133,7 @@ class Connection(asyncio.Protocol):
         """An ID free on this connection. Nobody can inject replies into a TLS stream, so
         unlike UDP the ID need not be unpredictable, only unique among those in flight."""
         while True:
-            qid = random.getrandbits(16)
+            qid = random_id()
             if qid not in self._pending:
                 return qid
 

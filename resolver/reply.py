@@ -88,10 +88,12 @@ def scan_reply(data: bytes, qend: int, policy: TtlPolicy) -> Reply:
     else:
         stored = [min(max(rec[2], policy.min_ttl), policy.max_ttl) for rec in records]
         lifetime = min(stored, default=policy.min_ttl) if rcode == wire.NOERROR else None
-    body = bytearray(data[qend:])
-    for (offset, _, _, _), ttl in zip(records, stored):
-        _TTL.pack_into(body, offset - qend, ttl)
-    ttls = tuple((offset - qend, ttl) for (offset, _, _, _), ttl in zip(records, stored))
+    ttls = tuple((rec[0] - qend, ttl) for rec, ttl in zip(records, stored))
+    body = data[qend:]
+    if any(rec[2] != ttl for rec, ttl in zip(records, stored)):  # bounded: write them back
+        body = bytearray(body)
+        for offset, ttl in ttls:
+            _TTL.pack_into(body, offset, ttl)
     cnames = tuple(wire.read_name(data, offset + 6)[0] for offset, rtype, _, _ in records[:an]
                    if rtype == TYPE_CNAME)  # rdata starts after the TTL and RDLENGTH
     return Reply(flags, an, ns, ar, bytes(body), ttls, lifetime, cnames)

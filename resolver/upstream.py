@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import random
 import ssl
 import struct
@@ -29,6 +28,7 @@ from collections.abc import Callable, Coroutine
 from . import wire
 from .config import UpstreamConfig, UpstreamServer
 from .dot import DotClient, tls_context
+from .ids import random_id
 from .metrics import Metrics, Tally
 from .names import to_wire
 from .query import Query
@@ -82,7 +82,7 @@ class _UdpSocket(asyncio.DatagramProtocol):
 
     def new_id(self) -> int:
         while True:
-            qid = int.from_bytes(os.urandom(2), "big")
+            qid = random_id()
             if qid not in self.pending:
                 return qid
 
@@ -159,7 +159,7 @@ class Upstream:
         return await asyncio.wait_for(self._tcp(q), timeout)
 
     async def _tcp(self, q: Query) -> bytes:
-        qid = int.from_bytes(os.urandom(2), "big")
+        qid = random_id()
         packet = wire.upstream_query(q, qid, self._udp_size)
         try:
             reader, writer = await asyncio.open_connection(self.server.host, self.server.port)

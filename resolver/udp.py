@@ -16,16 +16,17 @@ class UdpServer(asyncio.DatagramProtocol):
     name = "udp"
 
     def __init__(self, pipeline: Pipeline):
-        self._pipeline = pipeline
+        self._handle = pipeline.handle_udp  # bound once: this runs for every datagram
         self.transport: asyncio.DatagramTransport | None = None
 
     def connection_made(self, transport) -> None:
         self.transport = transport
+        self._sendto = transport.sendto
 
     def datagram_received(self, data: bytes, addr) -> None:
-        answer = self._pipeline.handle_udp(data, addr, self)
+        answer = self._handle(data, addr, self)
         if answer:  # None is a drop, PENDING comes later through deliver()
-            self.transport.sendto(answer, addr)
+            self._sendto(answer, addr)
 
     def deliver(self, answer: bytes, client: tuple) -> None:
         if not self.transport.is_closing():

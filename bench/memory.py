@@ -59,66 +59,18 @@ import time
 import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import HOST, ROOT, Processes, free_port, revision  # noqa: E402
+
 RESOLVER = ROOT / ".venv" / "bin" / "resolver"
-HOST = "127.0.0.1"
 FILL_ZONE = "fill.test"
 FILL_ADDRESS = "192.0.2.1"
 BLOCKED_DOMAIN = "binance.com"  # in the shipped rules
 READY_TIMEOUT = 600.0  # seconds a server may take to print its ready line (1M rules: ~10-30)
-STOP_TIMEOUT = 10.0
 MIB = 1024 * 1024
 
 
 # --------------------------------------------------------------------------- processes
-
-class Processes:
-    """Every process this script started, each in its own session; stopped by PID."""
-
-    def __init__(self) -> None:
-        self.live: dict[int, subprocess.Popen] = {}
-
-    def start(self, argv: list[str], log: Path, **kw) -> subprocess.Popen:
-        with open(log, "ab") as out:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stderr=out,
-                                    start_new_session=True, **kw)
-        self.live[proc.pid] = proc
-        return proc
-
-    def stop(self, proc: subprocess.Popen) -> None:
-        """SIGTERM the session this script started for proc, SIGKILL after STOP_TIMEOUT."""
-        self.live.pop(proc.pid, None)
-        if proc.poll() is not None:
-            return
-        for sig, wait in ((signal.SIGTERM, STOP_TIMEOUT), (signal.SIGKILL, 5.0)):
-            try:
-                os.killpg(proc.pid, sig)  # its own session: pgid == the pid we started
-            except ProcessLookupError:
-                return
-            try:
-                proc.wait(wait)
-                return
-            except subprocess.TimeoutExpired:
-                continue
-
-    def stop_all(self) -> None:
-        for proc in list(self.live.values()):
-            self.stop(proc)
-
-
-def free_port() -> int:
-    """A port free on HOST for both UDP and TCP at this moment."""
-    while True:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-            tcp.bind((HOST, 0))
-            port = tcp.getsockname()[1]
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-                try:
-                    udp.bind((HOST, port))
-                except OSError:
-                    continue
-                return port
-
 
 def proc_status(pid: int) -> dict[str, int]:
     """VmRSS and VmHWM of pid, in KiB."""
@@ -140,17 +92,6 @@ def machine() -> str:
                 break
     return (f"machine: {os.cpu_count()} CPUs (nproc {len(os.sched_getaffinity(0))}), {model}; "
             f"Python {python_version()}; load average {open('/proc/loadavg').read().split()[0]}")
-
-
-def revision() -> str:
-    """The commit the server runs (installed editable, so the working tree), and whether
-    resolver/ differs from it."""
-    def git(*args: str) -> str:
-        out = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True)
-        return out.stdout.strip()
-    changed = git("status", "--porcelain", "resolver")
-    dirty = " + uncommitted changes in resolver/" if changed else ""
-    return f"{git('rev-parse', '--short', 'HEAD') or '?'}{dirty}"
 
 
 def python_version() -> str:

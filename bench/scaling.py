@@ -43,7 +43,6 @@ import resource
 import selectors
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -51,13 +50,13 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import HOST, ROOT, Processes, free_port, revision  # noqa: E402
+
 SHARED = ROOT.parent / "shared" / "bench"
 RESOLVER = ROOT / ".venv" / "bin" / "resolver"
-HOST = "127.0.0.1"
 HZ = os.sysconf("SC_CLK_TCK")
 READY_TIMEOUT = 60.0
-STOP_TIMEOUT = 10.0
 MIXES = {  # as in ../shared/bench/compare.py
     "blocked": dict(file="q-blocked.txt", warm=None, expect="NXDOMAIN"),
     "cached": dict(file="q-cached.txt", warm="q-cached-warm.txt", expect="NOERROR"),
@@ -65,53 +64,6 @@ MIXES = {  # as in ../shared/bench/compare.py
 
 
 # --------------------------------------------------------------------------- processes
-
-class Processes:
-    """Every process this script started, each in its own session; stopped by PID."""
-
-    def __init__(self) -> None:
-        self.live: dict[int, subprocess.Popen] = {}
-
-    def start(self, argv: list[str], log: Path, **kw) -> subprocess.Popen:
-        with open(log, "ab") as err:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stderr=err,
-                                    start_new_session=True, **kw)
-        self.live[proc.pid] = proc
-        return proc
-
-    def stop(self, proc: subprocess.Popen) -> None:
-        """SIGTERM the session started for proc (pgid == its pid), SIGKILL after a while."""
-        self.live.pop(proc.pid, None)
-        if proc.poll() is not None:
-            return
-        for sig, wait in ((signal.SIGTERM, STOP_TIMEOUT), (signal.SIGKILL, 5.0)):
-            try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                return
-            try:
-                proc.wait(wait)
-                return
-            except subprocess.TimeoutExpired:
-                continue
-
-    def stop_all(self) -> None:
-        for proc in list(self.live.values()):
-            self.stop(proc)
-
-
-def free_port() -> int:
-    while True:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-            tcp.bind((HOST, 0))
-            port = tcp.getsockname()[1]
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-                try:
-                    udp.bind((HOST, port))
-                except OSError:
-                    continue
-                return port
-
 
 def session_ticks(sid: int) -> dict[int, int]:
     """CPU ticks (user + system) of every process in session sid, by pid."""
@@ -144,17 +96,6 @@ def machine() -> str:
     return (f"machine: nproc {len(os.sched_getaffinity(0))} ({os.cpu_count()} CPUs), {model}; "
             f"load average {open('/proc/loadavg').read().split()[0]}; "
             f"dnsperf {dnsperf.group(1) if dnsperf else '?'}")
-
-
-def revision() -> str:
-    """The commit the server runs (installed editable, so the working tree), and whether
-    resolver/ differs from it."""
-    def git(*args: str) -> str:
-        out = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True)
-        return out.stdout.strip()
-    changed = git("status", "--porcelain", "resolver")
-    dirty = " + uncommitted changes in resolver/" if changed else ""
-    return f"{git('rev-parse', '--short', 'HEAD') or '?'}{dirty}"
 
 
 # --------------------------------------------------------------------------- dnsperf

@@ -217,11 +217,11 @@ class Supervisor:
 
 def _concrete_ports(config: Config) -> Config:
     """Port 0 means 'any free port', but every worker must bind the same one: pick it here."""
-    listen = tuple(Address(a.host, a.port or _free_port(a.host)) for a in config.server.listen)
+    listen = tuple(Address(a.host, a.port or free_port(a.host)) for a in config.server.listen)
     return dataclasses.replace(config, server=dataclasses.replace(config.server, listen=listen))
 
 
-def _free_port(host: str) -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     """A port free for both TCP and UDP on host at this moment."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     while True:

@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import os
 import shutil
-import socket
 import struct
 import subprocess
 import threading
@@ -26,6 +25,8 @@ import dns.message
 import dns.query
 import pytest
 from dnslib import QTYPE, RCODE, RR, A, DNSError, DNSRecord
+
+from resolver.supervisor import free_port  # noqa: F401 (the tests' too: a port free for UDP and TCP)
 
 LOOPBACK = "127.0.0.1"
 
@@ -43,20 +44,6 @@ def require_tool(name: str) -> str:
             pytest.fail(message)
         pytest.skip(message)
     return path
-
-
-def free_port(host: str = LOOPBACK) -> int:
-    """A port free for both UDP and TCP right now; the caller must cope with losing a race."""
-    while True:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-            tcp.bind((host, 0))
-            port = tcp.getsockname()[1]
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-                try:
-                    udp.bind((host, port))
-                except OSError:
-                    continue
-                return port
 
 
 # --------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from . import wire
 from .query import Query
 
 _TTL = struct.Struct("!I")
+_COUNTS = struct.Struct("!HHHHH")  # flags and the four section counts
 _RR_FIXED = struct.Struct("!HHIH")
 TYPE_CNAME = 5
 EDE_STALE = 3  # RFC 8914 "Stale Answer"
@@ -153,17 +154,12 @@ def _scan_repacked(data: bytes, policy: TtlPolicy) -> Reply:
 
 def render(q: Query, reply: Reply, elapsed: int) -> bytes:
     """Reply to q with `reply` as it stands `elapsed` seconds after it was received."""
-    flags = wire.QR | wire.RA | (q.flags & (wire.OPCODE | wire.RD | wire.CD)) | reply.rcode
-    if reply.flags & wire.AD and (q.do or q.flags & wire.AD):
-        flags |= wire.AD
-    head = struct.pack("!2sHHHHH", q.data[:2], flags, 1, reply.an, reply.ns,
-                       reply.ar + q.edns)
-    out = head + q.question + reply.body
+    out = _header(q, reply) + q.question + reply.body
     if q.edns:
         out += wire.opt_record(q.do)
     if elapsed > 0:
         out = bytearray(out)
-        base = len(head) + len(q.question)
+        base = 12 + len(q.question)
         for offset, ttl in reply.ttls:
             _TTL.pack_into(out, base + offset, ttl - elapsed if ttl > elapsed else 0)
         out = bytes(out)
@@ -173,15 +169,19 @@ def render(q: Query, reply: Reply, elapsed: int) -> bytes:
 def render_stale(q: Query, reply: Reply, ttl: int) -> bytes:
     """Reply to q with an expired `reply` (RFC 8767 serve-stale): every TTL set to `ttl`, and
     for a client that sent EDNS, an Extended DNS Error 'Stale Answer' (RFC 8914) saying so."""
-    flags = wire.QR | wire.RA | (q.flags & (wire.OPCODE | wire.RD | wire.CD)) | reply.rcode
-    if reply.flags & wire.AD and (q.do or q.flags & wire.AD):
-        flags |= wire.AD
-    head = struct.pack("!2sHHHHH", q.data[:2], flags, 1, reply.an, reply.ns,
-                       reply.ar + q.edns)
-    out = bytearray(head + q.question + reply.body)
-    base = len(head) + len(q.question)
+    out = bytearray(_header(q, reply) + q.question + reply.body)
+    base = 12 + len(q.question)
     for offset, _ in reply.ttls:
         _TTL.pack_into(out, base + offset, ttl)
     if q.edns:
         out += wire.opt_record(q.do, wire.ede_option(EDE_STALE, ""))
     return wire.fit_udp(q, bytes(out))
+
+
+def _header(q: Query, reply: Reply) -> bytes:
+    """The header for q's answer from reply: q's ID, opcode, RD and CD; the reply's rcode; AD
+    only for a client that asked with AD or DO (RFC 6840); one more record if we add an OPT."""
+    flags = wire.QR | wire.RA | (q.flags & (wire.OPCODE | wire.RD | wire.CD)) | reply.rcode
+    if reply.flags & wire.AD and (q.do or q.flags & wire.AD):
+        flags |= wire.AD
+    return q.data[:2] + _COUNTS.pack(flags, 1, reply.an, reply.ns, reply.ar + q.edns)

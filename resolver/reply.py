@@ -67,7 +67,7 @@ def scan_reply(data: bytes, qend: int, policy: TtlPolicy) -> Reply:
 
     Raises ValueError (or struct.error/IndexError) when the records are malformed.
     """
-    _, flags, _, an, ns, ar = struct.unpack_from("!HHHHHH", data)
+    flags, _, an, ns, ar = _COUNTS.unpack_from(data, 2)
     records, opt, end = _walk_records(data, qend, an + ns + ar, an + ns)
     data = data[:end]  # bytes past the counted records would be junk in every answer
     if opt is not None:
@@ -77,10 +77,9 @@ def scan_reply(data: bytes, qend: int, policy: TtlPolicy) -> Reply:
     rcode = flags & 0xF
     negative = rcode == wire.NXDOMAIN or (rcode == wire.NOERROR and an == 0)
     failure = rcode == wire.SERVFAIL
-    soa = [rec for index, rec in enumerate(records) if an <= index < an + ns
-           and rec[1] == wire.TYPE_SOA]
     if negative:
-        limit = _negative_ttl(soa, policy)
+        limit = _negative_ttl([rec for rec in records[an:an + ns] if rec[1] == wire.TYPE_SOA],
+                              policy)
         stored = [min(rec[2], limit if limit is not None else 0) for rec in records]
         lifetime = limit
     elif failure:

@@ -19,6 +19,7 @@ import resolver
 from resolver.errors import ConfigError
 from resolver.names import normalize
 from resolver.selection import STRATEGIES
+from resolver.yamlnodes import known_keys, line_of, problem_text
 
 RESOLV_CONF = "/etc/resolv.conf"
 FALLBACK_UPSTREAMS = ("9.9.9.9", "1.1.1.1")
@@ -422,9 +423,8 @@ class _Report:
     found: list[tuple[int, str]] = field(default_factory=list)
 
     def add(self, node: yaml.Node, path: str, message: str) -> None:
-        line = node.start_mark.line + 1
-        where = f"{self.file}:{line}"
-        self.found.append((line, f"{where}: {path}: {message}" if path else f"{where}: {message}"))
+        line = line_of(node)
+        self.found.append((line, problem_text(f"{self.file}:{line}", path, message)))
 
     def problems(self) -> list[str]:
         return [problem for _, problem in sorted(self.found, key=lambda found: found[0])]
@@ -444,16 +444,10 @@ def _read_mapping(
     if not isinstance(node, yaml.MappingNode):
         report.add(node, path, "expected a mapping")
         return {}
-    values: dict[str, Any] = {}
-    for key_node, value_node in node.value:
-        key = str(key_node.value)
-        key_path = f"{path}.{key}" if path else key
-        if key not in readers:
-            report.add(key_node, key_path, "unknown key")
-        elif key in values:
-            report.add(key_node, key_path, "duplicate key")
-        else:
-            values[key] = readers[key](value_node, key_path, report)
+    values = {
+        key: readers[key](value_node, key_path, report)
+        for key, key_path, value_node in known_keys(node, path, readers, report.add)
+    }
     return {key: value for key, value in values.items() if value is not _MISSING}
 
 

@@ -17,6 +17,7 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from resolver.errors import ConfigError
 from resolver.names import from_wire, label_offsets, normalize, to_wire
+from resolver.yamlnodes import dotted, known_keys, line_of, problem_text
 
 ALLOW = "allow"
 DEFAULT_ACTION = "nxdomain"
@@ -206,11 +207,6 @@ def _rule_files(paths: Sequence[str], problems: list[str]) -> list[Path]:
     return files
 
 
-def _message(location: str, where: str, message: str) -> str:
-    """'file:line: key.path: message', leaving out the key path when there is none."""
-    return f"{location}: {where}: {message}" if where else f"{location}: {message}"
-
-
 class _Loader:
     """Accumulates lists, (wire, rule) pairs and problems across all files of one load."""
 
@@ -264,7 +260,7 @@ class _Loader:
             self._first[name] = location
             problem = None
         self.lists.append(rule_list)
-        return problem and _message(location, where, problem)
+        return problem and problem_text(location, where, problem)
 
     def add_domain(self, text: str, rule: Rule, location: str) -> str | None:
         """Normalize one rule domain; returns the problem, showing the name as written."""
@@ -364,7 +360,7 @@ class _YamlFile:
         elif entry_id in ids:
             self._error(node, where, f"duplicate id {entry_id!r} (first at line {ids[entry_id]})")
         else:
-            ids[entry_id] = _line(node)
+            ids[entry_id] = line_of(node)
         return entry_id
 
     def _domain(self, node: Node, where: str, rule: Rule) -> None:
@@ -436,22 +432,13 @@ class _YamlFile:
         if not isinstance(node, MappingNode):
             self._error(node, where, f"expected a mapping, got {_kind(node)}")
             return {}
-        keys: dict[str, Node] = {}
-        for key_node, value_node in node.value:
-            if not (isinstance(key_node, ScalarNode) and key_node.tag == _STR):
-                self._error(key_node, where, f"expected a string key, got {_kind(key_node)}")
-                continue
-            key = key_node.value
-            path = f"{where}.{key}" if where else key
-            if key not in allowed:
-                self._error(key_node, path, "unknown key")
-            elif key in keys:
-                self._error(key_node, path, "duplicate key")
-            else:
-                keys[key] = value_node
+        keys = {
+            key: value_node
+            for key, _, value_node in known_keys(node, where, allowed, self._error, _bad_key)
+        }
         for key in required:
             if key not in keys:
-                self._error(node, f"{where}.{key}" if where else key, "required key is missing")
+                self._error(node, dotted(where, key), "required key is missing")
         return keys
 
     def _sequence(self, node: Node | None, where: str) -> list[Node]:
@@ -472,21 +459,23 @@ class _YamlFile:
 
     def _location(self, node: Node) -> str:
         """'file:line' of a node, the prefix editors and terminals turn into a link."""
-        return f"{self.path}:{_line(node)}"
+        return f"{self.path}:{line_of(node)}"
 
     def _error(self, node: Node, where: str, message: str) -> None:
         """Record a problem and carry on, so one run reports every problem in the file."""
-        self._file(node, _message(self._location(node), where, message))
+        self._file(node, problem_text(self._location(node), where, message))
 
     def _file(self, node: Node, problem: str | None) -> None:
         """Keep a problem with its line, so parse can report them in file order."""
         if problem:
-            self.problems.append((_line(node), problem))
+            self.problems.append((line_of(node), problem))
 
 
-def _line(node: Node) -> int:
-    """1-based line where a node starts, as editors number them."""
-    return node.start_mark.line + 1
+def _bad_key(node: Node) -> str | None:
+    """Keys are written as plain strings; a bare 300 or yes is not one."""
+    if isinstance(node, ScalarNode) and node.tag == _STR:
+        return None
+    return f"expected a string key, got {_kind(node)}"
 
 
 def _kind(node: Node) -> str:

@@ -1,0 +1,59 @@
+"""What the two strict YAML readers, config.py and rules.py, share about walking node trees.
+
+Both compose files into nodes (so every value keeps its line) and report every problem at once
+as 'file:line: dotted.path: what is wrong'. Reading a mapping against its known keys (unknown
+and duplicate keys, dotted key paths) and that message form were written twice with different
+error plumbing, so they live here once; what a value means, and how other problems are worded,
+stays with each reader.
+"""
+
+from collections.abc import Callable, Container, Iterator
+
+from yaml.nodes import MappingNode, Node
+
+Report = Callable[[Node, str, str], None]  # records (node for the line, dotted path, message)
+
+
+def line_of(node: Node) -> int:
+    """1-based line where a node starts, as editors number them."""
+    return node.start_mark.line + 1
+
+
+def dotted(path: str, key: str) -> str:
+    """The path of key in the mapping at path; a file's top mapping has the path ''."""
+    return f"{path}.{key}" if path else key
+
+
+def problem_text(location: str, path: str, message: str) -> str:
+    """'file:line: key.path: message', leaving out the key path when there is none."""
+    return f"{location}: {path}: {message}" if path else f"{location}: {message}"
+
+
+def known_keys(
+    node: MappingNode,
+    path: str,
+    allowed: Container[str],
+    report: Report,
+    bad_key: Callable[[Node], str | None] = lambda _: None,
+) -> Iterator[tuple[str, str, Node]]:
+    """(key, dotted path, value node) for each allowed key, in file order; reports an unknown
+    or repeated key (the first one stands) at the key, and a key bad_key has a message for at
+    the mapping's own path.
+
+    A generator, so a reader that reads each value as it comes reports in the same order.
+    """
+    seen: set[str] = set()
+    for key_node, value_node in node.value:
+        problem = bad_key(key_node)
+        if problem:
+            report(key_node, path, problem)
+            continue
+        key = str(key_node.value)
+        key_path = dotted(path, key)
+        if key not in allowed:
+            report(key_node, key_path, "unknown key")
+        elif key in seen:
+            report(key_node, key_path, "duplicate key")
+        else:
+            seen.add(key)
+            yield key, key_path, value_node

@@ -35,7 +35,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="resolver", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="resolver", description="A DNS filtering resolver: answers the names on its block "
+        "lists itself and forwards everything else upstream, with a cache.")
     parser.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warning", "error"])
     commands = parser.add_subparsers(required=True, metavar="COMMAND")

@@ -1,8 +1,11 @@
 """The upstream client: send a query to the upstream servers and return a reply that matches.
 
-UDP goes out through a small pool of connected sockets per upstream (the kernel drops
-datagrams from any other address, and each socket has its own random ephemeral port); every
-query gets a fresh random ID and a randomly chosen socket. A reply is accepted only when its ID
+UDP goes out through a pool of connected sockets per upstream (the kernel drops datagrams
+from any other address, and each socket has its own random ephemeral port); every query gets
+a fresh random ID and the next socket, and a socket that has carried SOCKET_QUERIES queries is
+replaced by a fresh one, so the source ports keep changing. (A new socket per query, as
+Unbound does, would cost a socket setup per forward; this keeps the ports moving for a few
+percent of that.) A reply is accepted only when its ID
 and question match what we sent. A truncated reply is retried over TCP. An upstream configured
 for DNS over TLS goes through dot.py instead, on one persistent connection.
 
@@ -18,6 +21,7 @@ rare stream paths (TCP after truncation, DNS over TLS) run as a task per attempt
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import ssl
@@ -36,7 +40,8 @@ from .selection import Backoff, Health, arrange
 
 log = logging.getLogger(__name__)
 
-SOCKETS_PER_UPSTREAM = 8
+SOCKETS_PER_UPSTREAM = 16
+SOCKET_QUERIES = 200  # queries one socket carries before a fresh one (a new port) replaces it
 ROUNDS = 2  # times each upstream is tried for one query
 
 
@@ -65,6 +70,11 @@ class _UdpSocket(asyncio.DatagramProtocol):
     def __init__(self) -> None:
         self.transport: asyncio.DatagramTransport | None = None
         self.pending: dict[int, Exchange] = {}
+        self.uses = 0
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -107,6 +117,8 @@ class Upstream:
         self._metrics = metrics
         self._sockets: list[_UdpSocket] = []
         self._turn = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._renewals: set[asyncio.Task] = set()
         self._udp_key = (self.name, "udp")  # label values bound once, off the hot path
         self._tcp_key = (self.name, "tcp")
         self._tls_key = (self.name, "tls")
@@ -119,18 +131,22 @@ class Upstream:
 
     async def open(self) -> None:
         """UDP sockets now; a TLS connection is opened by the first query that needs it."""
+        self._loop = asyncio.get_running_loop()
         if self._tls is not None:
             return
-        loop = asyncio.get_running_loop()
         for _ in range(SOCKETS_PER_UPSTREAM):
-            _, protocol = await loop.create_datagram_endpoint(
-                _UdpSocket, remote_addr=(self.server.host, self.server.port))
-            self._sockets.append(protocol)
+            self._sockets.append(await self._new_socket())
+
+    async def _new_socket(self) -> _UdpSocket:
+        _, protocol = await self._loop.create_datagram_endpoint(
+            _UdpSocket, remote_addr=(self.server.host, self.server.port))
+        return protocol
 
     def close(self) -> None:
+        for task in self._renewals:
+            task.cancel()
         for sock in self._sockets:
-            if sock.transport is not None:
-                sock.transport.close()
+            sock.close()
         self._sockets.clear()
         if self._tls is not None:
             self._tls.close()
@@ -145,11 +161,34 @@ class Upstream:
         sockets = self._sockets
         self._turn = turn = (self._turn + 1) % len(sockets)
         sock = sockets[turn]
+        sock.uses += 1
+        if sock.uses == SOCKET_QUERIES:
+            self._renew(turn, sock)
         qid = sock.new_id()
         sock.pending[qid] = exchange
         self._metrics.upstream_queries.inc(self._udp_key)
         sock.transport.sendto(wire.upstream_query(exchange.q, qid, self._udp_size))
         return sock, qid
+
+    def _renew(self, index: int, old: _UdpSocket) -> None:
+        """Open a fresh socket (a new random port) to take `old`'s place in the pool."""
+        task = self._loop.create_task(self._new_socket())
+        self._renewals.add(task)
+        task.add_done_callback(functools.partial(self._swap, index, old))
+
+    def _swap(self, index: int, old: _UdpSocket, task: asyncio.Task) -> None:
+        """Put the fresh socket in; the old one closes once no reply it carries can still be
+        waited for. If opening failed, the old one carries on and is renewed again later."""
+        self._renewals.discard(task)
+        if task.cancelled() or task.exception() is not None:
+            old.uses = 0
+            return
+        fresh = task.result()
+        if index < len(self._sockets) and self._sockets[index] is old:
+            self._sockets[index] = fresh
+            self._loop.call_later(self.timeout + 1.0, old.close)
+        else:  # the pool was closed meanwhile
+            fresh.close()
 
     async def stream(self, q: Query, timeout: float) -> bytes:
         """One exchange over a stream: TLS for a DoT upstream, else TCP (after truncation)."""

@@ -14,6 +14,7 @@ import pytest
 from dnslib import DNSRecord
 from prometheus_client import CollectorRegistry
 
+from resolver import upstream as upstream_module
 from resolver import wire
 from resolver.config import ConditionalForward, UpstreamConfig, UpstreamServer
 from resolver.metrics import Metrics
@@ -168,3 +169,22 @@ async def test_a_conditional_group_never_falls_back_to_the_default(fault_upstrea
         with pytest.raises(UpstreamError):
             await pool.query(query("www.corp.example"))
     assert default.count() == 0, "internal names must not leak to the public upstreams"
+
+
+async def test_source_ports_keep_changing(fault_upstream):
+    """Each socket of the pool is replaced after SOCKET_QUERIES queries, so an off-path
+    attacker faces ports that move, not a fixed set, on top of the random ID."""
+    a = fault_upstream("answer")
+    ports: set[int] = set()
+    total = upstream_module.SOCKETS_PER_UPSTREAM * upstream_module.SOCKET_QUERIES * 3
+    async with open_pool(server(a)) as (pool, _):
+        sockets = pool.upstreams[0]._sockets
+        for index in range(total):
+            if index % 100 == 0:
+                ports.update(s.transport.get_extra_info("sockname")[1] for s in sockets)
+            assert answer_of(await pool.query(query(f"q{index}.example.org"))) == FAULT_A
+        await asyncio.sleep(0.05)  # let the last renewals land
+        ports.update(s.transport.get_extra_info("sockname")[1] for s in sockets)
+    assert len(sockets) == 0  # closed with the pool
+    assert len(ports) >= 3 * upstream_module.SOCKETS_PER_UPSTREAM
+    assert a.count() == total

@@ -17,7 +17,8 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from resolver.errors import ConfigError
 from resolver.names import from_wire, label_offsets, normalize, to_wire
-from resolver.yamlnodes import dotted, known_keys, line_of, problem_text
+from resolver.yamlnodes import (INT, NULL, STR, dotted, kind_of, known_keys, line_of,
+                                problem_text)
 
 ALLOW = "allow"
 DEFAULT_ACTION = "nxdomain"
@@ -35,14 +36,6 @@ _MAX_TTL = 2**31 - 1
 _MAX_LABELS = 127  # in a 255-octet wire name: 127 one-letter labels and the root
 # libyaml parses big lists several times faster; the pure-Python loader gives the same nodes.
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-_STR = "tag:yaml.org,2002:str"
-_INT = "tag:yaml.org,2002:int"
-_NULL = "tag:yaml.org,2002:null"
-_SCALAR_KINDS = {
-    "tag:yaml.org,2002:bool": "a boolean",
-    _INT: "a number",
-    "tag:yaml.org,2002:float": "a number",
-}
 _TOP_KEYS = frozenset({"lists"})
 _LIST_KEYS = frozenset({"name", "action", "ttl", "sinkhole", "description", "entries", "domains"})
 _ENTRY_KEYS = frozenset({"id", "name", "domains"})
@@ -333,12 +326,12 @@ class _YamlFile:
 
     def _parse_entry(self, node: Node, where: str, plain: Rule, ids: dict[str, int]) -> None:
         """A plain domain string, or a mapping naming a group of domains (an exchange)."""
-        if isinstance(node, ScalarNode) and node.tag == _STR:
+        if isinstance(node, ScalarNode) and node.tag == STR:
             self._domain(node, where, plain)
             return
         if not isinstance(node, MappingNode):
             expected = "expected a domain name or a mapping with id and domains"
-            self._error(node, where, f"{expected}, got {_kind(node)}")
+            self._error(node, where, f"{expected}, got {kind_of(node)}")
             return
         keys = self._mapping(node, where, _ENTRY_KEYS, required=("id", "domains"))
         entry_id = self._entry_id(keys.get("id"), f"{where}.id", ids)
@@ -365,10 +358,10 @@ class _YamlFile:
 
     def _domain(self, node: Node, where: str, rule: Rule) -> None:
         """Bad names are reported like 'x.yaml:14: 'a..test' is not a valid name: empty label'."""
-        if isinstance(node, ScalarNode) and node.tag == _STR:
+        if isinstance(node, ScalarNode) and node.tag == STR:
             self._file(node, self.loader.add_domain(node.value, rule, self._location(node)))
         else:
-            self._error(node, where, f"expected a domain name, got {_kind(node)}")
+            self._error(node, where, f"expected a domain name, got {kind_of(node)}")
 
     def _action(self, node: Node | None, where: str) -> str:
         """The canonical action string; the default stands in after an error."""
@@ -387,10 +380,10 @@ class _YamlFile:
             return None
         if action == ALLOW:
             self._error(node, where, "not used with action allow")
-        elif node.tag == _INT and node.value.isdigit() and int(node.value) <= _MAX_TTL:
+        elif node.tag == INT and node.value.isdigit() and int(node.value) <= _MAX_TTL:
             return int(node.value)
         else:
-            self._error(node, where, f"expected whole seconds 0 to {_MAX_TTL}, got {_kind(node)}")
+            self._error(node, where, f"expected whole seconds 0 to {_MAX_TTL}, got {kind_of(node)}")
         return None
 
     def _sinkhole(self, node: Node | None, where: str, action: str) -> tuple[_Texts, _Texts]:
@@ -430,11 +423,11 @@ class _YamlFile:
         Returns what could be read (possibly empty) so the caller can go on checking.
         """
         if not isinstance(node, MappingNode):
-            self._error(node, where, f"expected a mapping, got {_kind(node)}")
+            self._error(node, where, f"expected a mapping, got {kind_of(node)}")
             return {}
         keys = {
             key: value_node
-            for key, _, value_node in known_keys(node, where, allowed, self._error, _bad_key)
+            for key, _, value_node in known_keys(node, where, allowed, self._error)
         }
         for key in required:
             if key not in keys:
@@ -443,18 +436,18 @@ class _YamlFile:
 
     def _sequence(self, node: Node | None, where: str) -> list[Node]:
         """Items of a list; an absent or empty value is an empty list."""
-        if node is None or (isinstance(node, ScalarNode) and node.tag == _NULL):
+        if node is None or (isinstance(node, ScalarNode) and node.tag == NULL):
             return []
         if isinstance(node, SequenceNode):
             return node.value
-        self._error(node, where, f"expected a list, got {_kind(node)}")
+        self._error(node, where, f"expected a list, got {kind_of(node)}")
         return []
 
     def _string(self, node: Node, where: str) -> str | None:
         """A string scalar; a quoted 'yes' or '300' is a string, a bare one is not."""
-        if isinstance(node, ScalarNode) and node.tag == _STR:
+        if isinstance(node, ScalarNode) and node.tag == STR:
             return node.value
-        self._error(node, where, f"expected a string, got {_kind(node)}")
+        self._error(node, where, f"expected a string, got {kind_of(node)}")
         return None
 
     def _location(self, node: Node) -> str:
@@ -470,20 +463,3 @@ class _YamlFile:
         if problem:
             self.problems.append((line_of(node), problem))
 
-
-def _bad_key(node: Node) -> str | None:
-    """Keys are written as plain strings; a bare 300 or yes is not one."""
-    if isinstance(node, ScalarNode) and node.tag == _STR:
-        return None
-    return f"expected a string key, got {_kind(node)}"
-
-
-def _kind(node: Node) -> str:
-    """What the user wrote instead, in their words: 'a list', 'a boolean (yes)'."""
-    if isinstance(node, MappingNode):
-        return "a mapping"
-    if isinstance(node, SequenceNode):
-        return "a list"
-    if node.tag == _NULL:
-        return "nothing"
-    return f"{_SCALAR_KINDS.get(node.tag, 'a string')} ({node.value})"

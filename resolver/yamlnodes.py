@@ -9,9 +9,15 @@ stays with each reader.
 
 from collections.abc import Callable, Container, Iterator
 
-from yaml.nodes import MappingNode, Node
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 Report = Callable[[Node, str, str], None]  # records (node for the line, dotted path, message)
+
+STR = "tag:yaml.org,2002:str"
+INT = "tag:yaml.org,2002:int"
+NULL = "tag:yaml.org,2002:null"
+_SCALAR_KINDS = {"tag:yaml.org,2002:bool": "a boolean", INT: "a number",
+                 "tag:yaml.org,2002:float": "a number"}
 
 
 def line_of(node: Node) -> int:
@@ -29,16 +35,34 @@ def problem_text(location: str, path: str, message: str) -> str:
     return f"{location}: {path}: {message}" if path else f"{location}: {message}"
 
 
+def kind_of(node: Node) -> str:
+    """What the user wrote instead, in their words: 'a list', 'a boolean (yes)'."""
+    if isinstance(node, MappingNode):
+        return "a mapping"
+    if isinstance(node, SequenceNode):
+        return "a list"
+    if node.tag == NULL:
+        return "nothing"
+    return f"{_SCALAR_KINDS.get(node.tag, 'a string')} ({node.value})"
+
+
+def string_key(node: Node) -> str | None:
+    """Keys are written as plain strings; a bare 300, yes or a list is not one."""
+    if isinstance(node, ScalarNode) and node.tag == STR:
+        return None
+    return f"expected a string key, got {kind_of(node)}"
+
+
 def known_keys(
     node: MappingNode,
     path: str,
     allowed: Container[str],
     report: Report,
-    bad_key: Callable[[Node], str | None] = lambda _: None,
+    bad_key: Callable[[Node], str | None] = string_key,
 ) -> Iterator[tuple[str, str, Node]]:
     """(key, dotted path, value node) for each allowed key, in file order; reports an unknown
-    or repeated key (the first one stands) at the key, and a key bad_key has a message for at
-    the mapping's own path.
+    or repeated key (the first one stands) at the key, and a key bad_key has a message for
+    (by default: one that is not a plain string) at the mapping's own path.
 
     A generator, so a reader that reads each value as it comes reports in the same order.
     """

@@ -117,6 +117,8 @@ def problems_of(text: str, overrides: Overrides = Overrides()) -> list[str]:
      "c.yaml:2: blocking.soa_rname: 'a b.example.org' is not a valid name: bad character ' '"),
     ("blocking:\n  soa_rname: 7\n", "c.yaml:2: blocking.soa_rname: expected a domain name"),
     ("blocking:\n  ede: sometimes\n", "c.yaml:2: blocking.ede: expected true or false"),
+    ("server:\n  [a, b]: 1\n", "c.yaml:2: server: expected a string key, got a list"),
+    ("server:\n  300: 2\n", "c.yaml:2: server: expected a string key, got a number (300)"),
     # cache
     ("cache:\n  max_entries: -1\n", "c.yaml:2: cache.max_entries: expected an integer >= 0"),
     ("cache:\n  negative_ttl: 1h\n", "c.yaml:2: cache.negative_ttl: expected an integer >= 0"),

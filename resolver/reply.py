@@ -112,7 +112,8 @@ def _walk_records(data: bytes, pos: int, count: int, additional: int
     records, opt = [], None
     for index in range(count):
         start = pos
-        pos = wire.skip_name(data, pos)
+        # An owner name is most often a pointer to the question: skip it without a call.
+        pos = pos + 2 if data[pos] >= 0xC0 else wire.skip_name(data, pos)
         rtype, _, ttl, rdlength = _RR_FIXED.unpack_from(data, pos)
         end = pos + 10 + rdlength
         if end > len(data):

@@ -118,5 +118,8 @@ STRATEGIES: dict[str, Order] = {"failover": _failover, "random": _random, "faste
 def arrange(strategy: str, members: Sequence[T], now: float, rng: random.Random) -> list[T]:
     """The upstreams to try for one query, in order: those not backed off, by the strategy;
     all of them when every one is backed off."""
+    if len(members) == 1:  # the usual single upstream: nothing to order
+        members[0].health.ready(now)  # still counts a probe after a backoff
+        return list(members)
     ready = [member for member in members if member.health.ready(now)]
     return STRATEGIES[strategy](ready or list(members), rng)

@@ -8,6 +8,7 @@ never by name.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -75,3 +76,12 @@ def revision() -> str:
     changed = git("status", "--porcelain", "resolver")
     dirty = " + uncommitted changes in resolver/" if changed else ""
     return f"{git('rev-parse', '--short', 'HEAD') or '?'}{dirty}"
+
+
+def clean_up(procs: Processes, work: Path, keep: bool) -> None:
+    """Stop every process a run started and remove its scratch folder (unless asked to keep)."""
+    procs.stop_all()
+    if keep:
+        print(f"kept {work}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)

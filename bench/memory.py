@@ -60,7 +60,7 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import HOST, ROOT, Processes, free_port, revision  # noqa: E402
+from harness import HOST, ROOT, Processes, clean_up, free_port, revision  # noqa: E402
 
 RESOLVER = ROOT / ".venv" / "bin" / "resolver"
 FILL_ZONE = "fill.test"
@@ -451,11 +451,7 @@ def main() -> int:
         rows.append(measure(server, f"f e, packet_entries {args.small_packets // 1000}k"))
         server.stop()
     finally:
-        procs.stop_all()
-        if args.keep:
-            print(f"kept {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+        clean_up(procs, work, args.keep)
 
     def num(value, fmt):
         return "-" if value is None else format(value, fmt)

@@ -51,7 +51,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import HOST, ROOT, Processes, free_port, revision  # noqa: E402
+from harness import HOST, ROOT, Processes, clean_up, free_port, revision  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "bench"
 RESOLVER = ROOT / ".venv" / "bin" / "resolver"
@@ -259,11 +259,7 @@ def main() -> int:
                 finally:
                     procs.stop(proc)
     finally:
-        procs.stop_all()
-        if args.keep:
-            print(f"kept {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+        clean_up(procs, work, args.keep)
 
     print()
     print(f"{'mix':<8} {'workers':>7} {'median QPS':>11} {'runs (kQPS)':<20} "

@@ -6,11 +6,13 @@ the server never forwards to the system's resolvers and never binds a fixed port
 
 from __future__ import annotations
 
+import contextlib
 import re
 import selectors
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import dns.message
@@ -135,15 +137,28 @@ def read_line(process: subprocess.Popen, timeout: float = 15) -> str:
     return line
 
 
-@pytest.mark.parametrize("workers", ["1", "2"])
-def test_starts_answers_and_stops_on_sigterm(tmp_path, nsd_upstream, workers):
-    rules = write(tmp_path / "rules.yaml", GOOD_RULES)
+@contextlib.contextmanager
+def serving(rules: str, upstream: str, workers: str = "1") -> Iterator[subprocess.Popen]:
+    """`resolver serve` on a free port in a subprocess, killed if the test leaves it running."""
     process = subprocess.Popen(
-        resolver("--listen", "127.0.0.1:0", "--upstream", nsd_upstream.address,
-                 "--rules", rules, "--metrics", "off", "--workers", workers),
+        resolver("--listen", "127.0.0.1:0", "--upstream", upstream, "--rules", rules,
+                 "--metrics", "off", "--workers", workers),
         cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True)
     try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        process.stdout.close()
+        process.stderr.close()
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_starts_answers_and_stops_on_sigterm(tmp_path, nsd_upstream, workers):
+    rules = write(tmp_path / "rules.yaml", GOOD_RULES)
+    with serving(rules, nsd_upstream.address, workers) as process:
         banner = read_line(process)
         assert "listening on" in banner
         assert "blocking 3 domains" in banner
@@ -163,28 +178,11 @@ def test_starts_answers_and_stops_on_sigterm(tmp_path, nsd_upstream, workers):
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=10) == 0
         assert process.stdout.read() == "", "one banner line, nothing more on stdout"
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        process.stdout.close()
-        process.stderr.close()
 
 
 def test_sigint_stops_too(tmp_path, nsd_upstream):
     rules = write(tmp_path / "rules.yaml", GOOD_RULES)
-    process = subprocess.Popen(
-        resolver("--listen", "127.0.0.1:0", "--upstream", nsd_upstream.address,
-                 "--rules", rules, "--metrics", "off", "--workers", "1"),
-        cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True)
-    try:
+    with serving(rules, nsd_upstream.address) as process:
         assert "listening on" in read_line(process)
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=10) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        process.stdout.close()
-        process.stderr.close()

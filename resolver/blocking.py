@@ -84,7 +84,7 @@ class Blocker:
     is still in the cache.
     """
 
-    outcome = Outcome.BLOCKED.value
+    outcome = Outcome.BLOCKED
     memo: Memo | None = None
 
     def __init__(self, rules: RuleSet, config: BlockingConfig, metrics: Metrics):
@@ -151,7 +151,7 @@ class CnameBlocker:
     plain cache hit pays nothing for this; only such entries reach this stage.
     """
 
-    outcome = Outcome.BLOCKED.value
+    outcome = Outcome.BLOCKED
     memo: Memo | None = None  # never offered: the cache entry may change under it
 
     def __init__(self, blocker: Blocker, cache: Cache):

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from . import wire
 from .config import CacheConfig
 from .metrics import Metrics
-from .query import Clock, Memo, Outcome, Query
+from .query import FORWARD, Clock, Memo, Outcome, Query
 from .reply import Reply, render, render_stale
 from .rules import Rule
 
@@ -164,7 +164,7 @@ class CacheLookup:
     prefetch_window of its TTL; Forwarder.prefetch refreshes it in the background.
     """
 
-    outcome = Outcome.CACHED.value
+    outcome = Outcome.CACHED
     memo: Memo | None = None
 
     def __init__(self, cache: Cache, config: CacheConfig, metrics: Metrics,
@@ -180,9 +180,9 @@ class CacheLookup:
     def answer(self, q: Query) -> bytes | None:
         key = q.cache_key
         entry = self._entries.get(key)
-        if entry is None:
+        if entry is None:  # nothing, not even a stale or CNAME-blocked entry: go upstream
             self._tally.inc(_MISS)
-            return None
+            return FORWARD
         now = self._clock()
         if now >= entry.check_at:
             return self._closer_look(q, key, entry, now)
@@ -218,7 +218,7 @@ class StaleLookup:
     expired answer at once (RFC 8767), TTL stale_ttl, instead of making every client wait
     for upstreams that are down. The first failure is met in forward.py."""
 
-    outcome = Outcome.STALE.value
+    outcome = Outcome.STALE
     memo: Memo | None = None  # never offered: stale answers are for a failure's duration
 
     def __init__(self, cache: Cache, config: CacheConfig, metrics: Metrics):

@@ -139,7 +139,7 @@ class Forwarder:
             self.respond(q, sink, self._stale, flight.stale.reply)
 
     def _answer(self, q: Query, reply: Reply | None, stale: Entry | None
-                ) -> tuple[bytes, Outcome]:
+                ) -> tuple[bytes, str]:
         """What one waiting client gets once the flight landed."""
         if reply is None or reply.rcode == wire.SERVFAIL:
             if stale is not None:
@@ -153,7 +153,7 @@ class Forwarder:
                 return self._blocker.answer_chain(q, cloak), Outcome.BLOCKED
         return render(q, reply, 0), Outcome.FORWARDED
 
-    def _stale(self, q: Query, reply: Reply) -> tuple[bytes, Outcome]:
+    def _stale(self, q: Query, reply: Reply) -> tuple[bytes, str]:
         self._tally.inc(("stale",))
         return render_stale(q, reply, self._stale_ttl), Outcome.STALE
 

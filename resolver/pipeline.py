@@ -15,7 +15,7 @@ from . import wire
 from .forward import Forwarder
 from .metrics import Metrics
 from .packetcache import PacketCache
-from .query import Memo, Outcome, Query
+from .query import FORWARD, Memo, Outcome, Query
 from .upstream import UpstreamError
 
 log = logging.getLogger(__name__)
@@ -24,7 +24,8 @@ PENDING = b""  # handle()'s answer when it will come later through sink.deliver
 
 
 class Stage(Protocol):
-    """A synchronous step that may answer a query (returns bytes) or pass it on (None).
+    """A synchronous step that may answer a query (returns bytes), pass it on (None), or
+    send it straight upstream (FORWARD: no later stage could answer it).
 
     memo: set by answer() when that answer may be replayed to identical UDP queries, and
     until when (see packetcache.py); the pipeline takes it and resets it to None.
@@ -73,11 +74,13 @@ class Pipeline:
             q = wire.parse_query(data, client, sink.name)
         except wire.FormError as exc:
             outcome = Outcome.FORMERR if exc.response is not None else Outcome.DROPPED
-            self._metrics.queries.inc((sink.name, outcome.value))
+            self._metrics.queries.inc((sink.name, outcome))
             return exc.response
         for stage in self.stages:
             answer = stage.answer(q)
             if answer is not None:
+                if answer is FORWARD:
+                    break
                 self._metrics.queries.inc((sink.name, stage.outcome))
                 memo = stage.memo
                 if memo is not None:
@@ -86,12 +89,12 @@ class Pipeline:
                         self.packets.remember(data, answer, stage.outcome, memo)
                 return answer
         if self._forwarder.waiting >= self._max_inflight:  # shed load, don't grow memory
-            self._metrics.queries.inc((sink.name, Outcome.DROPPED.value))
+            self._metrics.queries.inc((sink.name, Outcome.DROPPED))
             return None
         self._forwarder.submit(q, sink)
         return PENDING
 
-    def respond(self, q: Query, sink: Sink, build: Callable[..., tuple[bytes, Outcome]],
+    def respond(self, q: Query, sink: Sink, build: Callable[..., tuple[bytes, str]],
                 *args) -> None:
         """Deliver a later answer: build(q, *args), or SERVFAIL if that raises."""
         try:
@@ -102,7 +105,7 @@ class Pipeline:
         except Exception:
             log.exception("unexpected error while answering a forwarded query")
             answer, outcome = wire.error_answer(q, wire.SERVFAIL), Outcome.SERVFAIL
-        self._metrics.queries.inc((q.transport, outcome.value))
+        self._metrics.queries.inc((q.transport, outcome))
         sink.deliver(answer, q.client)
 
     def drain(self) -> None:

@@ -7,7 +7,6 @@ instead of parsing and re-packing whole messages.
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -18,10 +17,18 @@ Clock = Callable[[], float]  # seconds, monotonic; injected so tests can step ti
 # A stage's offer to the packet cache for its last answer: (valid until, by the clock;
 # the tally a replay bumps; its key). See packetcache.py.
 Memo = tuple[float, "Tally", tuple[str, ...]]
+# What a stage returns when it knows no later stage can answer: go upstream now. (The cache
+# stage returns it when it holds nothing at all for the question, so the stages that only
+# look at cache entries are skipped.)
+FORWARD = b"forward"
 
 
-class Outcome(str, enum.Enum):
-    """How a query was answered; the `outcome` label of resolver_queries_total."""
+class Outcome:
+    """How a query was answered: the values of the `outcome` label of resolver_queries_total.
+
+    Plain strings rather than an Enum: they are metric label values, used as they are on
+    every answer (an Enum member's `.value` is a property call each time).
+    """
 
     BLOCKED = "blocked"
     CACHED = "cached"
@@ -49,7 +56,7 @@ class Query:
     """
 
     __slots__ = ("data", "flags", "question", "name", "offsets", "qtype", "qclass",
-                 "edns", "udp_size", "do", "client", "transport")
+                 "edns", "udp_size", "do", "client", "transport", "cache_key")
 
     def __init__(self, data: bytes, flags: int, question: bytes, name: bytes,
                  offsets: list[int], qtype: int, qclass: int, edns: bool, udp_size: int,
@@ -66,8 +73,6 @@ class Query:
         self.do = do
         self.client = client
         self.transport = transport
-
-    @property
-    def cache_key(self) -> tuple:
-        """What makes two questions share an answer: name, type, class and the DO and CD bits."""
-        return (self.name, self.qtype, self.qclass, self.do, self.flags & 0x0010)
+        # What makes two questions share an answer: name, type, class, DO and CD. Built once:
+        # the cache, its stages and the forwarder each look it up.
+        self.cache_key = (name, qtype, qclass, do, flags & 0x0010)

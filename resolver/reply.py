@@ -49,17 +49,14 @@ class Reply:
         chain can be checked against the rules (CNAME cloaking) without parsing again.
     """
 
-    __slots__ = ("flags", "an", "ns", "ar", "body", "ttls", "ttl", "cnames")
+    __slots__ = ("flags", "rcode", "an", "ns", "ar", "body", "ttls", "ttl", "cnames")
 
     def __init__(self, flags: int, an: int, ns: int, ar: int, body: bytes,
                  ttls: tuple[tuple[int, int], ...], ttl: int | None,
                  cnames: tuple[bytes, ...] = ()):
         self.flags, self.an, self.ns, self.ar = flags, an, ns, ar
+        self.rcode = flags & 0xF  # read on every answer: an attribute, not a property
         self.body, self.ttls, self.ttl, self.cnames = body, ttls, ttl, cnames
-
-    @property
-    def rcode(self) -> int:
-        return self.flags & 0xF
 
 
 def scan_reply(data: bytes, qend: int, policy: TtlPolicy) -> Reply:
@@ -88,14 +85,14 @@ def scan_reply(data: bytes, qend: int, policy: TtlPolicy) -> Reply:
     else:
         stored = [min(max(rec[2], policy.min_ttl), policy.max_ttl) for rec in records]
         lifetime = min(stored, default=policy.min_ttl) if rcode == wire.NOERROR else None
-    ttls = tuple((rec[0] - qend, ttl) for rec, ttl in zip(records, stored))
+    ttls = tuple([(rec[0] - qend, ttl) for rec, ttl in zip(records, stored)])
     body = data[qend:]
-    if any(rec[2] != ttl for rec, ttl in zip(records, stored)):  # bounded: write them back
+    if [rec[2] for rec in records] != stored:  # some were bounded: write them back
         body = bytearray(body)
         for offset, ttl in ttls:
             _TTL.pack_into(body, offset, ttl)
-    cnames = tuple(wire.read_name(data, offset + 6)[0] for offset, rtype, _, _ in records[:an]
-                   if rtype == TYPE_CNAME)  # rdata starts after the TTL and RDLENGTH
+    cnames = tuple([wire.read_name(data, offset + 6)[0] for offset, rtype, _, _ in records[:an]
+                    if rtype == TYPE_CNAME])  # rdata starts after the TTL and RDLENGTH
     return Reply(flags, an, ns, ar, bytes(body), ttls, lifetime, cnames)
 
 

@@ -123,6 +123,7 @@ class Upstream:
         self._tcp_key = (self.name, "tcp")
         self._tls_key = (self.name, "tls")
         self._tls: DotClient | None = None
+        self.streams = server.protocol == "tls"  # every query over a stream, not UDP first
         if server.protocol == "tls":
             self._tls = DotClient(server.host, server.port, server.tls_name,
                                   tls_context(server.ca_file), self.timeout,
@@ -150,11 +151,6 @@ class Upstream:
         self._sockets.clear()
         if self._tls is not None:
             self._tls.close()
-
-    @property
-    def streams(self) -> bool:
-        """Whether every query goes over a stream (TLS) rather than UDP first."""
-        return self._tls is not None
 
     def send_udp(self, exchange: Exchange) -> tuple[_UdpSocket, int]:
         """Send the exchange's query on the next socket of the pool with a fresh random ID."""

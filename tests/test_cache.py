@@ -13,7 +13,7 @@ from resolver import wire
 from resolver.cache import ENTRY_OVERHEAD, Cache, CacheLookup, StaleLookup
 from resolver.config import CacheConfig
 from resolver.metrics import Metrics
-from resolver.query import Query
+from resolver.query import FORWARD, Query
 from resolver.reply import Reply, TtlPolicy, failure, scan_reply
 from resolver.rules import Rule, RuleList
 from tests.dnsmsg import query, response, summary
@@ -65,7 +65,9 @@ class Harness:
         return q
 
     def ask(self, name: str, **client) -> bytes | None:
-        return self.lookup.answer(query(name, **client))
+        """The stage's answer, or None when it has none (passing on, or straight upstream)."""
+        answer = self.lookup.answer(query(name, **client))
+        return None if answer is FORWARD else answer
 
     @property
     def counts(self) -> dict:
@@ -238,8 +240,7 @@ def test_lookup_serves_other_clients_of_the_same_question(client: dict, hit: boo
     h = Harness()
     h.put("www.example.org")
     h.clock.advance(42.7)
-    q = query("WWW.Example.org", **client)
-    answer = h.lookup.answer(q)
+    answer = h.ask("WWW.Example.org", **client)
     assert (answer is not None) == hit
     assert h.counts == {("stored",): 1, ("hit" if hit else "miss",): 1}
     if hit:
@@ -247,7 +248,17 @@ def test_lookup_serves_other_clients_of_the_same_question(client: dict, hit: boo
         assert got.id == client.get("qid", 0x1234)
         assert got.question == (("WWW.Example.org.", "A", "IN"),)
         assert got.answer == (("www.example.org.", 258, "IN", "A", "192.0.2.1"),)
-        assert got.edns == ((0, 1232, False, ()) if q.edns else None)
+        assert got.edns == ((0, 1232, False, ()) if client.get("edns") else None)
+
+
+def test_only_a_question_the_cache_knows_nothing_of_goes_straight_upstream() -> None:
+    """FORWARD skips the stages that look at cache entries (CNAME verdicts, stale answers):
+    with no entry at all they cannot answer. An expired entry still passes on to them."""
+    h = Harness(replace(CONFIG, prefetch=False))
+    assert h.lookup.answer(query("a.example.org")) is FORWARD
+    h.put("a.example.org", reply_for("a.example.org", ttl=60))
+    h.clock.advance(60)
+    assert h.lookup.answer(query("a.example.org")) is None
 
 
 def test_lookup_tallies_through_a_lifetime() -> None:

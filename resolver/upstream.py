@@ -257,9 +257,6 @@ class Exchange:
         self._qid = 0
         self._task: asyncio.Task | None = None
 
-    def start(self) -> None:
-        self._next()
-
     def cancel(self) -> None:
         """Stop without calling back (shutdown, or nobody waits any more)."""
         self._done = None
@@ -284,6 +281,8 @@ class Exchange:
         else:
             self._sock, self._qid = upstream.send_udp(self)
             self._timer = self._loop.call_later(self._timeout, self.udp_failed, "timeout")
+
+    start = _next  # the first attempt is simply the next one
 
     def udp_reply(self, data: bytes) -> None:
         """A matching datagram: done, or retried over TCP when it came back truncated."""
@@ -411,7 +410,8 @@ class UpstreamPool:
     def exchange(self, q: Query, done: Callable[[bytes | None], None]) -> Exchange:
         """An Exchange for q over its group, in the strategy's order; call start() on it."""
         now = time.monotonic()
-        order = arrange(self._config.strategy, self.group_for(q), now, self._rng)
+        group = self.group_for(q) if self._routes else self._default
+        order = arrange(self._config.strategy, group, now, self._rng)
         if self._loop is None:  # asyncio.get_running_loop() costs a getpid() syscall: once
             self._loop = asyncio.get_running_loop()
         return Exchange(q, order, now + self._config.deadline, self._metrics, self._loop, done)

@@ -230,5 +230,11 @@ def upstream_query(q: Query, qid: int, udp_size: int) -> bytes:
     it again for clients that asked for neither AD nor DO.
     """
     flags = RD | AD | (q.flags & CD)
-    return (_HEADER.pack(qid, flags, 1, 0, 0, 1) + q.question
-            + opt_record(q.do, size=udp_size))
+    opts = _UPSTREAM_OPTS.get(udp_size)
+    if opts is None:  # once per size: the OPT record is the same for every query
+        opts = _UPSTREAM_OPTS[udp_size] = (opt_record(False, size=udp_size),
+                                           opt_record(True, size=udp_size))
+    return _HEADER.pack(qid, flags, 1, 0, 0, 1) + q.question + opts[q.do]
+
+
+_UPSTREAM_OPTS: dict[int, tuple[bytes, bytes]] = {}  # EDNS size -> OPT without DO, with DO

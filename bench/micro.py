@@ -2,10 +2,10 @@
 
 Run by hand: `.venv/bin/python bench/micro.py`. It builds the real pipeline (shipped rules,
 default config, metrics on) and times each stage on its own, then whole `Pipeline.handle`
-calls for a blocked name and a cache hit (the full path), and `handle_udp` calls answered
-by the packet cache (the replay path a repeated question takes), and the Python cost of a
-forwarded query on either side of the upstream socket, so a regression shows where the time
-went.
+calls for a blocked name and a cache hit (the full path), datagrams given to the real UDP
+entry point and answered by the packet cache (the replay path a repeated question takes; the
+transport only counts), and the Python cost of a forwarded query on either side of the
+upstream socket, so a regression shows where the time went.
 Numbers move with the machine; compare them between commits on one machine.
 """
 
@@ -30,6 +30,7 @@ from resolver.metrics import Metrics  # noqa: E402
 from resolver.reply import TtlPolicy, render, scan_reply  # noqa: E402
 from resolver.rules import load_rules  # noqa: E402
 from resolver import upstream  # noqa: E402
+from resolver.udp import UdpServer  # noqa: E402
 from resolver.upstream import UpstreamPool, _UdpSocket  # noqa: E402
 
 CLIENT = ("127.0.0.1", 40000)
@@ -60,16 +61,24 @@ def upstream_reply(query: bytes) -> bytes:
     return bytes(reply.pack())
 
 
-class CountingSink:
-    """A client transport that only counts what it is given."""
-
-    name = "udp"
+class CountingTransport:
+    """The client-facing UDP transport: counts what would be sent, sends nothing."""
 
     def __init__(self) -> None:
-        self.delivered = 0
+        self.sent = 0
 
-    def deliver(self, answer: bytes, client: tuple) -> None:
-        self.delivered += 1
+    def sendto(self, data: bytes, addr=None) -> None:
+        self.sent += 1
+
+    def is_closing(self) -> bool:
+        return False
+
+
+def udp_server(pipeline) -> tuple[UdpServer, CountingTransport]:
+    """The real UDP entry point (packet cache, then the pipeline) on a counting transport."""
+    server, transport = UdpServer(pipeline), CountingTransport()
+    server.connection_made(transport)
+    return server, transport
 
 
 class CapturingTransport:
@@ -96,7 +105,7 @@ async def forward_round_trip(config: Config, rules, number: int) -> tuple[float,
     pool.upstreams[0]._sockets = sockets
     upstream.SOCKET_QUERIES = 1 << 62  # the capturing sockets are never swapped for real ones
     pipeline = build_pipeline(config, rules, metrics, pool, time.monotonic)
-    sink = CountingSink()
+    server, client_side = udp_server(pipeline)
     queries = [packet(f"n{i}.cold.example", False) for i in range(number)]
     gc.collect()
     gc.freeze()  # as the server does at startup
@@ -104,7 +113,7 @@ async def forward_round_trip(config: Config, rules, number: int) -> tuple[float,
     for start in range(0, number, 100):
         began = time.perf_counter()
         for query in queries[start:start + 100]:
-            pipeline.handle_udp(query, CLIENT, sink)
+            server.datagram_received(query, CLIENT)
         out += time.perf_counter() - began
         sent = [(sock, data) for sock in sockets for data in sock.transport.sent]
         for sock in sockets:
@@ -114,7 +123,7 @@ async def forward_round_trip(config: Config, rules, number: int) -> tuple[float,
         for sock, reply in replies:
             sock.datagram_received(reply, None)
         back += time.perf_counter() - began
-    assert sink.delivered == number, sink.delivered
+    assert client_side.sent == number, client_side.sent
     return out / number * 1e6, back / number * 1e6
 
 
@@ -136,6 +145,7 @@ def main() -> None:
                               clock=lambda: 1000.0)
     blocker, cache_stage = pipeline.stages[:2]
     sink = NullSink()
+    udp, _ = udp_server(pipeline)
 
     blocked = packet("www.binance.com", args.edns)
     allowed = packet("www.example.org", args.edns)
@@ -152,10 +162,8 @@ def main() -> None:
         ("encode cached reply (render, aged)", lambda: render(q_allowed, reply, 7)),
         ("whole handle(): blocked", lambda: pipeline.handle(blocked, CLIENT, sink)),
         ("whole handle(): cache hit", lambda: pipeline.handle(allowed, CLIENT, sink)),
-        ("handle_udp(): blocked, packet cache replay",
-         lambda: pipeline.handle_udp(blocked, CLIENT, sink)),
-        ("handle_udp(): cached, packet cache replay",
-         lambda: pipeline.handle_udp(allowed, CLIENT, sink)),
+        ("datagram: blocked, packet cache replay", lambda: udp.datagram_received(blocked, CLIENT)),
+        ("datagram: cached, packet cache replay", lambda: udp.datagram_received(allowed, CLIENT)),
     ]
     print(f"{'stage':44} {'us/query':>9} {'queries/s':>11}")
     for label, func in rows:

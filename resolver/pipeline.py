@@ -59,13 +59,6 @@ class Pipeline:
         metrics.gauge("inflight", "Queries waiting for an upstream answer.", (),
                       lambda: {(): forwarder.waiting})
 
-    def handle_udp(self, data: bytes, client: tuple, sink: Sink) -> bytes | None:
-        """handle() for a datagram: first the packet cache, which needs no decoding."""
-        answer = self.packets.answer(data)
-        if answer is not None:
-            return answer
-        return self.handle(data, client, sink, remember=True)
-
     def handle(self, data: bytes, client: tuple, sink: Sink, remember: bool = False
                ) -> bytes | None:
         """Answer a packet now (the bytes returned), later (PENDING: through sink.deliver), or

@@ -16,7 +16,8 @@ class UdpServer(asyncio.DatagramProtocol):
     name = "udp"
 
     def __init__(self, pipeline: Pipeline):
-        self._handle = pipeline.handle_udp  # bound once: this runs for every datagram
+        self._replay = pipeline.packets.answer  # bound once: these run for every datagram
+        self._handle = pipeline.handle
         self.transport: asyncio.DatagramTransport | None = None
 
     def connection_made(self, transport) -> None:
@@ -24,7 +25,11 @@ class UdpServer(asyncio.DatagramProtocol):
         self._sendto = transport.sendto
 
     def datagram_received(self, data: bytes, addr) -> None:
-        answer = self._handle(data, addr, self)
+        """First the packet cache, which needs no decoding; then the whole pipeline, whose
+        local answers may be remembered for the next identical datagram."""
+        answer = self._replay(data)
+        if answer is None:
+            answer = self._handle(data, addr, self, True)
         if answer:  # None is a drop, PENDING comes later through deliver()
             self._sendto(answer, addr)
 

@@ -178,7 +178,7 @@ def render_stale(q: Query, reply: Reply, ttl: int) -> bytes:
 def _header(q: Query, reply: Reply) -> bytes:
     """The header for q's answer from reply: q's ID, opcode, RD and CD; the reply's rcode; AD
     only for a client that asked with AD or DO (RFC 6840); one more record if we add an OPT."""
-    flags = wire.QR | wire.RA | (q.flags & (wire.OPCODE | wire.RD | wire.CD)) | reply.rcode
+    flags = wire.reply_flags(q.flags, reply.rcode)
     if reply.flags & wire.AD and (q.do or q.flags & wire.AD):
         flags |= wire.AD
     return q.data[:2] + _COUNTS.pack(flags, 1, reply.an, reply.ns, reply.ar + q.edns)

@@ -11,7 +11,7 @@ import struct
 
 from .query import Query
 
-QR, AA, TC, RD, RA, AD, CD = 0x8000, 0x0400, 0x0200, 0x0100, 0x0080, 0x0020, 0x0010
+QR, TC, RD, RA, AD, CD = 0x8000, 0x0200, 0x0100, 0x0080, 0x0020, 0x0010
 OPCODE = 0x7800
 NOERROR, FORMERR, SERVFAIL, NXDOMAIN, NOTIMP, REFUSED = 0, 1, 2, 3, 4, 5
 BADVERS = 16
@@ -170,24 +170,23 @@ def read_name(data: bytes, pos: int) -> tuple[bytes, int]:
 
 def _bare_error(data: bytes, flags: int, rcode: int) -> bytes:
     """Header-only error answer: the question may be what is broken, so echo none of it."""
-    return _HEADER.pack(int.from_bytes(data[:2], "big"), _reply_flags(flags, rcode), 0, 0, 0, 0)
+    return data[:2] + _COUNTS.pack(reply_flags(flags, rcode), 0, 0, 0, 0)
 
 
 def _badvers(data: bytes, flags: int) -> bytes:
     """RFC 6891 BADVERS: the upper rcode bits travel in our OPT record."""
-    header = _HEADER.pack(int.from_bytes(data[:2], "big"), _reply_flags(flags, 0), 0, 0, 0, 1)
-    return header + opt_record(False, ext_rcode=BADVERS >> 4)
+    return (data[:2] + _COUNTS.pack(reply_flags(flags, 0), 0, 0, 0, 1)
+            + opt_record(False, ext_rcode=BADVERS >> 4))
 
 
-def _reply_flags(query_flags: int, rcode: int) -> int:
+def reply_flags(query_flags: int, rcode: int) -> int:
     """Answer flags: QR and RA set, opcode, RD and CD echoed, not authoritative."""
     return QR | RA | (query_flags & (OPCODE | RD | CD)) | rcode
 
 
 def header(q: Query, rcode: int, an: int, ns: int, ar: int) -> bytes:
     """An answer header for q with its ID and one question."""
-    flags = QR | RA | (q.flags & (OPCODE | RD | CD)) | rcode
-    return q.data[:2] + _COUNTS.pack(flags, 1, an, ns, ar)
+    return q.data[:2] + _COUNTS.pack(reply_flags(q.flags, rcode), 1, an, ns, ar)
 
 
 def opt_record(do: bool, options: bytes = b"", ext_rcode: int = 0, size: int = 1232) -> bytes:

@@ -12,6 +12,7 @@ Numbers move with the machine; compare them between commits on one machine.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import gc
 import sys
 import time
@@ -27,6 +28,7 @@ from resolver import wire  # noqa: E402
 from resolver.app import build_pipeline  # noqa: E402
 from resolver.config import Config, UpstreamConfig, UpstreamServer  # noqa: E402
 from resolver.metrics import Metrics  # noqa: E402
+from resolver.outbox import Outbox  # noqa: E402
 from resolver.reply import TtlPolicy, render, scan_reply  # noqa: E402
 from resolver.rules import load_rules  # noqa: E402
 from resolver import upstream  # noqa: E402
@@ -74,9 +76,9 @@ class CountingTransport:
         return False
 
 
-def udp_server(pipeline) -> tuple[UdpServer, CountingTransport]:
+def udp_server(pipeline, outbox: Outbox) -> tuple[UdpServer, CountingTransport]:
     """The real UDP entry point (packet cache, then the pipeline) on a counting transport."""
-    server, transport = UdpServer(pipeline), CountingTransport()
+    server, transport = UdpServer(pipeline, outbox), CountingTransport()
     server.connection_made(transport)
     return server, transport
 
@@ -96,7 +98,10 @@ async def forward_round_trip(config: Config, rules, number: int) -> tuple[float,
     to client answer (scan, cache store, render, count), without the syscalls. Queries go in
     batches of 100 in flight, as under dnsperf -q 100; each name is new (a cache miss)."""
     metrics = Metrics()
-    pool = UpstreamPool(config.upstream, metrics)
+    outbox = Outbox()
+    pool = UpstreamPool(config.upstream, metrics, outbox=outbox)
+    pool.loop = asyncio.get_running_loop()
+    pool.upstreams[0]._loop = pool.loop
     sockets = []
     for _ in range(8):
         sock = _UdpSocket()
@@ -105,7 +110,7 @@ async def forward_round_trip(config: Config, rules, number: int) -> tuple[float,
     pool.upstreams[0]._sockets = sockets
     upstream.SOCKET_QUERIES = 1 << 62  # the capturing sockets are never swapped for real ones
     pipeline = build_pipeline(config, rules, metrics, pool, time.monotonic)
-    server, client_side = udp_server(pipeline)
+    server, client_side = udp_server(pipeline, outbox)
     queries = [packet(f"n{i}.cold.example", False) for i in range(number)]
     gc.collect()
     gc.freeze()  # as the server does at startup
@@ -114,6 +119,7 @@ async def forward_round_trip(config: Config, rules, number: int) -> tuple[float,
         began = time.perf_counter()
         for query in queries[start:start + 100]:
             server.datagram_received(query, CLIENT)
+        outbox.flush()
         out += time.perf_counter() - began
         sent = [(sock, data) for sock in sockets for data in sock.transport.sent]
         for sock in sockets:
@@ -122,6 +128,7 @@ async def forward_round_trip(config: Config, rules, number: int) -> tuple[float,
         began = time.perf_counter()
         for sock, reply in replies:
             sock.datagram_received(reply, None)
+        outbox.flush()
         back += time.perf_counter() - began
     assert client_side.sent == number, client_side.sent
     return out / number * 1e6, back / number * 1e6
@@ -145,7 +152,7 @@ def main() -> None:
                               clock=lambda: 1000.0)
     blocker, cache_stage = pipeline.stages[:2]
     sink = NullSink()
-    udp, _ = udp_server(pipeline)
+    udp, _ = udp_server(pipeline, Outbox())
 
     blocked = packet("www.binance.com", args.edns)
     allowed = packet("www.example.org", args.edns)

@@ -23,6 +23,7 @@ from .cache import Cache, CacheLookup, Clock, StaleLookup
 from .config import Address, Config
 from .forward import Forwarder
 from .metrics import Metrics
+from .outbox import Outbox
 from .packetcache import PacketCache
 from .pipeline import Pipeline
 from .reply import TtlPolicy
@@ -115,14 +116,15 @@ async def running_server(config: Config, rules: RuleSet, clock: Clock | None = N
     """
     registry = CollectorRegistry()
     metrics = Metrics(registry)
-    upstreams = UpstreamPool(config.upstream, metrics)
+    outbox = Outbox()
+    upstreams = UpstreamPool(config.upstream, metrics, outbox=outbox)
     await upstreams.open()
     pipeline = build_pipeline(config, rules, metrics, upstreams, clock or time.monotonic)
     limits = TcpLimits(config.server.tcp_idle_timeout, config.server.tcp_max_connections)
     closers: list = []
     http = None
     try:
-        addresses = [await _bind(address, pipeline, limits, closers, reuse_port)
+        addresses = [await _bind(address, pipeline, outbox, limits, closers, reuse_port)
                      for address in config.server.listen]
         metrics_address = None
         if serve_metrics and config.metrics.listen is not None:
@@ -151,8 +153,8 @@ def _grow_receive_buffer(sock) -> None:
         log.warning("could not enlarge the UDP receive buffer: %s", exc)
 
 
-async def _bind(address: Address, pipeline: Pipeline, limits: TcpLimits, closers: list,
-                reuse_port: bool) -> tuple[str, int]:
+async def _bind(address: Address, pipeline: Pipeline, outbox: Outbox, limits: TcpLimits,
+                closers: list, reuse_port: bool) -> tuple[str, int]:
     """Bind TCP, then UDP on the port TCP got; return the (host, port) bound."""
     loop = asyncio.get_running_loop()
     for attempt in range(BIND_ATTEMPTS):
@@ -162,7 +164,7 @@ async def _bind(address: Address, pipeline: Pipeline, limits: TcpLimits, closers
         port = tcp.sockets[0].getsockname()[1]
         try:
             udp, _ = await loop.create_datagram_endpoint(
-                lambda: UdpServer(pipeline), local_addr=(address.host, port),
+                lambda: UdpServer(pipeline, outbox), local_addr=(address.host, port),
                 family=socket.AF_INET6 if ":" in address.host else socket.AF_INET,
                 reuse_port=reuse_port)
         except OSError:

@@ -3,15 +3,14 @@ answer each waiting client: from the reply, blocked (CNAME cloaking), or stale (
 
 Each distinct question in flight is one Flight, kept in `_inflight` by cache key, with the
 clients waiting for it; an expiring popular name costs the upstream one query, not a
-stampede. Nothing here is a task: the upstream Exchange calls `_landed` when it ends, and a
-timer serves stale answers to clients that should not wait longer (RFC 8767's client
-response timer). A prefetch is a flight with nobody waiting.
+stampede. Nothing here is a task: a Flight is the upstream Exchange itself and calls `landed`
+when it ends, and a timer serves stale answers to clients that should not wait longer (RFC
+8767's client response timer). A prefetch is a flight with nobody waiting.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import struct
 from collections.abc import Callable
 
@@ -27,18 +26,23 @@ from .upstream import Exchange, UpstreamError, UpstreamPool
 Respond = Callable[..., None]  # Pipeline.respond(q, sink, build, *args)
 
 
-class Flight:
-    """One question on its way upstream, and who waits for it."""
+class Flight(Exchange):
+    """One question on its way upstream, and who waits for it: the exchange itself, so a
+    forward costs one object."""
 
-    __slots__ = ("key", "waiters", "stale", "stale_due", "timer", "exchange")
+    __slots__ = ("forwarder", "key", "waiters", "stale", "stale_due", "stale_timer")
 
-    def __init__(self, key: tuple, stale: Entry | None):
-        self.key = key
+    def __init__(self, q: Query, forwarder: Forwarder, stale: Entry | None):
+        super().__init__(q, forwarder.upstreams)
+        self.forwarder = forwarder
+        self.key = q.cache_key
         self.waiters: list[tuple[Query, object]] = []
         self.stale = stale  # the expired answer to fall back on, if any
         self.stale_due = False  # the client response timer fired: serve stale at once
-        self.timer: asyncio.TimerHandle | None = None
-        self.exchange: Exchange | None = None
+        self.stale_timer: asyncio.TimerHandle | None = None
+
+    def done(self, data: bytes | None) -> None:
+        self.forwarder.landed(self, data)
 
 
 class Forwarder:
@@ -46,7 +50,7 @@ class Forwarder:
 
     def __init__(self, upstreams: UpstreamPool, cache: Cache, policy: TtlPolicy,
                  blocker: Blocker, config: CacheConfig, metrics: Metrics, max_inflight: int):
-        self._upstreams = upstreams
+        self.upstreams = upstreams
         self._cache = cache
         self._policy = policy
         self._blocker = blocker
@@ -70,44 +74,43 @@ class Forwarder:
         flight.waiters.append((q, sink))
         self.waiting += 1
         if fresh:  # started only now: an exchange may end at once, and must find the waiter
-            flight.exchange.start()
+            flight.start()
 
     def prefetch(self, q: Query) -> None:
         """Refresh q's cached answer in the background (a popular answer about to expire),
         unless a fetch for it is already in flight or too many are."""
         if q.cache_key in self._inflight or len(self._inflight) >= self._max_inflight:
             return
-        self._open(q).exchange.start()
+        self._open(q).start()
         self._tally.inc(("prefetch",))
 
     def drain(self) -> None:
         """Abandon the flights still in the air (at shutdown)."""
         for flight in self._inflight.values():
-            flight.exchange.cancel()
-            if flight.timer is not None:
-                flight.timer.cancel()
+            flight.cancel()
+            if flight.stale_timer is not None:
+                flight.stale_timer.cancel()
         self._inflight.clear()
         self.waiting = 0
 
     def _open(self, q: Query) -> Flight:
-        """Register a flight for q's question, its exchange ready to start."""
+        """Register a flight for q's question, ready to start."""
         key = q.cache_key
-        flight = Flight(key, self._cache.stale(key))
+        flight = Flight(q, self, self._cache.stale(key))
         self._inflight[key] = flight
         if flight.stale is not None:
-            flight.timer = asyncio.get_running_loop().call_later(
+            flight.stale_timer = self.upstreams.loop.call_later(
                 self._stale_timeout, self._stale_due, flight)
-        flight.exchange = self._upstreams.exchange(
-            q, functools.partial(self._landed, flight, 12 + len(q.question)))
         return flight
 
-    def _landed(self, flight: Flight, qend: int, data: bytes | None) -> None:
+    def landed(self, flight: Flight, data: bytes | None) -> None:
         """The exchange ended: cache what came back (answer or failure), answer the waiters."""
-        if self._inflight.get(flight.key) is flight:
-            del self._inflight[flight.key]
-        if flight.timer is not None:
-            flight.timer.cancel()
-        reply = self._store(flight.key, data, qend)
+        key = flight.key
+        if self._inflight.get(key) is flight:
+            del self._inflight[key]
+        if flight.stale_timer is not None:
+            flight.stale_timer.cancel()
+        reply = self._store(key, data, 12 + len(flight.q.question))
         waiters, flight.waiters = flight.waiters, []
         self.waiting -= len(waiters)
         for q, sink in waiters:
@@ -131,7 +134,7 @@ class Forwarder:
     def _stale_due(self, flight: Flight) -> None:
         """RFC 8767 client response timer: the waiters get the stale answer now; the flight
         goes on and refreshes the cache when it lands."""
-        flight.timer = None
+        flight.stale_timer = None
         flight.stale_due = True
         waiters, flight.waiters = flight.waiters, []
         self.waiting -= len(waiters)

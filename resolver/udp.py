@@ -1,10 +1,12 @@
-"""UDP transport: datagrams in, answers out, with no task for anything answered locally."""
+"""UDP transport: datagrams in, answers out, with no task for anything answered locally.
+Local answers leave at once from the datagram callback; forwarded ones through the Outbox."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 
+from .outbox import Outbox
 from .pipeline import Pipeline
 
 log = logging.getLogger(__name__)
@@ -15,9 +17,10 @@ class UdpServer(asyncio.DatagramProtocol):
 
     name = "udp"
 
-    def __init__(self, pipeline: Pipeline):
+    def __init__(self, pipeline: Pipeline, outbox: Outbox):
         self._replay = pipeline.packets.answer  # bound once: these run for every datagram
         self._handle = pipeline.handle
+        self._send_later = outbox.send
         self.transport: asyncio.DatagramTransport | None = None
 
     def connection_made(self, transport) -> None:
@@ -34,8 +37,8 @@ class UdpServer(asyncio.DatagramProtocol):
             self._sendto(answer, addr)
 
     def deliver(self, answer: bytes, client: tuple) -> None:
-        if not self.transport.is_closing():
-            self.transport.sendto(answer, client)
+        """A forwarded answer: sent with the others of this loop pass (see outbox.py)."""
+        self._send_later(self.transport, answer, client)
 
     def error_received(self, exc: Exception) -> None:
         log.debug("udp socket error: %s", exc)  # e.g. ICMP port unreachable from a client

@@ -13,9 +13,11 @@ The pool picks the upstreams for a name (a conditional-forwarding domain, or the
 servers), orders them by the configured strategy and their health (selection.py), and an
 Exchange moves on after a failure until the deadline, then reports failure (None).
 
-An Exchange is driven by callbacks, not by a task: the UDP datagram callback and a timer move
-it along, so a forward over UDP costs no task, no future and no coroutine frames. Only the
-rare stream paths (TCP after truncation, DNS over TLS) run as a task per attempt.
+An Exchange is driven by callbacks, not by a task: the UDP datagram callback and the
+upstream's timeout sweep move it along, so a forward over UDP costs no task, no future, no
+coroutine frames and no timer of its own. Queries go out through the Outbox, together at the
+end of the loop pass. Only the rare stream paths (TCP after truncation, DNS over TLS) run as a
+task per attempt.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ import random
 import ssl
 import struct
 import time
-from collections.abc import Callable, Coroutine
+from collections import deque
+from collections.abc import Coroutine
 
 from . import wire
 from .config import UpstreamConfig, UpstreamServer
@@ -35,12 +38,14 @@ from .dot import DotClient, tls_context
 from .ids import random_id
 from .metrics import Metrics, Tally
 from .names import to_wire
+from .outbox import Outbox
 from .query import Query
 from .selection import Backoff, Health, arrange
 
 log = logging.getLogger(__name__)
 
 SOCKETS_PER_UPSTREAM = 16
+SWEEP_INTERVAL = 0.01  # seconds between timeout sweeps at the most: how late one may fire
 SOCKET_QUERIES = 200  # queries one socket carries before a fresh one (a new port) replaces it
 ROUNDS = 2  # times each upstream is tried for one query
 
@@ -80,21 +85,24 @@ class _UdpSocket(asyncio.DatagramProtocol):
         self.transport = transport
 
     def datagram_received(self, data: bytes, addr) -> None:
+        """A reply to our question (see _matches), written out: this runs for every forward."""
         if len(data) < 12:
             return
-        exchange = self.pending.get((data[0] << 8) | data[1])
-        if exchange is not None and _matches(data, exchange.q):  # else late, or a guess
+        qid = (data[0] << 8) | data[1]
+        exchange = self.pending.get(qid)
+        if exchange is None:  # late, or a guess
+            return
+        q = exchange.q
+        end = 12 + len(q.question)
+        if (len(data) >= end and data[2] & 0x80 and data[4:6] == b"\x00\x01"
+                and data[12:end - 4].lower() == q.name and data[end - 4:end] == q.question[-4:]):
+            del self.pending[qid]
             exchange.udp_reply(data)
 
     def error_received(self, exc: Exception) -> None:
-        for exchange in list(self.pending.values()):
+        pending, self.pending = self.pending, {}
+        for exchange in pending.values():
             exchange.udp_failed("network")
-
-    def new_id(self) -> int:
-        while True:
-            qid = random_id()
-            if qid not in self.pending:
-                return qid
 
 
 def address_label(server: UpstreamServer) -> str:
@@ -107,7 +115,7 @@ class Upstream:
     """One upstream server: over UDP with TCP when the reply is truncated, or over TLS."""
 
     def __init__(self, server: UpstreamServer, config: UpstreamConfig, metrics: Metrics,
-                 connections: Tally):
+                 connections: Tally, outbox: Outbox):
         self.server = server
         self.name = address_label(server)
         self.timeout = server.timeout or config.timeout
@@ -120,6 +128,10 @@ class Upstream:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._renewals: set[asyncio.Task] = set()
         self._udp_key = (self.name, "udp")  # label values bound once, off the hot path
+        self._counts = metrics.upstream_queries.counts  # counted inline on the hot path
+        self._outbox = outbox
+        self._expiry: deque[tuple[float, Exchange, int]] = deque()  # (due, exchange, attempt)
+        self._sweep: asyncio.TimerHandle | None = None
         self._tcp_key = (self.name, "tcp")
         self._tls_key = (self.name, "tls")
         self._tls: DotClient | None = None
@@ -144,6 +156,10 @@ class Upstream:
         return protocol
 
     def close(self) -> None:
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
+        self._expiry.clear()
         for task in self._renewals:
             task.cancel()
         for sock in self._sockets:
@@ -152,19 +168,47 @@ class Upstream:
         if self._tls is not None:
             self._tls.close()
 
-    def send_udp(self, exchange: Exchange) -> tuple[_UdpSocket, int]:
-        """Send the exchange's query on the next socket of the pool with a fresh random ID."""
+    def send_udp(self, exchange: Exchange, now: float, timeout: float) -> None:
+        """Send the exchange's query on the next socket of the pool with a fresh random ID;
+        it times out `timeout` seconds from now unless a reply comes first."""
         sockets = self._sockets
         self._turn = turn = (self._turn + 1) % len(sockets)
         sock = sockets[turn]
         sock.uses += 1
         if sock.uses == SOCKET_QUERIES:
             self._renew(turn, sock)
-        qid = sock.new_id()
-        sock.pending[qid] = exchange
-        self._metrics.upstream_queries.inc(self._udp_key)
-        sock.transport.sendto(wire.upstream_query(exchange.q, qid, self._udp_size))
-        return sock, qid
+        pending = sock.pending
+        qid = random_id()
+        while qid in pending:
+            qid = random_id()
+        pending[qid] = exchange
+        exchange.waiting_on(sock, qid)
+        counts = self._counts
+        counts[self._udp_key] = counts.get(self._udp_key, 0) + 1
+        self._outbox.send(sock.transport, wire.upstream_query(exchange.q, qid, self._udp_size))
+        due = now + timeout
+        if timeout < self.timeout:  # cut short by the deadline: out of the queue's order
+            exchange.timer = self._loop.call_at(due, exchange.udp_expired, exchange.attempt)
+            return
+        self._expiry.append((due, exchange, exchange.attempt))
+        if self._sweep is None:
+            self._sweep = self._loop.call_at(due, self._expire)
+
+    def _expire(self) -> None:
+        """Time out the UDP attempts whose time is up, then sleep until the next is due.
+
+        One timer per upstream instead of one per query: attempts are queued in the order
+        they were sent, and with one timeout per upstream that is the order they expire in.
+        An entry whose attempt already ended is dropped as it comes up. The sweep runs at
+        most every SWEEP_INTERVAL, so a timeout may fire that much late.
+        """
+        expiry = self._expiry
+        now = time.monotonic()
+        while expiry and expiry[0][0] <= now:
+            _, exchange, attempt = expiry.popleft()
+            exchange.udp_expired(attempt)
+        self._sweep = (self._loop.call_at(max(expiry[0][0], now + SWEEP_INTERVAL), self._expire)
+                       if expiry else None)
 
     def _renew(self, index: int, old: _UdpSocket) -> None:
         """Open a fresh socket (a new random port) to take `old`'s place in the pool."""
@@ -233,80 +277,99 @@ class Upstream:
 class Exchange:
     """One question's way through the upstreams: attempts in the strategy's order, each
     upstream up to ROUNDS times, until a usable reply, the last SERVFAIL/REFUSED, or the
-    deadline; then `done(reply bytes or None)` is called once.
+    deadline; then `done(reply bytes or None)` is called once. Subclasses say what done does
+    (forward.Flight caches and answers; UpstreamPool.query resolves a future), so a forward
+    is one object, not an exchange plus a callback.
 
     SERVFAIL and REFUSED move on, since another upstream may do better, but do not make an
     upstream unhealthy: a live server said them, and the next name may be fine.
     """
 
-    __slots__ = ("q", "_order", "_deadline", "_done", "_loop", "_metrics", "_attempt",
-                 "_last", "_upstream", "_sent", "_timeout", "_timer", "_sock", "_qid", "_task")
+    __slots__ = ("q", "attempt", "timer", "_pool", "_order", "_deadline", "_last",
+                 "_upstream", "_sent", "_timeout", "_sock", "_qid", "_task", "_over")
 
-    def __init__(self, q: Query, order: list[Upstream], deadline: float, metrics: Metrics,
-                 loop: asyncio.AbstractEventLoop, done: Callable[[bytes | None], None]):
+    def __init__(self, q: Query, pool: UpstreamPool):
         self.q = q
-        self._order, self._deadline, self._done = order, deadline, done
-        self._loop = loop
-        self._metrics = metrics
-        self._attempt = 0
+        self._pool = pool
+        self.attempt = 0  # attempts made; an expiry entry names the attempt it belongs to
+        self.timer: asyncio.TimerHandle | None = None  # only for an attempt cut short
         self._last: bytes | None = None
-        self._upstream: Upstream | None = None
-        self._sent = self._timeout = 0.0
-        self._timer: asyncio.TimerHandle | None = None
         self._sock: _UdpSocket | None = None
-        self._qid = 0
         self._task: asyncio.Task | None = None
+        self._over = False
+
+    def done(self, data: bytes | None) -> None:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        now = time.monotonic()
+        self._order = self._pool.order(self.q, now)
+        self._deadline = now + self._pool.deadline
+        self._next(now)
 
     def cancel(self) -> None:
         """Stop without calling back (shutdown, or nobody waits any more)."""
-        self._done = None
+        self._over = True
         self._stop_udp()
         if self._task is not None:
             self._task.cancel()
 
-    def _next(self) -> None:
-        if self._done is None:  # cancelled while a stream attempt was finishing
+    def _next(self, now: float) -> None:
+        if self._over:  # cancelled while a stream attempt was finishing
             return
         order = self._order
-        now = time.monotonic()
         remaining = self._deadline - now
-        if self._attempt >= ROUNDS * len(order) or remaining <= 0:
+        if self.attempt >= ROUNDS * len(order) or remaining <= 0:
             self._finish(self._last)
             return
-        upstream = self._upstream = order[self._attempt % len(order)]
-        self._attempt += 1
-        self._sent, self._timeout = now, min(upstream.timeout, remaining)
+        upstream = self._upstream = order[self.attempt % len(order)]
+        self.attempt += 1
+        timeout = upstream.timeout
+        if remaining < timeout:
+            timeout = remaining
+        self._sent, self._timeout = now, timeout
         if upstream.streams:
-            self._stream(upstream.stream(self.q, self._timeout))
+            self._stream(upstream.stream(self.q, timeout))
         else:
-            self._sock, self._qid = upstream.send_udp(self)
-            self._timer = self._loop.call_later(self._timeout, self.udp_failed, "timeout")
+            upstream.send_udp(self, now, timeout)
 
-    start = _next  # the first attempt is simply the next one
+    def waiting_on(self, sock: _UdpSocket, qid: int) -> None:
+        """The UDP attempt went out on sock with this ID."""
+        self._sock, self._qid = sock, qid
 
     def udp_reply(self, data: bytes) -> None:
-        """A matching datagram: done, or retried over TCP when it came back truncated."""
-        self._stop_udp()
+        """A matching datagram (already taken off the socket's pending table): done, the
+        next attempt after SERVFAIL or REFUSED, or a retry over TCP when it came truncated."""
+        self._sock = None
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        now = time.monotonic()
         if data[2] & (wire.TC >> 8):
-            remaining = self._timeout - (time.monotonic() - self._sent)
-            self._stream(self._upstream.stream(self.q, max(remaining, 0.001)))
+            self._stream(self._upstream.stream(self.q, max(self._timeout - (now - self._sent),
+                                                           0.001)))
         else:
-            self._got(data)
+            self._got(data, now)
+
+    def udp_expired(self, attempt: int) -> None:
+        """The timeout of UDP attempt number `attempt` is up; nothing if it already ended."""
+        if attempt == self.attempt and self._sock is not None:
+            self.udp_failed("timeout")
 
     def udp_failed(self, kind: str) -> None:
         self._stop_udp()
         self._failed(kind)
 
     def _stop_udp(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
         if self._sock is not None:
             self._sock.pending.pop(self._qid, None)
             self._sock = None
 
     def _stream(self, exchange: Coroutine) -> None:
-        self._task = self._loop.create_task(exchange)
+        self._task = self._pool.loop.create_task(exchange)
         self._task.add_done_callback(self._streamed)
 
     def _streamed(self, task: asyncio.Task) -> None:
@@ -315,29 +378,45 @@ class Exchange:
             return
         error = task.exception()
         if error is None:
-            self._got(task.result())
+            self._got(task.result(), time.monotonic())
         else:
             self._failed(error.kind if isinstance(error, _Attempt) else "timeout")
 
     def _failed(self, kind: str) -> None:
         upstream = self._upstream
-        self._metrics.upstream_errors.inc((upstream.name, kind))
-        upstream.health.failure(time.monotonic(), self._timeout)
-        self._next()
+        self._pool.count_error(upstream, kind)
+        now = time.monotonic()
+        upstream.health.failure(now, self._timeout)
+        self._next(now)
 
-    def _got(self, data: bytes) -> None:
-        self._upstream.health.success(time.monotonic() - self._sent)
+    def _got(self, data: bytes, now: float) -> None:
+        upstream = self._upstream
+        upstream.health.success(now - self._sent)
         if data[3] & 0xF in (wire.SERVFAIL, wire.REFUSED):
-            self._metrics.upstream_errors.inc((self._upstream.name, "rcode"))
+            self._pool.count_error(upstream, "rcode")
             self._last = data
-            self._next()
+            self._next(now)
         else:
             self._finish(data)
 
     def _finish(self, data: bytes | None) -> None:
-        done, self._done = self._done, None
-        if done is not None:
-            done(data)
+        if not self._over:
+            self._over = True
+            self.done(data)
+
+
+class _Awaited(Exchange):
+    """An exchange whose result a coroutine awaits (UpstreamPool.query)."""
+
+    __slots__ = ("result",)
+
+    def __init__(self, q: Query, pool: UpstreamPool):
+        super().__init__(q, pool)
+        self.result = pool.loop.create_future()
+
+    def done(self, data: bytes | None) -> None:
+        if not self.result.done():
+            self.result.set_result(data)
 
 
 class UpstreamPool:
@@ -345,11 +424,13 @@ class UpstreamPool:
     each tried in the strategy's order until one answers or the deadline passes."""
 
     def __init__(self, config: UpstreamConfig, metrics: Metrics,
-                 rng: random.Random | None = None):
+                 rng: random.Random | None = None, outbox: Outbox | None = None):
         self._config = config
         self._metrics = metrics
         self._rng = rng or random.Random()
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._outbox = outbox or Outbox()
+        self.deadline = config.deadline
+        self.loop: asyncio.AbstractEventLoop | None = None  # set by open()
         self._connections = metrics.counter(
             "upstream_tls_connections_total",
             "TLS connections opened to DNS-over-TLS upstreams (each is a handshake; reused "
@@ -377,7 +458,7 @@ class UpstreamPool:
             upstream = self._by_server.get(server)
             if upstream is None:
                 upstream = self._by_server[server] = Upstream(
-                    server, self._config, self._metrics, self._connections)
+                    server, self._config, self._metrics, self._connections, self._outbox)
             group.append(upstream)
         return group
 
@@ -388,6 +469,7 @@ class UpstreamPool:
         return {(u.name,): float(u.health.healthy) for u in self.upstreams}
 
     async def open(self) -> None:
+        self.loop = asyncio.get_running_loop()
         for upstream in self.upstreams:
             await upstream.open()
 
@@ -407,22 +489,20 @@ class UpstreamPool:
                     return group
         return self._default
 
-    def exchange(self, q: Query, done: Callable[[bytes | None], None]) -> Exchange:
-        """An Exchange for q over its group, in the strategy's order; call start() on it."""
-        now = time.monotonic()
+    def order(self, q: Query, now: float) -> list[Upstream]:
+        """The upstreams to try for q, in the strategy's order (see selection.arrange)."""
         group = self.group_for(q) if self._routes else self._default
-        order = arrange(self._config.strategy, group, now, self._rng)
-        if self._loop is None:  # asyncio.get_running_loop() costs a getpid() syscall: once
-            self._loop = asyncio.get_running_loop()
-        return Exchange(q, order, now + self._config.deadline, self._metrics, self._loop, done)
+        return arrange(self._config.strategy, group, now, self._rng)
+
+    def count_error(self, upstream: Upstream, kind: str) -> None:
+        self._metrics.upstream_errors.inc((upstream.name, kind))
 
     async def query(self, q: Query) -> bytes:
-        """A usable reply for q, or UpstreamError: the exchange awaited, for tools and tests."""
-        result = asyncio.get_running_loop().create_future()
-        exchange = self.exchange(q, lambda data: result.done() or result.set_result(data))
+        """A usable reply for q, or UpstreamError: an exchange awaited, for tools and tests."""
+        exchange = _Awaited(q, self)
         exchange.start()
         try:
-            data = await result
+            data = await exchange.result
         finally:
             exchange.cancel()
         if data is None:

@@ -35,6 +35,7 @@ ENTRY_OVERHEAD = 1050
 NEVER = float("inf")
 ALWAYS = float("-inf")
 _HIT, _MISS, _EXPIRED, _STALE = ("hit",), ("miss",), ("expired",), ("stale",)
+_STORED, _EVICTED = ("stored",), ("evicted",)
 
 
 class Entry:
@@ -54,12 +55,24 @@ class Entry:
     __slots__ = ("reply", "stored", "expires", "check_at", "hits", "prefetched", "cloak",
                  "failed_until", "size")
 
-    def __init__(self, reply: Reply, stored: float, cloak: Cloak | None):
-        self.reply, self.stored, self.cloak = reply, stored, cloak
+    def __init__(self, reply: Reply, stored: float, cloak: Cloak | None, window: float):
+        """window: the prefetch window's share of the TTL (0: none)."""
+        self.reply, self.stored = reply, stored
         self.expires = stored + reply.ttl
-        self.check_at = self.expires
         self.hits, self.prefetched, self.failed_until = 0, False, ALWAYS
         self.size = len(reply.body) + ENTRY_OVERHEAD
+        self.judge(cloak, window)
+
+    def judge(self, cloak: Cloak | None, window: float) -> None:
+        """Record the verdict on the CNAME chain (again after a rule change) and when a hit
+        must look closer because of it or of the prefetch window."""
+        self.cloak = cloak
+        if cloak is not None:
+            self.check_at = ALWAYS
+        elif window and self.reply.rcode != wire.SERVFAIL:
+            self.check_at = self.expires - self.reply.ttl * window
+        else:
+            self.check_at = self.expires
 
 
 class Cache:
@@ -79,6 +92,7 @@ class Cache:
         self._stale_window = config.stale_window if config.serve_stale else 0
         self._inspect = inspect
         self._tally = metrics.cache
+        self._counts = metrics.cache.counts  # counted inline on the hot path: no call
         metrics.gauge("cache_entries", "Answers held in the cache.", (),
                       lambda: {(): len(self.entries)})
         metrics.gauge("cache_bytes", "Bytes counted against cache.max_bytes.", (),
@@ -91,28 +105,28 @@ class Cache:
         """Keep a reply that may be cached; evict the least recently used beyond the bounds."""
         if not reply.ttl or self._max_entries <= 0:
             return
-        entry = Entry(reply, self.clock(), self._inspect(reply.cnames) if reply.cnames else None)
-        if entry.size > self._max_bytes:
+        entry = Entry(reply, self.clock(), self._inspect(reply.cnames) if reply.cnames else None,
+                      self._window)
+        size = entry.size
+        if size > self._max_bytes:
             return
-        self._set_check_at(entry)
         entries = self.entries
         old = entries.pop(key, None)
         if old is not None:
-            self.bytes -= old.size
+            size -= old.size
         entries[key] = entry
-        self.bytes += entry.size
-        self._tally.inc(("stored",))
+        self.bytes += size
+        counts = self._counts
+        counts[_STORED] = counts.get(_STORED, 0) + 1
+        if len(entries) > self._max_entries or self.bytes > self._max_bytes:
+            self._evict()
+
+    def _evict(self) -> None:
+        """Drop the least recently used entries until the cache is within its bounds."""
+        entries = self.entries
         while len(entries) > self._max_entries or self.bytes > self._max_bytes:
             self.bytes -= entries.popitem(last=False)[1].size
-            self._tally.inc(("evicted",))
-
-    def _set_check_at(self, entry: Entry) -> None:
-        if entry.cloak is not None:
-            entry.check_at = ALWAYS
-        elif self._window and entry.reply.rcode != wire.SERVFAIL:
-            entry.check_at = entry.expires - entry.reply.ttl * self._window
-        else:
-            entry.check_at = entry.expires
+            self._tally.inc(_EVICTED)
 
     def fresh(self, key: tuple) -> Entry | None:
         """The entry for key if it has not expired (no LRU update: for the slower stages)."""
@@ -153,8 +167,7 @@ class Cache:
         """Check every cached CNAME chain again: the rules changed (a reload)."""
         for entry in self.entries.values():
             if entry.reply.cnames:
-                entry.cloak = self._inspect(entry.reply.cnames)
-                self._set_check_at(entry)
+                entry.judge(self._inspect(entry.reply.cnames), self._window)
 
 
 class CacheLookup:

@@ -62,38 +62,48 @@ class Reply:
 def scan_reply(data: bytes, qend: int, policy: TtlPolicy) -> Reply:
     """Read an upstream reply (already matched to our query) into a Reply.
 
+    One walk over the records and one pass over what it found: this runs for every forward.
     Raises ValueError (or struct.error/IndexError) when the records are malformed.
     """
     flags, _, an, ns, ar = _COUNTS.unpack_from(data, 2)
-    records, opt, end = _walk_records(data, qend, an + ns + ar, an + ns)
+    records, cnames, opt, end = _walk_records(data, qend, an + ns + ar, an, an + ns)
     data = data[:end]  # bytes past the counted records would be junk in every answer
     if opt is not None:
         if opt[1] != end:
             return _scan_repacked(data, policy)
         data, ar = data[:opt[0]], ar - 1
+    # Each TTL is kept within [floor, ceiling]; the reply lives `lifetime`, or as long as
+    # its shortest kept TTL when that is None and the answer is positive.
     rcode = flags & 0xF
-    negative = rcode == wire.NXDOMAIN or (rcode == wire.NOERROR and an == 0)
-    failure = rcode == wire.SERVFAIL
-    if negative:
-        limit = _negative_ttl([rec for rec in records[an:an + ns] if rec[1] == wire.TYPE_SOA],
-                              policy)
-        stored = [min(rec[2], limit if limit is not None else 0) for rec in records]
-        lifetime = limit
-    elif failure:
-        stored = [min(rec[2], policy.servfail_ttl) for rec in records]
-        lifetime = policy.servfail_ttl or None
-    else:
-        stored = [min(max(rec[2], policy.min_ttl), policy.max_ttl) for rec in records]
-        lifetime = min(stored, default=policy.min_ttl) if rcode == wire.NOERROR else None
-    ttls = tuple([(rec[0] - qend, ttl) for rec, ttl in zip(records, stored)])
+    positive = rcode == wire.NOERROR and an > 0
+    floor, ceiling, lifetime = policy.min_ttl, policy.max_ttl, None
+    if positive:
+        pass
+    elif rcode == wire.NXDOMAIN or rcode == wire.NOERROR:
+        lifetime = _negative_ttl([rec for rec in records[an:an + ns] if rec[1] == wire.TYPE_SOA],
+                                 policy)
+        floor, ceiling = 0, lifetime or 0
+    elif rcode == wire.SERVFAIL:
+        floor, ceiling, lifetime = 0, policy.servfail_ttl, policy.servfail_ttl or None
+    ttls, shortest, changed = [], ceiling, False
+    for offset, _, ttl, _ in records:
+        kept = ttl if ttl > floor else floor
+        if kept > ceiling:
+            kept = ceiling
+        if kept != ttl:
+            changed = True
+        if kept < shortest:
+            shortest = kept
+        ttls.append((offset - qend, kept))
+    if positive:
+        lifetime = shortest
     body = data[qend:]
-    if [rec[2] for rec in records] != stored:  # some were bounded: write them back
+    if changed:  # some TTLs were bounded: write them back
         body = bytearray(body)
         for offset, ttl in ttls:
             _TTL.pack_into(body, offset, ttl)
-    cnames = tuple([wire.read_name(data, offset + 6)[0] for offset, rtype, _, _ in records[:an]
-                    if rtype == TYPE_CNAME])  # rdata starts after the TTL and RDLENGTH
-    return Reply(flags, an, ns, ar, bytes(body), ttls, lifetime, cnames)
+        body = bytes(body)
+    return Reply(flags, an, ns, ar, body, tuple(ttls), lifetime, tuple(cnames))
 
 
 def failure(policy: TtlPolicy) -> Reply:
@@ -101,29 +111,36 @@ def failure(policy: TtlPolicy) -> Reply:
     return Reply(wire.SERVFAIL, 0, 0, 0, b"", (), policy.servfail_ttl or None)
 
 
-def _walk_records(data: bytes, pos: int, count: int, additional: int
-                  ) -> tuple[list[tuple[int, int, int, int]], tuple[int, int] | None, int]:
-    """Each record's (TTL offset, type, TTL, SOA minimum), the OPT record's span, and where
-    the records end. `additional` is the index of the first additional record: RFC 6891 allows
-    one OPT record, there and nowhere else."""
-    records, opt = [], None
+def _walk_records(data: bytes, pos: int, count: int, an: int, additional: int
+                  ) -> tuple[list[tuple[int, int, int, int]], list[bytes],
+                             tuple[int, int] | None, int]:
+    """Each record's (TTL offset, type, TTL, SOA minimum), the answer section's CNAME targets,
+    the OPT record's span, and where the records end. `an` answer records come first;
+    `additional` is the index of the first additional record: RFC 6891 allows one OPT record,
+    there and nowhere else."""
+    records, cnames, opt = [], [], None
+    size = len(data)
     for index in range(count):
         start = pos
         # An owner name is most often a pointer to the question: skip it without a call.
         pos = pos + 2 if data[pos] >= 0xC0 else wire.skip_name(data, pos)
         rtype, _, ttl, rdlength = _RR_FIXED.unpack_from(data, pos)
         end = pos + 10 + rdlength
-        if end > len(data):
+        if end > size:
             raise ValueError("record runs past the end")
         if rtype == wire.TYPE_OPT:
             if opt is not None or index < additional:
                 raise ValueError("OPT record repeated or outside the additional section")
             opt = (start, end)
         else:
-            minimum = _TTL.unpack_from(data, end - 4)[0] if rtype == wire.TYPE_SOA else 0
+            minimum = 0
+            if rtype == wire.TYPE_SOA:
+                minimum = _TTL.unpack_from(data, end - 4)[0]
+            elif rtype == TYPE_CNAME and index < an:
+                cnames.append(wire.read_name(data, pos + 10)[0])
             records.append((pos + 4, rtype, ttl, minimum))
         pos = end
-    return records, opt, pos
+    return records, cnames, opt, pos
 
 
 def _negative_ttl(soa: list[tuple[int, int, int, int]], policy: TtlPolicy) -> int | None:

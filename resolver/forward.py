@@ -24,25 +24,41 @@ from .reply import Reply, TtlPolicy, failure, render, render_stale, scan_reply
 from .upstream import Exchange, UpstreamError, UpstreamPool
 
 Respond = Callable[..., None]  # Pipeline.respond(q, sink, build, *args)
+Sink = object  # pipeline.Sink: where an answer goes (a transport)
 
 
 class Flight(Exchange):
-    """One question on its way upstream, and who waits for it: the exchange itself, so a
-    forward costs one object."""
+    """One question on its way upstream, and the clients waiting for it: the exchange itself,
+    so a forward costs one object. The first client is the exchange's own query (`sink` is
+    where its answer goes; None for a prefetch, which nobody waits for); clients asking the
+    same question meanwhile queue in `more`."""
 
-    __slots__ = ("forwarder", "key", "waiters", "stale", "stale_due", "stale_timer")
+    __slots__ = ("forwarder", "sink", "more", "stale", "stale_due", "stale_timer")
 
-    def __init__(self, q: Query, forwarder: Forwarder, stale: Entry | None):
+    def __init__(self, q: Query, sink: Sink | None, forwarder: Forwarder, stale: Entry | None):
         super().__init__(q, forwarder.upstreams)
         self.forwarder = forwarder
-        self.key = q.cache_key
-        self.waiters: list[tuple[Query, object]] = []
+        self.sink = sink
+        self.more: list[tuple[Query, Sink]] | None = None
         self.stale = stale  # the expired answer to fall back on, if any
         self.stale_due = False  # the client response timer fired: serve stale at once
         self.stale_timer: asyncio.TimerHandle | None = None
 
     def done(self, data: bytes | None) -> None:
         self.forwarder.landed(self, data)
+
+    def join(self, q: Query, sink: Sink) -> None:
+        if self.more is None:
+            self.more = []
+        self.more.append((q, sink))
+
+    def take_waiters(self) -> list[tuple[Query, Sink]]:
+        """Every client still waiting, who will not be waiting any more."""
+        waiters = [] if self.sink is None else [(self.q, self.sink)]
+        if self.more:
+            waiters += self.more
+        self.sink = self.more = None
+        return waiters
 
 
 class Forwarder:
@@ -62,26 +78,24 @@ class Forwarder:
         self.waiting = 0  # clients waiting on a flight
         self.respond: Respond = _unwired
 
-    def submit(self, q: Query, sink) -> None:
+    def submit(self, q: Query, sink: Sink) -> None:
         """Answer q later, through respond(), once its question has been asked upstream."""
         flight = self._inflight.get(q.cache_key)
-        if flight is not None and flight.stale_due:
+        if flight is None:
+            self.waiting += 1
+            self._open(q, sink).start()  # may end at once: the flight knows its client
+        elif flight.stale_due:
             self.respond(q, sink, self._stale, flight.stale.reply)
-            return
-        fresh = flight is None
-        if fresh:
-            flight = self._open(q)
-        flight.waiters.append((q, sink))
-        self.waiting += 1
-        if fresh:  # started only now: an exchange may end at once, and must find the waiter
-            flight.start()
+        else:
+            self.waiting += 1
+            flight.join(q, sink)
 
     def prefetch(self, q: Query) -> None:
         """Refresh q's cached answer in the background (a popular answer about to expire),
         unless a fetch for it is already in flight or too many are."""
         if q.cache_key in self._inflight or len(self._inflight) >= self._max_inflight:
             return
-        self._open(q).start()
+        self._open(q, None).start()
         self._tally.inc(("prefetch",))
 
     def drain(self) -> None:
@@ -93,10 +107,10 @@ class Forwarder:
         self._inflight.clear()
         self.waiting = 0
 
-    def _open(self, q: Query) -> Flight:
+    def _open(self, q: Query, sink: Sink | None) -> Flight:
         """Register a flight for q's question, ready to start."""
         key = q.cache_key
-        flight = Flight(q, self, self._cache.stale(key))
+        flight = Flight(q, sink, self, self._cache.stale(key))
         self._inflight[key] = flight
         if flight.stale is not None:
             flight.stale_timer = self.upstreams.loop.call_later(
@@ -105,15 +119,20 @@ class Forwarder:
 
     def landed(self, flight: Flight, data: bytes | None) -> None:
         """The exchange ended: cache what came back (answer or failure), answer the waiters."""
-        key = flight.key
+        q = flight.q
+        key = q.cache_key
         if self._inflight.get(key) is flight:
             del self._inflight[key]
         if flight.stale_timer is not None:
             flight.stale_timer.cancel()
-        reply = self._store(key, data, 12 + len(flight.q.question))
-        waiters, flight.waiters = flight.waiters, []
-        self.waiting -= len(waiters)
-        for q, sink in waiters:
+        reply = self._store(key, data, 12 + len(q.question))
+        if flight.more is None:  # the usual case: one client, or a prefetch with none
+            if flight.sink is not None:
+                self.waiting -= 1
+                self.respond(q, flight.sink, self._answer, reply, flight.stale)
+            return
+        for q, sink in flight.take_waiters():
+            self.waiting -= 1
             self.respond(q, sink, self._answer, reply, flight.stale)
 
     def _store(self, key: tuple, data: bytes | None, qend: int) -> Reply | None:
@@ -136,9 +155,8 @@ class Forwarder:
         goes on and refreshes the cache when it lands."""
         flight.stale_timer = None
         flight.stale_due = True
-        waiters, flight.waiters = flight.waiters, []
-        self.waiting -= len(waiters)
-        for q, sink in waiters:
+        for q, sink in flight.take_waiters():
+            self.waiting -= 1
             self.respond(q, sink, self._stale, flight.stale.reply)
 
     def _answer(self, q: Query, reply: Reply | None, stale: Entry | None

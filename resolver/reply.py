@@ -67,11 +67,10 @@ def scan_reply(data: bytes, qend: int, policy: TtlPolicy) -> Reply:
     """
     flags, _, an, ns, ar = _COUNTS.unpack_from(data, 2)
     records, cnames, opt, end = _walk_records(data, qend, an + ns + ar, an, an + ns)
-    data = data[:end]  # bytes past the counted records would be junk in every answer
     if opt is not None:
         if opt[1] != end:
-            return _scan_repacked(data, policy)
-        data, ar = data[:opt[0]], ar - 1
+            return _scan_repacked(data[:end], policy)
+        end, ar = opt[0], ar - 1
     # Each TTL is kept within [floor, ceiling]; the reply lives `lifetime`, or as long as
     # its shortest kept TTL when that is None and the answer is positive.
     rcode = flags & 0xF
@@ -97,7 +96,7 @@ def scan_reply(data: bytes, qend: int, policy: TtlPolicy) -> Reply:
         ttls.append((offset - qend, kept))
     if positive:
         lifetime = shortest
-    body = data[qend:]
+    body = data[qend:end]  # bytes past the counted records would be junk in every answer
     if changed:  # some TTLs were bounded: write them back
         body = bytearray(body)
         for offset, ttl in ttls:
@@ -170,7 +169,7 @@ def render(q: Query, reply: Reply, elapsed: int) -> bytes:
     """Reply to q with `reply` as it stands `elapsed` seconds after it was received."""
     out = _header(q, reply) + q.question + reply.body
     if q.edns:
-        out += wire.opt_record(q.do)
+        out += wire.PLAIN_OPT[q.do]
     if elapsed > 0:
         out = bytearray(out)
         base = 12 + len(q.question)

@@ -29,7 +29,6 @@ import random
 import ssl
 import struct
 import time
-from collections import deque
 from collections.abc import Coroutine
 
 from . import wire
@@ -45,7 +44,7 @@ from .selection import Backoff, Health, arrange
 log = logging.getLogger(__name__)
 
 SOCKETS_PER_UPSTREAM = 16
-SWEEP_INTERVAL = 0.01  # seconds between timeout sweeps at the most: how late one may fire
+SWEEP_INTERVAL = 0.02  # seconds between timeout sweeps: how late a timeout may fire
 SOCKET_QUERIES = 200  # queries one socket carries before a fresh one (a new port) replaces it
 ROUNDS = 2  # times each upstream is tried for one query
 
@@ -130,7 +129,7 @@ class Upstream:
         self._udp_key = (self.name, "udp")  # label values bound once, off the hot path
         self._counts = metrics.upstream_queries.counts  # counted inline on the hot path
         self._outbox = outbox
-        self._expiry: deque[tuple[float, Exchange, int]] = deque()  # (due, exchange, attempt)
+        self._retiring: set[_UdpSocket] = set()  # replaced, open for late replies a while
         self._sweep: asyncio.TimerHandle | None = None
         self._tcp_key = (self.name, "tcp")
         self._tls_key = (self.name, "tls")
@@ -159,12 +158,12 @@ class Upstream:
         if self._sweep is not None:
             self._sweep.cancel()
             self._sweep = None
-        self._expiry.clear()
         for task in self._renewals:
             task.cancel()
-        for sock in self._sockets:
+        for sock in (*self._sockets, *self._retiring):
             sock.close()
         self._sockets.clear()
+        self._retiring.clear()
         if self._tls is not None:
             self._tls.close()
 
@@ -182,33 +181,29 @@ class Upstream:
         while qid in pending:
             qid = random_id()
         pending[qid] = exchange
-        exchange.waiting_on(sock, qid)
+        exchange.waiting_on(sock, qid, now + timeout)
         counts = self._counts
         counts[self._udp_key] = counts.get(self._udp_key, 0) + 1
         self._outbox.send(sock.transport, wire.upstream_query(exchange.q, qid, self._udp_size))
-        due = now + timeout
-        if timeout < self.timeout:  # cut short by the deadline: out of the queue's order
-            exchange.timer = self._loop.call_at(due, exchange.udp_expired, exchange.attempt)
-            return
-        self._expiry.append((due, exchange, exchange.attempt))
         if self._sweep is None:
-            self._sweep = self._loop.call_at(due, self._expire)
+            self._sweep = self._loop.call_later(SWEEP_INTERVAL, self._expire)
 
     def _expire(self) -> None:
-        """Time out the UDP attempts whose time is up, then sleep until the next is due.
+        """Time out the UDP attempts whose time is up.
 
-        One timer per upstream instead of one per query: attempts are queued in the order
-        they were sent, and with one timeout per upstream that is the order they expire in.
-        An entry whose attempt already ended is dropped as it comes up. The sweep runs at
-        most every SWEEP_INTERVAL, so a timeout may fire that much late.
+        One timer per upstream instead of one per query: while anything is in flight, the
+        sockets' pending tables are looked over every SWEEP_INTERVAL, so a query costs no
+        timer of its own and a timeout fires at most that much late. The tables hold only
+        what is in flight, about as many entries as clients waiting.
         """
-        expiry = self._expiry
         now = time.monotonic()
-        while expiry and expiry[0][0] <= now:
-            _, exchange, attempt = expiry.popleft()
-            exchange.udp_expired(attempt)
-        self._sweep = (self._loop.call_at(max(expiry[0][0], now + SWEEP_INTERVAL), self._expire)
-                       if expiry else None)
+        sockets = (*self._sockets, *self._retiring)
+        for sock in sockets:
+            if sock.pending:
+                for exchange in [e for e in sock.pending.values() if e.due <= now]:
+                    exchange.udp_failed("timeout")
+        busy = any(sock.pending for sock in sockets)
+        self._sweep = self._loop.call_later(SWEEP_INTERVAL, self._expire) if busy else None
 
     def _renew(self, index: int, old: _UdpSocket) -> None:
         """Open a fresh socket (a new random port) to take `old`'s place in the pool."""
@@ -226,9 +221,14 @@ class Upstream:
         fresh = task.result()
         if index < len(self._sockets) and self._sockets[index] is old:
             self._sockets[index] = fresh
-            self._loop.call_later(self.timeout + 1.0, old.close)
+            self._retiring.add(old)
+            self._loop.call_later(self.timeout + 1.0, self._retire, old)
         else:  # the pool was closed meanwhile
             fresh.close()
+
+    def _retire(self, old: _UdpSocket) -> None:
+        self._retiring.discard(old)
+        old.close()
 
     async def stream(self, q: Query, timeout: float) -> bytes:
         """One exchange over a stream: TLS for a DoT upstream, else TCP (after truncation)."""
@@ -285,14 +285,14 @@ class Exchange:
     upstream unhealthy: a live server said them, and the next name may be fine.
     """
 
-    __slots__ = ("q", "attempt", "timer", "_pool", "_order", "_deadline", "_last",
+    __slots__ = ("q", "due", "_pool", "_order", "_deadline", "_attempt", "_last",
                  "_upstream", "_sent", "_timeout", "_sock", "_qid", "_task", "_over")
 
     def __init__(self, q: Query, pool: UpstreamPool):
         self.q = q
         self._pool = pool
-        self.attempt = 0  # attempts made; an expiry entry names the attempt it belongs to
-        self.timer: asyncio.TimerHandle | None = None  # only for an attempt cut short
+        self.due = 0.0  # when the UDP attempt in flight times out
+        self._attempt = 0
         self._last: bytes | None = None
         self._sock: _UdpSocket | None = None
         self._task: asyncio.Task | None = None
@@ -319,11 +319,11 @@ class Exchange:
             return
         order = self._order
         remaining = self._deadline - now
-        if self.attempt >= ROUNDS * len(order) or remaining <= 0:
+        if self._attempt >= ROUNDS * len(order) or remaining <= 0:
             self._finish(self._last)
             return
-        upstream = self._upstream = order[self.attempt % len(order)]
-        self.attempt += 1
+        upstream = self._upstream = order[self._attempt % len(order)]
+        self._attempt += 1
         timeout = upstream.timeout
         if remaining < timeout:
             timeout = remaining
@@ -333,17 +333,14 @@ class Exchange:
         else:
             upstream.send_udp(self, now, timeout)
 
-    def waiting_on(self, sock: _UdpSocket, qid: int) -> None:
-        """The UDP attempt went out on sock with this ID."""
-        self._sock, self._qid = sock, qid
+    def waiting_on(self, sock: _UdpSocket, qid: int, due: float) -> None:
+        """The UDP attempt went out on sock with this ID, and times out at `due`."""
+        self._sock, self._qid, self.due = sock, qid, due
 
     def udp_reply(self, data: bytes) -> None:
         """A matching datagram (already taken off the socket's pending table): done, the
         next attempt after SERVFAIL or REFUSED, or a retry over TCP when it came truncated."""
         self._sock = None
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
         now = time.monotonic()
         if data[2] & (wire.TC >> 8):
             self._stream(self._upstream.stream(self.q, max(self._timeout - (now - self._sent),
@@ -351,19 +348,11 @@ class Exchange:
         else:
             self._got(data, now)
 
-    def udp_expired(self, attempt: int) -> None:
-        """The timeout of UDP attempt number `attempt` is up; nothing if it already ended."""
-        if attempt == self.attempt and self._sock is not None:
-            self.udp_failed("timeout")
-
     def udp_failed(self, kind: str) -> None:
         self._stop_udp()
         self._failed(kind)
 
     def _stop_udp(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
         if self._sock is not None:
             self._sock.pending.pop(self._qid, None)
             self._sock = None

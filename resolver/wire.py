@@ -195,6 +195,9 @@ def opt_record(do: bool, options: bytes = b"", ext_rcode: int = 0, size: int = 1
     return b"\x00" + _RR_FIXED.pack(TYPE_OPT, size, ttl, len(options)) + options
 
 
+PLAIN_OPT = (opt_record(False), opt_record(True))  # by DO: the OPT of most EDNS answers
+
+
 def ede_option(code: int, text: str) -> bytes:
     """An Extended DNS Error option (RFC 8914)."""
     raw = text.encode()

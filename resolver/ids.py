@@ -3,31 +3,31 @@
 An off-path attacker who guesses the ID (and the source port) of a query in flight can
 poison the answer, so IDs come from os.urandom, not a seeded generator. But each os.urandom
 call is a getrandom() syscall, which measured 18% of the forwarding path's time here; one call
-now serves 2,048 IDs.
+now serves 2,048 IDs, unpacked at once into a list the hot path pops from.
 """
 
 from __future__ import annotations
 
 import os
+from array import array
 
 BATCH = 4096  # bytes drawn per syscall: 2,048 IDs
 
 
 class IdSource:
-    """Hands out random IDs two bytes at a time from a buffer refilled from os.urandom."""
+    """Hands out random IDs from a list refilled from os.urandom when it runs dry."""
 
-    __slots__ = ("_buffer", "_pos")
+    __slots__ = ("_ids",)
 
     def __init__(self) -> None:
-        self._buffer = b""
-        self._pos = 0
+        self._ids: list[int] = []
 
     def __call__(self) -> int:
-        pos = self._pos
-        if pos >= len(self._buffer):
-            self._buffer, pos = os.urandom(BATCH), 0
-        self._pos = pos + 2
-        return (self._buffer[pos] << 8) | self._buffer[pos + 1]
+        try:
+            return self._ids.pop()
+        except IndexError:
+            self._ids = array("H", os.urandom(BATCH)).tolist()
+            return self._ids.pop()
 
 
 random_id = IdSource()

@@ -71,38 +71,36 @@ def scan_reply(data: bytes, qend: int, policy: TtlPolicy) -> Reply:
         if opt[1] != end:
             return _scan_repacked(data[:end], policy)
         end, ar = opt[0], ar - 1
-    # Each TTL is kept within [floor, ceiling]; the reply lives `lifetime`, or as long as
-    # its shortest kept TTL when that is None and the answer is positive.
+    # Each TTL is kept within [floor, ceiling]. A positive answer lives as long as its
+    # shortest kept TTL; other answers have a lifetime of their own, or None (not cached).
     rcode = flags & 0xF
-    positive = rcode == wire.NOERROR and an > 0
-    floor, ceiling, lifetime = policy.min_ttl, policy.max_ttl, None
+    positive = rcode == wire.NOERROR and an
     if positive:
-        pass
+        floor, ceiling = policy.min_ttl, policy.max_ttl
     elif rcode == wire.NXDOMAIN or rcode == wire.NOERROR:
         lifetime = _negative_ttl([rec for rec in records[an:an + ns] if rec[1] == wire.TYPE_SOA],
                                  policy)
         floor, ceiling = 0, lifetime or 0
     elif rcode == wire.SERVFAIL:
         floor, ceiling, lifetime = 0, policy.servfail_ttl, policy.servfail_ttl or None
+    else:
+        floor, ceiling, lifetime = policy.min_ttl, policy.max_ttl, None
     ttls, shortest, changed = [], ceiling, False
     for offset, _, ttl, _ in records:
-        kept = ttl if ttl > floor else floor
-        if kept > ceiling:
-            kept = ceiling
+        kept = floor if ttl < floor else ceiling if ttl > ceiling else ttl
         if kept != ttl:
             changed = True
         if kept < shortest:
             shortest = kept
         ttls.append((offset - qend, kept))
-    if positive:
-        lifetime = shortest
     body = data[qend:end]  # bytes past the counted records would be junk in every answer
     if changed:  # some TTLs were bounded: write them back
         body = bytearray(body)
         for offset, ttl in ttls:
             _TTL.pack_into(body, offset, ttl)
         body = bytes(body)
-    return Reply(flags, an, ns, ar, body, tuple(ttls), lifetime, tuple(cnames))
+    return Reply(flags, an, ns, ar, body, tuple(ttls), shortest if positive else lifetime,
+                 tuple(cnames))
 
 
 def failure(policy: TtlPolicy) -> Reply:
@@ -121,8 +119,10 @@ def _walk_records(data: bytes, pos: int, count: int, an: int, additional: int
     size = len(data)
     for index in range(count):
         start = pos
-        # An owner name is most often a pointer to the question: skip it without a call.
-        pos = pos + 2 if data[pos] >= 0xC0 else wire.skip_name(data, pos)
+        # An owner name is most often a pointer to the question, or the root for OPT: skip
+        # those without a call.
+        label = data[pos]
+        pos = pos + 2 if label >= 0xC0 else pos + 1 if not label else wire.skip_name(data, pos)
         rtype, _, ttl, rdlength = _RR_FIXED.unpack_from(data, pos)
         end = pos + 10 + rdlength
         if end > size:

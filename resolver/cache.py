@@ -194,7 +194,8 @@ class CacheLookup:
         key = q.cache_key
         entry = self._entries.get(key)
         if entry is None:  # nothing, not even a stale or CNAME-blocked entry: go upstream
-            self._tally.inc(_MISS)
+            counts = self._counts
+            counts[_MISS] = counts.get(_MISS, 0) + 1
             return FORWARD
         now = self._clock()
         if now >= entry.check_at:

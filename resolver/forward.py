@@ -110,7 +110,8 @@ class Forwarder:
     def _open(self, q: Query, sink: Sink | None) -> Flight:
         """Register a flight for q's question, ready to start."""
         key = q.cache_key
-        flight = Flight(q, sink, self, self._cache.stale(key))
+        stale = self._cache.stale(key) if key in self._cache.entries else None
+        flight = Flight(q, sink, self, stale)
         self._inflight[key] = flight
         if flight.stale is not None:
             flight.stale_timer = self.upstreams.loop.call_later(

@@ -43,7 +43,7 @@ from .selection import Backoff, Health, arrange
 
 log = logging.getLogger(__name__)
 
-SOCKETS_PER_UPSTREAM = 16
+SOCKETS_PER_UPSTREAM = 4  # more sockets measured slower: fewer replies per wake-up
 SWEEP_INTERVAL = 0.02  # seconds between timeout sweeps: how late a timeout may fire
 SOCKET_QUERIES = 200  # queries one socket carries before a fresh one (a new port) replaces it
 ROUNDS = 2  # times each upstream is tried for one query

@@ -14,12 +14,27 @@ from resolver.cache import Clock
 from resolver.config import Address, Config, UpstreamServer
 from resolver.rules import load_rules
 from tests.servers import LOOPBACK, FaultUpstream, NsdServer, run_nsd
+from tests.tls import TlsFiles, UnboundDot, make_tls_files, run_unbound_dot
 
 
 @pytest.fixture(scope="session")
 def nsd_upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NsdServer]:
     """A real NSD serving tests.servers.ZONE on 127.0.0.1, started once per test session."""
     with run_nsd(tmp_path_factory.mktemp("nsd")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
+    """A test CA and a certificate for tests.tls.TLS_NAME."""
+    return make_tls_files(tmp_path_factory.mktemp("tls"))
+
+
+@pytest.fixture(scope="session")
+def unbound_dot(tmp_path_factory: pytest.TempPathFactory, tls_files: TlsFiles,
+                nsd_upstream: NsdServer) -> Iterator[UnboundDot]:
+    """Unbound serving DNS over TLS on 127.0.0.1, forwarding to the NSD fixture."""
+    with run_unbound_dot(tmp_path_factory.mktemp("unbound"), tls_files, nsd_upstream) as server:
         yield server
 
 

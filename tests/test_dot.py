@@ -5,7 +5,6 @@ to NSD)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from pathlib import Path
 
 import dns.asyncquery
@@ -21,9 +20,9 @@ from resolver.config import (
 from resolver.dot import Connection
 from resolver.rules import load_rules
 from resolver.upstream import UpstreamError, UpstreamPool
-from tests.servers import LOOPBACK, ZONE, NsdServer
+from tests.servers import LOOPBACK, ZONE
 from tests.test_upstream import open_pool, query
-from tests.tls import IDLE_MS, TLS_NAME, TlsFiles, UnboundDot, make_tls_files, run_unbound_dot
+from tests.tls import IDLE_MS, TLS_NAME, UnboundDot
 
 # --- the connection, fed bytes by hand ---------------------------------------------------
 
@@ -129,18 +128,6 @@ async def test_an_idle_connection_is_closed_after_its_last_reply():
 
 
 # --- against Unbound ------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
-    return make_tls_files(tmp_path_factory.mktemp("tls"))
-
-
-@pytest.fixture(scope="session")
-def unbound_dot(tmp_path_factory: pytest.TempPathFactory, tls_files: TlsFiles,
-                nsd_upstream: NsdServer) -> Iterator[UnboundDot]:
-    with run_unbound_dot(tmp_path_factory.mktemp("unbound"), tls_files, nsd_upstream) as server:
-        yield server
 
 
 def over_tls(unbound: UnboundDot, ca: Path | None, tls_name: str = TLS_NAME) -> UpstreamServer:

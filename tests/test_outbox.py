@@ -55,3 +55,20 @@ async def test_one_flush_per_pass_and_a_new_one_for_the_next():
     await asyncio.sleep(0)
     assert [data for _, data, _ in log] == [b"0", b"1", b"2", b"next pass"]
     assert outbox.flushes == 2
+
+
+class Broken:
+    def sendto(self, data: bytes, addr=None) -> None:
+        raise ValueError("no route for this one")
+
+
+async def test_a_send_that_raises_costs_the_others_nothing(caplog):
+    log: list = []
+    good = Recorder(log)
+    outbox = Outbox()
+    outbox.send(good, b"before")
+    outbox.send(Broken(), b"bad", ("127.0.0.1", 9))
+    outbox.send(good, b"after")
+    await asyncio.sleep(0)
+    assert [data for _, data, _ in log] == [b"before", b"after"]
+    assert "could not send a datagram to ('127.0.0.1', 9)" in caplog.text

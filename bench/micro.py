@@ -5,15 +5,17 @@ default config, metrics on) and times each stage on its own, then whole `Pipelin
 calls for a blocked name and a cache hit (the full path), datagrams given to the real UDP
 entry point and answered by the packet cache (the replay path a repeated question takes; the
 transport only counts), and the Python cost of a forwarded query on either side of the
-upstream socket, so a regression shows where the time went.
-Numbers move with the machine; compare them between commits on one machine.
+upstream socket, so a regression shows where the time went. The garbage collector runs
+with the server's settings (cli.settle_memory).
+Numbers move with the machine; compare them between commits on one machine. The last line,
+the bytecode instructions one forwarded query runs on either side of the upstream socket,
+does not move with the machine: it is the measure of the forwarding path's Python work.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import sys
 import time
 import timeit
@@ -26,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from resolver import wire  # noqa: E402
 from resolver.app import build_pipeline  # noqa: E402
+from resolver.cli import settle_memory  # noqa: E402
 from resolver.config import Config, UpstreamConfig, UpstreamServer  # noqa: E402
 from resolver.metrics import Metrics  # noqa: E402
 from resolver.outbox import Outbox  # noqa: E402
@@ -112,8 +115,6 @@ async def forward_round_trip(config: Config, rules, number: int) -> tuple[float,
     pipeline = build_pipeline(config, rules, metrics, pool, time.monotonic)
     server, client_side = udp_server(pipeline, outbox)
     queries = [packet(f"n{i}.cold.example", False) for i in range(number)]
-    gc.collect()
-    gc.freeze()  # as the server does at startup
     out = back = 0.0
     for start in range(0, number, 100):
         began = time.perf_counter()
@@ -131,7 +132,32 @@ async def forward_round_trip(config: Config, rules, number: int) -> tuple[float,
         outbox.flush()
         back += time.perf_counter() - began
     assert client_side.sent == number, client_side.sent
-    return out / number * 1e6, back / number * 1e6
+    # One more query, its bytecodes counted: a measure that does not move with the machine.
+    counted = packet("counted.example", False)
+    ops_out = bytecodes(lambda: (server.datagram_received(counted, CLIENT), outbox.flush()))
+    sock, data = next((sock, data) for sock in sockets for data in sock.transport.sent)
+    reply = upstream_reply(data)
+    ops_back = bytecodes(lambda: (sock.datagram_received(reply, None), outbox.flush()))
+    return out / number * 1e6, back / number * 1e6, ops_out, ops_back
+
+
+def bytecodes(func) -> int:
+    """How many bytecode instructions func() runs, in every Python function it calls."""
+    count = 0
+
+    def trace(frame, event, arg):
+        nonlocal count
+        frame.f_trace_opcodes = True
+        if event == "opcode":
+            count += 1
+        return trace
+
+    sys.settrace(trace)
+    try:
+        func()
+    finally:
+        sys.settrace(None)
+    return count - 3  # the lambda's own call and tuple
 
 
 def per_query_us(func, number: int) -> float:
@@ -151,6 +177,7 @@ def main() -> None:
     pipeline = build_pipeline(config, rules, metrics, UpstreamPool(config.upstream, metrics),
                               clock=lambda: 1000.0)
     blocker, cache_stage = pipeline.stages[:2]
+    settle_memory()  # the server's garbage-collector settings, which the numbers depend on
     sink = NullSink()
     udp, _ = udp_server(pipeline, Outbox())
 
@@ -176,10 +203,13 @@ def main() -> None:
     for label, func in rows:
         us = per_query_us(func, args.number)
         print(f"{label:44} {us:9.3f} {1e6 / us:11,.0f}")
-    out, back = uvloop.run(forward_round_trip(config, rules, min(args.number, 20_000)))
+    out, back, ops_out, ops_back = uvloop.run(
+        forward_round_trip(config, rules, min(args.number, 20_000)))
     for label, us in (("forward: query to upstream socket", out),
                       ("forward: upstream reply to client answer", back)):
         print(f"{label:44} {us:9.3f} {1e6 / us:11,.0f}")
+    print(f"forward, bytecodes run: {ops_out} out, {ops_back} back, {ops_out + ops_back} "
+          f"in all")
 
 
 if __name__ == "__main__":

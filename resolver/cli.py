@@ -73,7 +73,7 @@ def _serve(args: argparse.Namespace) -> int:
         for problem in exc.problems:
             print(f"resolver: {problem}", file=sys.stderr)
         return 2
-    _settle_memory()
+    settle_memory()
     workers = args.workers or default_workers()
     try:
         if workers > 1:
@@ -91,7 +91,7 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _settle_memory() -> None:
+def settle_memory() -> None:
     """Move everything loaded so far (rules, config) out of the garbage collector's sight,
     collect young objects less often, and after each collection, move its survivors out of
     sight too.

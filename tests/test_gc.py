@@ -1,6 +1,6 @@
 """The query paths make no reference cycles.
 
-The server freezes whatever survives a young garbage collection (cli._settle_memory), so a
+The server freezes whatever survives a young garbage collection (cli.settle_memory), so a
 cycle that outlives one would never be collected. Here every path runs with the collector
 off, then one collection must find nothing of ours to free: no Flight, Exchange, Query,
 connection or timer handle held in a cycle.

@@ -1,5 +1,9 @@
 # Developer entry points. The venv is rebuilt only when pyproject.toml changes (stamp files).
-PYTHON ?= python3
+# The distribution's Python when it is 3.11 or newer, else python3 from PATH: Debian builds
+# its Python with profile-guided optimisation, which answered 7-8% more queries per second
+# here than a plain source build of 3.11 (pyenv's). `make PYTHON=...` picks another.
+PYTHON ?= $(shell /usr/bin/python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+	2>/dev/null && echo /usr/bin/python3 || echo python3)
 VENV := .venv
 BIN := $(VENV)/bin
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import struct
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from . import wire
 from .blocking import Blocker
@@ -23,8 +24,10 @@ from .query import Outcome, Query
 from .reply import Reply, TtlPolicy, failure, render, render_stale, scan_reply
 from .upstream import Exchange, UpstreamError, UpstreamPool
 
+if TYPE_CHECKING:
+    from .pipeline import Sink  # noqa: F401 (annotations only: pipeline imports this module)
+
 Respond = Callable[..., None]  # Pipeline.respond(q, sink, build, *args)
-Sink = object  # pipeline.Sink: where an answer goes (a transport)
 
 
 class Flight(Exchange):

@@ -116,12 +116,10 @@ class Blocker:
         if hit is None:
             return None
         rule, offset = hit
-        lst = rule.list
-        key = (lst.name, rule.entry_id, lst.action)
         blocked = self._metrics.blocked
-        blocked.inc(key)
-        self.memo = (NEVER, blocked, key)  # holds until the rules change (install clears)
-        return answers[lst.name].build(q, offset)
+        blocked.inc(rule.labels)
+        self.memo = (NEVER, blocked, rule.labels)  # holds until the rules change (install)
+        return answers[rule.list.name].build(q, offset)
 
     def check_chain(self, targets: tuple[bytes, ...]) -> Cloak | None:
         """The first block among an answer's CNAME targets (lowercase wire names): the rule and
@@ -138,9 +136,8 @@ class Blocker:
         cloaking, blocked as Pi-hole, Blocky and AdGuard Home do): the list's answer with the
         SOA owned by that domain, counted like any other block."""
         rule, domain = cloak
-        lst = rule.list
-        self._metrics.blocked.inc((lst.name, rule.entry_id, lst.action))
-        return self._state[1][lst.name].build(q, 0, owner=domain)
+        self._metrics.blocked.inc(rule.labels)
+        return self._state[1][rule.list.name].build(q, 0, owner=domain)
 
 
 class CnameBlocker:

@@ -113,8 +113,7 @@ class Forwarder:
     def _open(self, q: Query, sink: Sink | None) -> Flight:
         """Register a flight for q's question, ready to start."""
         key = q.cache_key
-        stale = self._cache.stale(key) if key in self._cache.entries else None
-        flight = Flight(q, sink, self, stale)
+        flight = Flight(q, sink, self, self._cache.stale(key))
         self._inflight[key] = flight
         if flight.stale is not None:
             flight.stale_timer = self.upstreams.loop.call_later(

@@ -9,7 +9,7 @@ builds a new one and the server swaps one reference.
 import ipaddress
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -67,6 +67,12 @@ class Rule:
     list: RuleList
     entry_id: str = ""
     entry_name: str = ""
+    # The label values resolver_blocked_total counts this rule's hits under, made once here
+    # rather than per blocked query.
+    labels: tuple[str, str, str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "labels", (self.list.name, self.entry_id, self.list.action))
 
 
 class RuleSet:

@@ -65,22 +65,23 @@ class Health:
         return True
 
     def success(self, rtt: float) -> None:
-        """Any reply: the upstream is alive (even SERVFAIL is an answer from a live server).
-        The EWMA is written out here: this runs for every forwarded query."""
-        srtt = self.srtt
-        self.srtt = rtt if srtt is None else srtt + EWMA_WEIGHT * (rtt - srtt)
+        """Any reply: the upstream is alive (even SERVFAIL is an answer from a live server)."""
+        self._sample(rtt)
         self.failures = 0
         self.until = 0.0
 
     def failure(self, now: float, penalty: float) -> None:
         """A timeout or a broken exchange. penalty (the attempt's timeout) feeds the RTT, so
         `fastest` moves away from an upstream that stops answering before it is backed off."""
-        srtt = self.srtt
-        self.srtt = penalty if srtt is None else srtt + EWMA_WEIGHT * (penalty - srtt)
+        self._sample(penalty)
         self.failures += 1
         if not self.healthy:
             doublings = min(self.failures - self._backoff.after, MAX_DOUBLINGS)
             self.until = now + min(self._backoff.maximum, self._backoff.initial * 2 ** doublings)
+
+    def _sample(self, rtt: float) -> None:
+        srtt = self.srtt
+        self.srtt = rtt if srtt is None else srtt + EWMA_WEIGHT * (rtt - srtt)
 
 
 class HasHealth(Protocol):

@@ -84,17 +84,11 @@ class _UdpSocket(asyncio.DatagramProtocol):
         self.transport = transport
 
     def datagram_received(self, data: bytes, addr) -> None:
-        """A reply to our question (see _matches), written out: this runs for every forward."""
         if len(data) < 12:
             return
         qid = (data[0] << 8) | data[1]
         exchange = self.pending.get(qid)
-        if exchange is None:  # late, or a guess
-            return
-        q = exchange.q
-        end = 12 + len(q.question)
-        if (len(data) >= end and data[2] & 0x80 and data[4:6] == b"\x00\x01"
-                and data[12:end - 4].lower() == q.name and data[end - 4:end] == q.question[-4:]):
+        if exchange is not None and _matches(data, exchange.q):  # else late, or a guess
             del self.pending[qid]
             exchange.udp_reply(data)
 

@@ -118,12 +118,12 @@ async def running_server(config: Config, rules: RuleSet, clock: Clock | None = N
     metrics = Metrics(registry)
     outbox = Outbox()
     upstreams = UpstreamPool(config.upstream, metrics, outbox=outbox)
-    await upstreams.open()
     pipeline = build_pipeline(config, rules, metrics, upstreams, clock or time.monotonic)
     limits = TcpLimits(config.server.tcp_idle_timeout, config.server.tcp_max_connections)
     closers: list = []
     http = None
     try:
+        await upstreams.open()  # in here: a failure part-way still closes what it opened
         addresses = [await _bind(address, pipeline, outbox, limits, closers, reuse_port)
                      for address in config.server.listen]
         metrics_address = None

@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import gc
 import logging
+import signal
 import sys
 
 import uvloop
@@ -64,6 +65,9 @@ def _positive(text: str) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    # A reload asked for while the rules load would otherwise kill the process: SIGHUP's
+    # default action. The event loop (or the supervisor) installs the real handler.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     overrides = Overrides(listen=tuple(args.listen), upstreams=tuple(args.upstream),
                           rules=tuple(args.rules), metrics=args.metrics)
     try:

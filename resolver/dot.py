@@ -111,6 +111,8 @@ class Connection(asyncio.Protocol):
         return self.transport is not None and not self.transport.is_closing()
 
     async def exchange(self, build: Callable[[int], bytes], timeout: float) -> bytes:
+        if not self.usable:  # lost while the query waited for it: nothing would ever answer
+            raise ConnectionResetError("the connection to the upstream is closed")
         loop = asyncio.get_running_loop()
         if self._idle is not None:
             self._idle.cancel()
@@ -139,6 +141,9 @@ class Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        # Idle from the start: if every query that waited for the handshake gave up, no
+        # exchange would ever arm the timer and the connection would stay open for good.
+        self._idle = asyncio.get_running_loop().call_later(self._idle_timeout, self.close)
 
     def data_received(self, data: bytes) -> None:
         buffer = self._buffer

@@ -12,6 +12,7 @@ hash. The supervisor answers no queries. It:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import dataclasses
 import logging
@@ -78,6 +79,8 @@ class Worker:
 
     def snapshot(self) -> list[Sample]:
         try:
+            while self.conn.poll(0):  # a reply that came too late for an earlier scrape
+                self.last = self.conn.recv()
             self.conn.send("snapshot")
             if self.conn.poll(SNAPSHOT_TIMEOUT):
                 self.last = self.conn.recv()
@@ -109,8 +112,9 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     except (OSError, AttributeError):
         pass  # not Linux: workers then outlive a killed supervisor
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, signal.SIG_DFL)  # the event loop installs its own handlers
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a reload before it does must not kill
 
 
 def _answer_snapshot(conn: Connection, metrics) -> None:
@@ -164,7 +168,8 @@ class Supervisor:
             if self.reload_requested:
                 self.reload_requested = False
                 for worker in self.workers:
-                    os.kill(worker.process.pid, signal.SIGHUP)
+                    with contextlib.suppress(ProcessLookupError):  # died: restarted below
+                        os.kill(worker.process.pid, signal.SIGHUP)
             ended = wait([w.process.sentinel for w in self.workers], timeout=0.5)
             for worker in [w for w in self.workers if w.process.sentinel in ended]:
                 if not self.stopping:
@@ -180,8 +185,12 @@ class Supervisor:
             fresh = Worker.start(worker.index, self.config, self.rules)
         try:
             fresh.ready()
-        except RuntimeError as exc:
+        except RuntimeError as exc:  # left out: the dead worker stays, and is tried again
             log.error("%s", exc)
+            fresh.process.kill()
+            fresh.process.join()
+            fresh.conn.close()
+            return
         with self.lock:
             self.retired = merge_samples([self.retired,
                                           [s for s in worker.last if s.kind == "counter"]])

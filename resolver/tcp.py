@@ -65,8 +65,18 @@ class TcpConnection(asyncio.Protocol):
 
     def deliver(self, answer: bytes, client: tuple) -> None:
         self._waiting -= 1
+        if self.transport.is_closing():  # the client went away meanwhile
+            return
         self._write(answer)
         self._arm_idle()
+
+    def pause_writing(self) -> None:
+        """The client does not read its answers: stop reading its queries until it does, so
+        the write buffer cannot grow without bound."""
+        self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.transport.resume_reading()
 
     def _write(self, answer: bytes) -> None:
         if not self.transport.is_closing():

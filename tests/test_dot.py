@@ -127,6 +127,22 @@ async def test_an_idle_connection_is_closed_after_its_last_reply():
     assert transport.closed
 
 
+
+async def test_a_query_on_a_connection_already_closed_fails_at_once():
+    """Not after its whole timeout: nothing would ever answer it."""
+    conn, transport, _ = connection()
+    transport.closed = True
+    with pytest.raises(ConnectionResetError):
+        await ask(conn, "q.example.org", timeout=5.0)
+    assert transport.written == b""
+
+
+async def test_a_connection_nobody_used_is_closed_when_idle():
+    """Every query that waited for the handshake gave up: the connection still closes."""
+    _, transport, _ = connection(idle_timeout=0.05)
+    await asyncio.sleep(0.1)
+    assert transport.closed
+
 # --- against Unbound ------------------------------------------------------------------------
 
 

@@ -18,6 +18,7 @@ import yaml
 import resolver
 from resolver.errors import ConfigError
 from resolver.names import normalize
+from resolver.wire import MAX_TTL
 from resolver.selection import STRATEGIES
 from resolver.yamlnodes import known_keys, line_of, problem_text
 
@@ -636,24 +637,24 @@ def _sections(base: Path) -> dict[str, ReadNode]:
         }),
         "blocking": _section(BlockingConfig, {
             "rules": _list_of("paths", _path(base)),
-            "ttl": _integer(0),
+            "ttl": _integer(0, MAX_TTL),
             "soa_mname": _name,
             "soa_rname": _name,
             "ede": _boolean,
         }),
         "cache": _section(CacheConfig, {
             "max_entries": _integer(0),
-            "min_ttl": _integer(0),
-            "max_ttl": _integer(0),
-            "negative_ttl": _integer(0),
-            "servfail_ttl": _integer(0),
+            "min_ttl": _integer(0, MAX_TTL),
+            "max_ttl": _integer(0, MAX_TTL),
+            "negative_ttl": _integer(0, MAX_TTL),
+            "servfail_ttl": _integer(0, MAX_TTL),
             "max_bytes": _integer(0),
             "prefetch": _boolean,
             "prefetch_min_hits": _integer(1),
             "prefetch_window": _fraction,
             "serve_stale": _boolean,
             "stale_window": _integer(0),
-            "stale_ttl": _integer(1),
+            "stale_ttl": _integer(1, MAX_TTL),
             "stale_client_timeout": _seconds,
             "packet_entries": _integer(0),
         }, _check_cache),

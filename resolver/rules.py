@@ -16,6 +16,7 @@ import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from resolver.errors import ConfigError
+from resolver.wire import MAX_TTL
 from resolver.names import from_wire, label_offsets, normalize, to_wire
 from resolver.yamlnodes import (INT, NULL, STR, dotted, kind_of, known_keys, line_of,
                                 problem_text)
@@ -32,7 +33,6 @@ TEXT_SUFFIXES = (".txt", ".list")
 # List names and entry ids end up in logs and metric labels, so keep them plain tokens.
 _TOKEN = re.compile(r"[a-z0-9_.-]+")
 _TOKEN_RULE = "use only a-z 0-9 _ . -"
-_MAX_TTL = 2**31 - 1
 _MAX_LABELS = 127  # in a 255-octet wire name: 127 one-letter labels and the root
 # libyaml parses big lists several times faster; the pure-Python loader gives the same nodes.
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -386,10 +386,10 @@ class _YamlFile:
             return None
         if action == ALLOW:
             self._error(node, where, "not used with action allow")
-        elif node.tag == INT and node.value.isdigit() and int(node.value) <= _MAX_TTL:
+        elif node.tag == INT and node.value.isdigit() and int(node.value) <= MAX_TTL:
             return int(node.value)
         else:
-            self._error(node, where, f"expected whole seconds 0 to {_MAX_TTL}, got {kind_of(node)}")
+            self._error(node, where, f"expected whole seconds 0 to {MAX_TTL}, got {kind_of(node)}")
         return None
 
     def _sinkhole(self, node: Node | None, where: str, action: str) -> tuple[_Texts, _Texts]:

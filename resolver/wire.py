@@ -20,6 +20,7 @@ CLASS_IN = 1
 EDE_OPTION = 15
 MAX_NAME = 255
 CLASSIC_UDP = 512
+MAX_TTL = 2**31 - 1  # RFC 2181 8: the largest TTL a record may carry
 
 _HEADER = struct.Struct("!HHHHHH")
 _RR_FIXED = struct.Struct("!HHIH")  # type, class, ttl, rdlength

@@ -20,7 +20,7 @@ from resolver.errors import ConfigError
 from resolver.names import normalize
 from resolver.wire import MAX_TTL
 from resolver.selection import STRATEGIES
-from resolver.yamlnodes import known_keys, line_of, problem_text
+from resolver.yamlnodes import NULL, known_keys, line_of, problem_text
 
 RESOLV_CONF = "/etc/resolv.conf"
 FALLBACK_UPSTREAMS = ("9.9.9.9", "1.1.1.1")
@@ -440,7 +440,7 @@ def _read_mapping(
 ) -> dict[str, Any]:
     """Read a mapping with known keys; unknown and duplicate keys are reported, bad values are
     left out so the dataclass default stands in while the remaining keys are still checked."""
-    if node is None or node.tag == "tag:yaml.org,2002:null":
+    if node is None or node.tag == NULL:
         return {}
     if not isinstance(node, yaml.MappingNode):
         report.add(node, path, "expected a mapping")

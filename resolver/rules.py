@@ -108,7 +108,7 @@ class RuleSet:
             table = {wire: rule for wire, rule in blocks.items() if not _allowed(wire, allows)}
             table.update(allows)
         setter(self, "_get", table.get)
-        setter(self, "_windows", _windows({_label_count(wire) for wire in table}))
+        setter(self, "_windows", _windows({len(label_offsets(wire)) for wire in table}))
         setter(self, "_example", next((wire for wire, rule in table.items()
                                        if rule.list.action != ALLOW), None))
 
@@ -157,15 +157,6 @@ def _windows(depths: set[int]) -> tuple[range, ...]:
     deepest, shallowest = max(depths, default=0), min(depths, default=1)
     counts = range(_MAX_LABELS + 1)
     return tuple(range(max(0, count - deepest), count - shallowest + 1) for count in counts)
-
-
-def _label_count(wire: bytes) -> int:
-    """Labels in a wire name; a bare loop, as this runs once per rule domain at load."""
-    index = count = 0
-    while wire[index]:
-        index += wire[index] + 1
-        count += 1
-    return count
 
 
 def _allowed(wire: bytes, allows: dict[bytes, Rule]) -> bool:
@@ -342,9 +333,12 @@ class _YamlFile:
         keys = self._mapping(node, where, _ENTRY_KEYS, required=("id", "domains"))
         entry_id = self._entry_id(keys.get("id"), f"{where}.id", ids)
         entry_name = self._string(keys["name"], f"{where}.name") if "name" in keys else ""
-        domains = self._sequence(keys.get("domains"), f"{where}.domains")
-        if "domains" in keys and not domains:
-            self._error(keys["domains"], f"{where}.domains", "expected at least one domain")
+        listed = keys.get("domains")
+        domains = self._sequence(listed, f"{where}.domains")
+        if listed is not None and not domains and (isinstance(listed, SequenceNode)
+                                                   or listed.tag == NULL):
+            # (a value that is no list at all was reported as such already)
+            self._error(listed, f"{where}.domains", "expected at least one domain")
         rule = Rule(plain.list, entry_id or "", entry_name or "")
         for index, item in enumerate(domains):
             self._domain(item, f"{where}.domains[{index}]", rule)
@@ -375,7 +369,7 @@ class _YamlFile:
             return DEFAULT_ACTION
         value = self._string(node, where)
         if value in ACTIONS:
-            return ACTIONS[ACTIONS.index(value)]
+            return value
         if value is not None:
             self._error(node, where, f"{value!r} is not one of {', '.join(ACTIONS)}")
         return DEFAULT_ACTION

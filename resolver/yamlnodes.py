@@ -58,17 +58,16 @@ def known_keys(
     path: str,
     allowed: Container[str],
     report: Report,
-    bad_key: Callable[[Node], str | None] = string_key,
 ) -> Iterator[tuple[str, str, Node]]:
     """(key, dotted path, value node) for each allowed key, in file order; reports an unknown
-    or repeated key (the first one stands) at the key, and a key bad_key has a message for
-    (by default: one that is not a plain string) at the mapping's own path.
+    or repeated key (the first one stands) at the key, and a key that is not a plain string
+    at the mapping's own path.
 
     A generator, so a reader that reads each value as it comes reports in the same order.
     """
     seen: set[str] = set()
     for key_node, value_node in node.value:
-        problem = bad_key(key_node)
+        problem = string_key(key_node)
         if problem:
             report(key_node, path, problem)
             continue

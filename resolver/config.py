@@ -20,7 +20,7 @@ from resolver.errors import ConfigError
 from resolver.names import normalize
 from resolver.wire import MAX_TTL
 from resolver.selection import STRATEGIES
-from resolver.yamlnodes import NULL, known_keys, line_of, problem_text
+from resolver.yamlnodes import NULL, known_keys, line_of, problem_text, syntax_problem
 
 RESOLV_CONF = "/etc/resolv.conf"
 FALLBACK_UPSTREAMS = ("9.9.9.9", "1.1.1.1")
@@ -239,19 +239,11 @@ def _read_file(path: str, problems: list[str]) -> dict[str, Any]:
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as error:
-        raise ConfigError([_syntax_error(path, error)]) from None
+        raise ConfigError([syntax_problem(path, error)]) from None
     report = _Report(path)
     sections = _read_mapping(root, "", _sections(Path(path).parent), report)
     problems.extend(report.problems())
     return sections
-
-
-def _syntax_error(path: str, error: yaml.YAMLError) -> str:
-    mark = getattr(error, "problem_mark", None)
-    if mark is None:
-        return f"{path}: YAML syntax error: {str(error).splitlines()[0]}"
-    problem = ", ".join(filter(None, (getattr(error, "context", None), error.problem)))
-    return f"{path}:{mark.line + 1}: YAML syntax error: {problem}"
 
 
 # --- value parsers: plain Python value in, typed value out, _Invalid on a bad value ----------
@@ -553,6 +545,8 @@ def _servers(base: Path, *, required: bool) -> ReadNode:
     server = _server(base)
 
     def read(node: yaml.Node, path: str, report: _Report) -> Any:
+        if node.tag == NULL and not required:  # `servers:` left empty, as `servers: []`
+            return ()
         if not isinstance(node, yaml.SequenceNode):
             report.add(node, path, "expected a list of servers")
             return _MISSING

@@ -19,7 +19,7 @@ from resolver.errors import ConfigError
 from resolver.wire import MAX_TTL
 from resolver.names import from_wire, label_offsets, normalize, to_wire
 from resolver.yamlnodes import (INT, NULL, STR, dotted, kind_of, known_keys, line_of,
-                                problem_text)
+                                problem_text, syntax_problem)
 
 ALLOW = "allow"
 DEFAULT_ACTION = "nxdomain"
@@ -226,12 +226,8 @@ class _Loader:
             return
         try:
             root = yaml.compose(text, Loader=_LOADER)
-        except yaml.MarkedYAMLError as error:
-            line = error.problem_mark.line + 1 if error.problem_mark else 1
-            self.problems.append(f"{path}:{line}: YAML syntax error: {error.problem}")
-            return
         except yaml.YAMLError as error:
-            self.problems.append(f"{path}: YAML syntax error: {error}")
+            self.problems.append(syntax_problem(path, error))
             return
         if root is not None:
             self.problems += _YamlFile(self, path).parse(root)

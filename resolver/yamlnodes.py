@@ -9,6 +9,7 @@ stays with each reader.
 
 from collections.abc import Callable, Container, Iterator
 
+import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 Report = Callable[[Node, str, str], None]  # records (node for the line, dotted path, message)
@@ -80,3 +81,13 @@ def known_keys(
         else:
             seen.add(key)
             yield key, key_path, value_node
+
+
+def syntax_problem(path: str, error: yaml.YAMLError) -> str:
+    """'file:line: YAML syntax error: what', with the parser's context where it gives one
+    ('while parsing a flow sequence, expected ...')."""
+    mark = getattr(error, "problem_mark", None)
+    if mark is None:
+        return f"{path}: YAML syntax error: {str(error).splitlines()[0]}"
+    problem = ", ".join(filter(None, (getattr(error, "context", None), error.problem)))
+    return f"{path}:{mark.line + 1}: YAML syntax error: {problem}"

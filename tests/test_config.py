@@ -229,7 +229,8 @@ def test_defaults():
     )
 
 
-@pytest.mark.parametrize("text", ["", "\n# only a comment\n", "---\n", "server:\ncache: ~\n"])
+@pytest.mark.parametrize("text", ["", "\n# only a comment\n", "---\n", "server:\ncache: ~\n",
+                                  "upstream:\n  servers:\n", "upstream:\n  servers: []\n"])
 def test_empty_file_or_sections_mean_defaults(in_tmp, text):
     assert load_text(text) == replace(load_config(None, resolv_conf=NO_RESOLV_CONF),
                                       source="c.yaml")

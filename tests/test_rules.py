@@ -282,9 +282,9 @@ def test_several_paths_load_in_order(tmp_path: Path) -> None:
         ("lists:\n  - name: 7\n", ["{path}:2: lists[0].name: expected a string, got a number (7)"]),
         (  # YAML syntax error, with the line
             "lists:\n  - name: l\n    domains\n    action: nodata\n",
-            ["{path}:4: YAML syntax error: could not find expected ':'"],
+            ["{path}:4: YAML syntax error: while scanning a simple key, could not find expected ':'"],
         ),
-        ('lists:\n  - name: "l\n', ["{path}:3: YAML syntax error: found unexpected end of stream"]),
+        ('lists:\n  - name: "l\n', ["{path}:3: YAML syntax error: while scanning a quoted scalar, found unexpected end of stream"]),
         (  # entries that are neither strings nor mappings
             """\
             lists:
@@ -412,7 +412,7 @@ def test_yaml_errors(
         (  # every file is checked, so one run reports everything
             {"a.yaml": 'lists: "\n', "b.txt": "b..test", "c.yaml": "lists:\n  - name: c\n    ttl: x"},
             [
-                "{dir}/a.yaml:2: YAML syntax error: found unexpected end of stream",
+                "{dir}/a.yaml:2: YAML syntax error: while scanning a quoted scalar, found unexpected end of stream",
                 "{dir}/b.txt:1: 'b..test' is not a valid name: empty label",
                 "{dir}/c.yaml:3: lists[0].ttl: expected whole seconds 0 to 2147483647, got a string (x)",
             ],

@@ -16,13 +16,13 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 
 from .blocking import Blocker, CnameBlocker
 from .cache import Cache, CacheLookup, Clock, StaleLookup
 from .config import Address, Config
 from .forward import Forwarder
-from .metrics import Metrics
+from .metrics import Endpoint, Metrics
 from .outbox import Outbox
 from .packetcache import PacketCache
 from .pipeline import Pipeline
@@ -79,7 +79,6 @@ class RunningServer:
     addresses: list[tuple[str, int]]
     pipeline: Pipeline
     metrics: Metrics
-    registry: CollectorRegistry
     metrics_address: tuple[str, int] | None
     config: Config
 
@@ -121,17 +120,16 @@ async def running_server(config: Config, rules: RuleSet, clock: Clock | None = N
     pipeline = build_pipeline(config, rules, metrics, upstreams, clock or time.monotonic)
     limits = TcpLimits(config.server.tcp_idle_timeout, config.server.tcp_max_connections)
     closers: list = []
-    http = None
+    endpoint = None
     try:
         await upstreams.open()  # in here: a failure part-way still closes what it opened
         addresses = [await _bind(address, pipeline, outbox, limits, closers, reuse_port)
                      for address in config.server.listen]
-        metrics_address = None
-        if serve_metrics and config.metrics.listen is not None:
-            http, _ = start_http_server(config.metrics.listen.port, config.metrics.listen.host,
-                                        registry=registry)
-            metrics_address = http.server_address[:2]
-        yield RunningServer(addresses, pipeline, metrics, registry, metrics_address, config)
+        listen = config.metrics.listen
+        if serve_metrics and listen is not None:
+            endpoint = Endpoint(listen.host, listen.port, registry)
+        yield RunningServer(addresses, pipeline, metrics,
+                            endpoint.address if endpoint else None, config)
     finally:
         for close in reversed(closers):
             close()
@@ -139,9 +137,8 @@ async def running_server(config: Config, rules: RuleSet, clock: Clock | None = N
             connection.transport.close()
         pipeline.drain()
         upstreams.close()
-        if http is not None:  # its shutdown waits out a 0.5 s poll: not on the event loop
-            await asyncio.to_thread(http.shutdown)
-            http.server_close()
+        if endpoint is not None:
+            await asyncio.to_thread(endpoint.stop)
 
 
 def _grow_receive_buffer(sock) -> None:

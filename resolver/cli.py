@@ -16,7 +16,7 @@ import sys
 import uvloop
 
 from .app import serve_until_signalled
-from .config import Config, Overrides, load_config
+from .config import TLS_SCHEME, Config, Overrides, load_config
 from .errors import ConfigError
 from .rules import RuleSet, load_rules
 from .supervisor import Supervisor, default_workers
@@ -81,13 +81,15 @@ def _serve(args: argparse.Namespace) -> int:
     workers = args.workers or default_workers()
     try:
         if workers > 1:
-            return Supervisor(config, rules, workers).run(
+            Supervisor(config, rules, workers).run(
                 lambda addresses, _: print(_banner(config, rules, addresses, workers),
                                            flush=True))
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(serve_until_signalled(
-                config, rules, lambda server: print(_banner(config, rules, server.addresses, 1),
-                                                    flush=True)))
+        else:
+            with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+                runner.run(serve_until_signalled(
+                    config, rules,
+                    lambda server: print(_banner(config, rules, server.addresses, 1),
+                                         flush=True)))
     except (OSError, RuntimeError) as exc:
         print(f"resolver: cannot serve: {exc}", file=sys.stderr)
         return 2
@@ -127,7 +129,7 @@ def _banner(config: Config, rules: RuleSet, addresses: list[tuple[str, int]],
             workers: int) -> str:
     """The one startup line: where we listen, what we block, and a query to try."""
     where = ", ".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in addresses)
-    upstreams = ", ".join(f"tls://{address_label(s)}#{s.tls_name}" if s.protocol == "tls"
+    upstreams = ", ".join(f"{TLS_SCHEME}{address_label(s)}#{s.tls_name}" if s.protocol == "tls"
                           else address_label(s) for s in config.upstream.servers)
     lists = len([lst for lst in rules.lists if lst.action != "allow"])
     processes = f", {workers} workers" if workers > 1 else ""

@@ -14,7 +14,7 @@ import operator
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 NAMESPACE = "resolver"
@@ -133,3 +133,17 @@ class Metrics:
     def collect(self) -> Iterator[Metric]:
         for sample in self.snapshot():
             yield sample.family()
+
+
+class Endpoint:
+    """The /metrics HTTP endpoint on its own thread (prometheus-client's server)."""
+
+    def __init__(self, host: str, port: int, registry: CollectorRegistry):
+        self._server, self._thread = start_http_server(port, host, registry=registry)
+        self.address: tuple[str, int] = self._server.server_address[:2]
+
+    def stop(self) -> None:
+        """Stop serving and close the socket. Blocks for up to the server's 0.5 s poll, so
+        an event loop calls it from a thread."""
+        self._server.shutdown()
+        self._server.server_close()

@@ -26,12 +26,12 @@ from collections.abc import Iterator
 from multiprocessing.connection import Connection, wait
 
 import uvloop
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import Metric
 
 from .app import serve_until_signalled
 from .config import Address, Config
-from .metrics import Sample, merge_samples
+from .metrics import Endpoint, Sample, merge_samples
 from .rules import RuleSet
 
 log = logging.getLogger(__name__)
@@ -138,29 +138,26 @@ class Supervisor:
         self.stopping = False
         self.reload_requested = False
 
-    def run(self, on_ready) -> int:
+    def run(self, on_ready) -> None:
         """Serve until SIGTERM/SIGINT; on_ready(addresses, metrics_address) once all are up."""
         signal.signal(signal.SIGTERM, self._stop)
         signal.signal(signal.SIGINT, self._stop)
         signal.signal(signal.SIGHUP, self._reload)
-        http = None
+        endpoint = None
         try:
             self.workers = [Worker.start(i, self.config, self.rules) for i in range(self.count)]
             addresses = [worker.ready() for worker in self.workers][0]
-            metrics_address = None
-            if self.config.metrics.listen is not None:
+            listen = self.config.metrics.listen
+            if listen is not None:
                 registry = CollectorRegistry()
                 registry.register(self)
-                listen = self.config.metrics.listen
-                http, _ = start_http_server(listen.port, listen.host, registry=registry)
-                metrics_address = http.server_address[:2]
-            on_ready(addresses, metrics_address)
+                endpoint = Endpoint(listen.host, listen.port, registry)
+            on_ready(addresses, endpoint.address if endpoint else None)
             self._watch()
         finally:
             self._stop_all()
-            if http is not None:
-                http.shutdown()
-        return 0
+            if endpoint is not None:
+                endpoint.stop()
 
     def _watch(self) -> None:
         """Sleep until a worker exits or a signal asks for something."""

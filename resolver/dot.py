@@ -19,6 +19,7 @@ import logging
 import ssl
 from collections.abc import Callable
 
+from . import wire
 from .ids import random_id
 
 log = logging.getLogger(__name__)
@@ -123,7 +124,7 @@ class Connection(asyncio.Protocol):
         self._pending[qid] = future
         timer = loop.call_later(timeout, _expire, future)
         try:
-            self.transport.write(len(packet).to_bytes(2, "big") + packet)
+            self.transport.write(wire.framed(packet))
             return await future
         finally:
             timer.cancel()
@@ -146,14 +147,8 @@ class Connection(asyncio.Protocol):
         self._idle = asyncio.get_running_loop().call_later(self._idle_timeout, self.close)
 
     def data_received(self, data: bytes) -> None:
-        buffer = self._buffer
-        buffer += data
-        while len(buffer) >= 2:
-            end = 2 + int.from_bytes(buffer[:2], "big")
-            if len(buffer) < end:
-                return
-            message = bytes(buffer[2:end])
-            del buffer[:end]
+        self._buffer += data
+        for message in wire.unframe(self._buffer):
             future = self._pending.get(int.from_bytes(message[:2], "big"))
             if future is not None and not future.done():
                 future.set_result(message)

@@ -4,8 +4,8 @@ complete (RFC 7766), an idle timeout, and a cap on open connections."""
 from __future__ import annotations
 
 import asyncio
-import struct
 
+from . import wire
 from .pipeline import Pipeline
 
 
@@ -48,14 +48,8 @@ class TcpConnection(asyncio.Protocol):
             self._timer.cancel()
 
     def data_received(self, data: bytes) -> None:
-        buffer = self._buffer
-        buffer += data
-        while len(buffer) >= 2:
-            size = (buffer[0] << 8) | buffer[1]
-            if len(buffer) < 2 + size:
-                break
-            message = bytes(buffer[2:2 + size])
-            del buffer[:2 + size]
+        self._buffer += data
+        for message in wire.unframe(self._buffer):
             answer = self._pipeline.handle(message, self.peer, self)
             if answer:
                 self._write(answer)
@@ -80,7 +74,7 @@ class TcpConnection(asyncio.Protocol):
 
     def _write(self, answer: bytes) -> None:
         if not self.transport.is_closing():
-            self.transport.write(struct.pack("!H", len(answer)) + answer)
+            self.transport.write(wire.framed(answer))
 
     def _arm_idle(self) -> None:
         if self._timer is not None:

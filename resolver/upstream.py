@@ -239,7 +239,7 @@ class Upstream:
         except OSError as exc:
             raise _Attempt("network") from exc
         try:
-            writer.write(struct.pack("!H", len(packet)) + packet)
+            writer.write(wire.framed(packet))
             size = struct.unpack("!H", await reader.readexactly(2))[0]
             data = await reader.readexactly(size)
         except (OSError, asyncio.IncompleteReadError) as exc:

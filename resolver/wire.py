@@ -226,6 +226,24 @@ def fit_udp(q: Query, answer: bytes) -> bytes:
     return answer
 
 
+def framed(message: bytes) -> bytes:
+    """A message as it goes over TCP or TLS: after its two-byte length (RFC 1035 4.2.2)."""
+    return len(message).to_bytes(2, "big") + message
+
+
+def unframe(buffer: bytearray) -> list[bytes]:
+    """Take every whole length-prefixed message off the front of a stream buffer; a partial
+    one stays for the next read."""
+    messages = []
+    while len(buffer) >= 2:
+        end = 2 + ((buffer[0] << 8) | buffer[1])
+        if len(buffer) < end:
+            break
+        messages.append(bytes(buffer[2:end]))
+        del buffer[:end]
+    return messages
+
+
 def upstream_query(q: Query, qid: int, udp_size: int) -> bytes:
     """The query we send upstream: a fresh ID, RD, the client's CD, always EDNS with its DO.
 

@@ -475,9 +475,11 @@ def _section(cls: type, parsers: dict[str, Parse], check: Check = lambda _: (),
     readers = {key: _field(parse) for key, parse in parsers.items()} | (nested or {})
 
     def read(node: yaml.Node, path: str, report: _Report) -> Any:
+        problems = len(report.found)
         section = cls(**_read_mapping(node, path, readers, report))
-        for key, message in check(section):
-            report.add(_value_node(node, key), f"{path}.{key}", message)
+        if len(report.found) == problems:  # no cross-check against a default for a bad value
+            for key, message in check(section):
+                report.add(_value_node(node, key), f"{path}.{key}", message)
         return section
 
     return read
@@ -523,6 +525,8 @@ def _server(base: Path) -> ReadNode:
             report.add(node, f"{path}.address", "required")
         if "address" not in values:
             return _MISSING
+        if _has(node, "protocol") and "protocol" not in values:
+            return _MISSING  # reported; tls_name and ca_file depend on what it should be
         tls = values.get("protocol") == "tls"
         if tls and not _has(node, "tls_name"):
             # Addresses are IP literals, so there is no host name to check the certificate by.

@@ -306,7 +306,7 @@ class _YamlFile:
         if "description" in keys:
             self._string(keys["description"], f"{where}.description")
         name = self._string(keys["name"], f"{where}.name") if "name" in keys else None
-        rule_list = RuleList(name or "", action, v4, v6, ttl, str(self.path))
+        rule_list = RuleList(name or "", action or DEFAULT_ACTION, v4, v6, ttl, str(self.path))
         if name is not None:  # else already a problem; the entries are still checked
             location = self._location(keys["name"])
             self._file(keys["name"], self.loader.add_list(rule_list, location, f"{where}.name"))
@@ -359,8 +359,9 @@ class _YamlFile:
         else:
             self._error(node, where, f"expected a domain name, got {kind_of(node)}")
 
-    def _action(self, node: Node | None, where: str) -> str:
-        """The canonical action string; the default stands in after an error."""
+    def _action(self, node: Node | None, where: str) -> str | None:
+        """The action; None after an error, so that the keys that depend on the action are
+        checked for themselves only, not against an action the file does not say."""
         if node is None:
             return DEFAULT_ACTION
         value = self._string(node, where)
@@ -368,9 +369,9 @@ class _YamlFile:
             return value
         if value is not None:
             self._error(node, where, f"{value!r} is not one of {', '.join(ACTIONS)}")
-        return DEFAULT_ACTION
+        return None
 
-    def _ttl(self, node: Node | None, where: str, action: str) -> int | None:
+    def _ttl(self, node: Node | None, where: str, action: str | None) -> int | None:
         """Whole seconds that fit a TTL field (RFC 2181 section 8), so answers always pack."""
         if node is None:
             return None
@@ -382,12 +383,13 @@ class _YamlFile:
             self._error(node, where, f"expected whole seconds 0 to {MAX_TTL}, got {kind_of(node)}")
         return None
 
-    def _sinkhole(self, node: Node | None, where: str, action: str) -> tuple[_Texts, _Texts]:
+    def _sinkhole(self, node: Node | None, where: str, action: str | None
+                  ) -> tuple[_Texts, _Texts]:
         """Split addresses into A and AAAA answers; a family not given keeps its default."""
         v4, v6 = DEFAULT_SINKHOLE_V4, DEFAULT_SINKHOLE_V6
         if node is None:
             return v4, v6
-        if action != "sinkhole":
+        if action not in ("sinkhole", None):
             self._error(node, where, "only allowed with action sinkhole")
             return v4, v6
         items = [(node, where)] if isinstance(node, ScalarNode) else [

@@ -127,6 +127,9 @@ def problems_of(text: str, overrides: Overrides = Overrides()) -> list[str]:
      "c.yaml:2: blocking.ttl: expected an integer from 0 to 2147483647"),
     ("cache:\n  stale_ttl: 2147483648\n",
      "c.yaml:2: cache.stale_ttl: expected an integer from 1 to 2147483647"),
+    # one mistake, one message: no cross-check against the default standing in for it
+    ("upstream:\n  timeout: 10\n  deadline: soon\n",
+     "c.yaml:3: upstream.deadline: expected a number"),
     ("cache:\n  servfail_ttl: -5\n", "c.yaml:2: cache.servfail_ttl: expected an integer from 0 to 2147483647"),
     ("cache:\n  max_ttl: 10\n  min_ttl: 60\n",
      "c.yaml:3: cache.min_ttl: expected at most cache.max_ttl (10)"),
@@ -495,6 +498,9 @@ def test_deploy_example_mentions_every_key():
      "'[2001:db8::1]:853'"),
     ("upstream:\n  servers:\n    - address: 192.0.2.1\n      protocol: https\n",
      "c.yaml:4: upstream.servers[0].protocol: expected one of udp, tls"),
+    # one mistake, one message: tls_name is not also blamed on the bad protocol
+    ("upstream:\n  servers:\n    - {address: 192.0.2.1, protocol: tcp, tls_name: dns.example}\n",
+     "c.yaml:3: upstream.servers[0].protocol: expected one of udp, tls"),
     ("upstream:\n  servers:\n    - {address: 192.0.2.1, tls_name: dns.example}\n",
      "c.yaml:3: upstream.servers[0].tls_name: only with protocol tls"),
     ("upstream:\n  servers:\n    - {address: 192.0.2.1, protocol: tls, tls_name: 'a..b'}\n",

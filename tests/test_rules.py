@@ -310,6 +310,11 @@ def test_several_paths_load_in_order(tmp_path: Path) -> None:
             ],
         ),
         ("lists:\n  - name: l\n    entries: a.test\n", ["{path}:3: lists[0].entries: expected a list, got a string (a.test)"]),
+        (  # one mistake, one message: the addresses are not also blamed on the action
+            "lists:\n  - name: l\n    action: bogus\n    sinkhole: [192.0.2.1]\n",
+            ["{path}:3: lists[0].action: 'bogus' is not one of nxdomain, sinkhole, nodata, "
+             "refused, allow"],
+        ),
         (  # one mistake, one message: not also "expected at least one domain"
             "lists:\n  - name: l\n    entries:\n      - id: x\n        domains: a.test\n",
             ["{path}:5: lists[0].entries[0].domains: expected a list, got a string (a.test)"],

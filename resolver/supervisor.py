@@ -77,15 +77,22 @@ class Worker:
             raise RuntimeError(f"worker {self.index}: {payload}")
         return payload
 
-    def snapshot(self) -> list[Sample]:
+    def ask(self) -> None:
+        """Ask for a snapshot of the counters (read with `answer`)."""
         try:
             while self.conn.poll(0):  # a reply that came too late for an earlier scrape
                 self.last = self.conn.recv()
             self.conn.send("snapshot")
-            if self.conn.poll(SNAPSHOT_TIMEOUT):
-                self.last = self.conn.recv()
         except (EOFError, OSError):
             pass  # it is dying; the supervisor restarts it and keeps its last counts
+
+    def answer(self, deadline: float) -> list[Sample]:
+        """The snapshot asked for, or the last one if none came by the deadline."""
+        try:
+            if self.conn.poll(max(0.0, deadline - time.monotonic())):
+                self.last = self.conn.recv()
+        except (EOFError, OSError):
+            pass
         return self.last
 
 
@@ -214,7 +221,10 @@ class Supervisor:
     def collect(self) -> Iterator[Metric]:
         """Prometheus collector: the sum of every worker's snapshot, plus the retired counts."""
         with self.lock:
-            snapshots = [worker.snapshot() for worker in self.workers]
+            for worker in self.workers:  # all asked first: they answer side by side
+                worker.ask()
+            deadline = time.monotonic() + SNAPSHOT_TIMEOUT
+            snapshots = [worker.answer(deadline) for worker in self.workers]
             alive = sum(worker.process.is_alive() for worker in self.workers)
         for sample in merge_samples(snapshots + [self.retired]):
             yield sample.family()

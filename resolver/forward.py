@@ -39,7 +39,7 @@ class Flight(Exchange):
     __slots__ = ("forwarder", "sink", "more", "stale", "stale_due", "stale_timer")
 
     def __init__(self, q: Query, sink: Sink | None, forwarder: Forwarder, stale: Entry | None):
-        super().__init__(q, forwarder.upstreams)
+        Exchange.__init__(self, q, forwarder.upstreams)  # not super(): a hot path
         self.forwarder = forwarder
         self.sink = sink
         self.more: list[tuple[Query, Sink]] | None = None
@@ -128,7 +128,18 @@ class Forwarder:
             del self._inflight[key]
         if flight.stale_timer is not None:
             flight.stale_timer.cancel()
-        reply = self._store(key, data, 12 + len(q.question))
+        reply = None
+        if data is not None:
+            try:
+                reply = scan_reply(data, 12 + len(q.question), self._policy)
+            except (ValueError, IndexError, struct.error):
+                pass  # a malformed reply counts as no reply
+        if reply is None:
+            self._cache.failed(key, failure(self._policy))
+        elif reply.rcode == wire.SERVFAIL:
+            self._cache.failed(key, reply)
+        else:
+            self._cache.put(key, reply)
         if flight.more is None:  # the usual case: one client, or a prefetch with none
             if flight.sink is not None:
                 self.waiting -= 1
@@ -137,21 +148,6 @@ class Forwarder:
         for q, sink in flight.take_waiters():
             self.waiting -= 1
             self.respond(q, sink, self._answer, reply, flight.stale)
-
-    def _store(self, key: tuple, data: bytes | None, qend: int) -> Reply | None:
-        reply = None
-        if data is not None:
-            try:
-                reply = scan_reply(data, qend, self._policy)
-            except (ValueError, IndexError, struct.error):
-                reply = None  # a malformed reply counts as no reply
-        if reply is None:
-            self._cache.failed(key, failure(self._policy))
-        elif reply.rcode == wire.SERVFAIL:
-            self._cache.failed(key, reply)
-        else:
-            self._cache.put(key, reply)
-        return reply
 
     def _stale_due(self, flight: Flight) -> None:
         """RFC 8767 client response timer: the waiters get the stale answer now; the flight

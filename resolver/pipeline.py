@@ -55,6 +55,7 @@ class Pipeline:
         self._forwarder = forwarder
         forwarder.respond = self.respond
         self._metrics = metrics
+        self._answered = metrics.queries.counts  # counted inline for forwarded answers
         self._max_inflight = max_inflight
         metrics.gauge("inflight", "Queries waiting for an upstream answer.", (),
                       lambda: {(): forwarder.waiting})
@@ -98,7 +99,9 @@ class Pipeline:
         except Exception:
             log.exception("unexpected error while answering a forwarded query")
             answer, outcome = wire.error_answer(q, wire.SERVFAIL), Outcome.SERVFAIL
-        self._metrics.queries.inc((q.transport, outcome))
+        counts = self._answered
+        key = (q.transport, outcome)
+        counts[key] = counts.get(key, 0) + 1
         sink.deliver(answer, q.client)
 
     def drain(self) -> None:

@@ -62,11 +62,42 @@ class Reply:
 def scan_reply(data: bytes, qend: int, policy: TtlPolicy) -> Reply:
     """Read an upstream reply (already matched to our query) into a Reply.
 
-    One walk over the records and one pass over what it found: this runs for every forward.
+    One walk over the records, written flat: this runs for every forward. TTLs are rewritten
+    only when one falls outside the policy's bounds, which the walk's lowest and highest tell.
     Raises ValueError (or struct.error/IndexError) when the records are malformed.
     """
     flags, _, an, ns, ar = _COUNTS.unpack_from(data, 2)
-    records, cnames, opt, end = _walk_records(data, qend, an + ns + ar, an, an + ns)
+    additional = an + ns  # RFC 6891: the one OPT record belongs there and nowhere else
+    ttls, cnames, soa, opt = [], [], None, None
+    low, high = wire.MAX_TTL, 0
+    pos = qend
+    for index in range(additional + ar):
+        start = pos
+        # An owner name is most often a pointer to the question, or the root for OPT: skip
+        # those without a call.
+        label = data[pos]
+        pos = pos + 2 if label >= 0xC0 else pos + 1 if not label else wire.skip_name(data, pos)
+        rtype, _, ttl, rdlength = _RR_FIXED.unpack_from(data, pos)
+        end = pos + 10 + rdlength
+        if rtype == wire.TYPE_OPT:
+            if opt is not None or index < additional:
+                raise ValueError("OPT record repeated or outside the additional section")
+            opt = (start, end)
+        else:
+            if rtype == TYPE_CNAME:
+                if index < an:
+                    cnames.append(wire.read_name(data, pos + 10)[0])
+            elif rtype == wire.TYPE_SOA and soa is None and an <= index < additional:
+                soa = (ttl, _TTL.unpack_from(data, end - 4)[0])  # TTL, SOA minimum
+            ttls.append((pos + 4 - qend, ttl))
+            if ttl < low:
+                low = ttl
+            if ttl > high:
+                high = ttl
+        pos = end
+    if pos > len(data):
+        raise ValueError("record runs past the end")
+    end = pos
     if opt is not None:
         if opt[1] != end:
             return _scan_repacked(data[:end], policy)
@@ -78,23 +109,22 @@ def scan_reply(data: bytes, qend: int, policy: TtlPolicy) -> Reply:
     if positive:
         floor, ceiling = policy.min_ttl, policy.max_ttl
     elif rcode == wire.NXDOMAIN or rcode == wire.NOERROR:
-        lifetime = _negative_ttl([rec for rec in records[an:an + ns] if rec[1] == wire.TYPE_SOA],
-                                 policy)
+        # RFC 2308: min(SOA TTL, SOA minimum); without an SOA, not cached at all
+        lifetime = None if soa is None else min(soa[0], soa[1], policy.negative_max)
         floor, ceiling = 0, lifetime or 0
     elif rcode == wire.SERVFAIL:
         floor, ceiling, lifetime = 0, policy.servfail_ttl, policy.servfail_ttl or None
     else:
         floor, ceiling, lifetime = policy.min_ttl, policy.max_ttl, None
-    ttls, shortest, changed = [], ceiling, False
-    for offset, _, ttl, _ in records:
-        kept = floor if ttl < floor else ceiling if ttl > ceiling else ttl
-        if kept != ttl:
-            changed = True
-        if kept < shortest:
-            shortest = kept
-        ttls.append((offset - qend, kept))
     body = data[qend:end]  # bytes past the counted records would be junk in every answer
-    if changed:  # some TTLs were bounded: write them back
+    if not ttls:
+        shortest = ceiling
+    elif floor <= low and high <= ceiling:  # the usual case: every TTL within bounds
+        shortest = low
+    else:  # bound them, and write them back
+        ttls = [(offset, floor if ttl < floor else ceiling if ttl > ceiling else ttl)
+                for offset, ttl in ttls]
+        shortest = min(ceiling, *(ttl for _, ttl in ttls))
         body = bytearray(body)
         for offset, ttl in ttls:
             _TTL.pack_into(body, offset, ttl)
@@ -106,48 +136,6 @@ def scan_reply(data: bytes, qend: int, policy: TtlPolicy) -> Reply:
 def failure(policy: TtlPolicy) -> Reply:
     """The SERVFAIL kept when no upstream answered at all (RFC 9520 failure caching)."""
     return Reply(wire.SERVFAIL, 0, 0, 0, b"", (), policy.servfail_ttl or None)
-
-
-def _walk_records(data: bytes, pos: int, count: int, an: int, additional: int
-                  ) -> tuple[list[tuple[int, int, int, int]], list[bytes],
-                             tuple[int, int] | None, int]:
-    """Each record's (TTL offset, type, TTL, SOA minimum), the answer section's CNAME targets,
-    the OPT record's span, and where the records end. `an` answer records come first;
-    `additional` is the index of the first additional record: RFC 6891 allows one OPT record,
-    there and nowhere else."""
-    records, cnames, opt = [], [], None
-    size = len(data)
-    for index in range(count):
-        start = pos
-        # An owner name is most often a pointer to the question, or the root for OPT: skip
-        # those without a call.
-        label = data[pos]
-        pos = pos + 2 if label >= 0xC0 else pos + 1 if not label else wire.skip_name(data, pos)
-        rtype, _, ttl, rdlength = _RR_FIXED.unpack_from(data, pos)
-        end = pos + 10 + rdlength
-        if end > size:
-            raise ValueError("record runs past the end")
-        if rtype == wire.TYPE_OPT:
-            if opt is not None or index < additional:
-                raise ValueError("OPT record repeated or outside the additional section")
-            opt = (start, end)
-        else:
-            minimum = 0
-            if rtype == wire.TYPE_SOA:
-                minimum = _TTL.unpack_from(data, end - 4)[0]
-            elif rtype == TYPE_CNAME and index < an:
-                cnames.append(wire.read_name(data, pos + 10)[0])
-            records.append((pos + 4, rtype, ttl, minimum))
-        pos = end
-    return records, cnames, opt, pos
-
-
-def _negative_ttl(soa: list[tuple[int, int, int, int]], policy: TtlPolicy) -> int | None:
-    """RFC 2308: a negative answer lives min(SOA TTL, SOA minimum); without an SOA, not at all."""
-    if not soa:
-        return None
-    _, _, ttl, minimum = soa[0]
-    return min(ttl, minimum, policy.negative_max)
 
 
 def _scan_repacked(data: bytes, policy: TtlPolicy) -> Reply:

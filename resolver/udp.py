@@ -4,6 +4,7 @@ Local answers leave at once from the datagram callback; forwarded ones through t
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 
 from .outbox import Outbox
@@ -26,6 +27,9 @@ class UdpServer(asyncio.DatagramProtocol):
     def connection_made(self, transport) -> None:
         self.transport = transport
         self._sendto = transport.sendto
+        # A forwarded answer (Sink.deliver): sent with the others of this loop pass (see
+        # outbox.py), through no method of ours.
+        self.deliver = functools.partial(self._send_later, transport)
 
     def datagram_received(self, data: bytes, addr) -> None:
         """First the packet cache, which needs no decoding; then the whole pipeline, whose
@@ -35,10 +39,6 @@ class UdpServer(asyncio.DatagramProtocol):
             answer = self._handle(data, addr, self, True)
         if answer:  # None is a drop, PENDING comes later through deliver()
             self._sendto(answer, addr)
-
-    def deliver(self, answer: bytes, client: tuple) -> None:
-        """A forwarded answer: sent with the others of this loop pass (see outbox.py)."""
-        self._send_later(self.transport, answer, client)
 
     def error_received(self, exc: Exception) -> None:
         log.debug("udp socket error: %s", exc)  # e.g. ICMP port unreachable from a client

@@ -47,6 +47,7 @@ SOCKETS_PER_UPSTREAM = 4  # more sockets measured slower: fewer replies per wake
 SWEEP_INTERVAL = 0.02  # seconds between timeout sweeps: how late a timeout may fire
 SOCKET_QUERIES = 200  # queries one socket carries before a fresh one (a new port) replaces it
 ROUNDS = 2  # times each upstream is tried for one query
+_MOVE_ON = (wire.SERVFAIL, wire.REFUSED)  # rcodes after which another upstream is asked
 
 
 class UpstreamError(Exception):
@@ -161,9 +162,9 @@ class Upstream:
         if self._tls is not None:
             self._tls.close()
 
-    def send_udp(self, exchange: Exchange, now: float, timeout: float) -> None:
+    def send_udp(self, exchange: Exchange) -> tuple[_UdpSocket, int]:
         """Send the exchange's query on the next socket of the pool with a fresh random ID;
-        it times out `timeout` seconds from now unless a reply comes first."""
+        the socket and ID it went out with, for the exchange to keep."""
         sockets = self._sockets
         self._turn = turn = (self._turn + 1) % len(sockets)
         sock = sockets[turn]
@@ -175,12 +176,12 @@ class Upstream:
         while qid in pending:
             qid = random_id()
         pending[qid] = exchange
-        exchange.waiting_on(sock, qid, now + timeout)
         counts = self._counts
         counts[self._udp_key] = counts.get(self._udp_key, 0) + 1
         self._outbox.send(sock.transport, wire.upstream_query(exchange.q, qid, self._udp_size))
         if self._sweep is None:
             self._sweep = self._loop.call_later(SWEEP_INTERVAL, self._expire)
+        return sock, qid
 
     def _expire(self) -> None:
         """Time out the UDP attempts whose time is up.
@@ -325,11 +326,8 @@ class Exchange:
         if upstream.streams:
             self._stream(upstream.stream(self.q, timeout))
         else:
-            upstream.send_udp(self, now, timeout)
-
-    def waiting_on(self, sock: _UdpSocket, qid: int, due: float) -> None:
-        """The UDP attempt went out on sock with this ID, and times out at `due`."""
-        self._sock, self._qid, self.due = sock, qid, due
+            self.due = now + timeout  # the sweep fails the attempt then (Upstream._expire)
+            self._sock, self._qid = upstream.send_udp(self)
 
     def udp_reply(self, data: bytes) -> None:
         """A matching datagram (already taken off the socket's pending table): done, the
@@ -339,8 +337,13 @@ class Exchange:
         if data[2] & (wire.TC >> 8):
             self._stream(self._upstream.stream(self.q, max(self._timeout - (now - self._sent),
                                                            0.001)))
-        else:
+        elif data[3] & 0xF in _MOVE_ON:
             self._got(data, now)
+        else:  # the usual ending, without _got's and _finish's calls
+            self._upstream.health.success(now - self._sent)
+            if not self._over:
+                self._over = True
+                self.done(data)
 
     def udp_failed(self, kind: str) -> None:
         self._stop_udp()
@@ -375,7 +378,7 @@ class Exchange:
     def _got(self, data: bytes, now: float) -> None:
         upstream = self._upstream
         upstream.health.success(now - self._sent)
-        if data[3] & 0xF in (wire.SERVFAIL, wire.REFUSED):
+        if data[3] & 0xF in _MOVE_ON:
             self._pool.count_error(upstream, "rcode")
             self._last = data
             self._next(now)
@@ -424,6 +427,9 @@ class UpstreamPool:
         self._routes = {to_wire(domain): self._group(forward.servers)
                         for forward in config.conditional for domain in forward.domains}
         self.upstreams = list(self._by_server.values())
+        # The usual setup, one upstream and no conditional forwarding: every query's order,
+        # shared (exchanges only read it).
+        self._alone = self._default if len(self._default) == 1 and not self._routes else None
         # Each worker process keeps its own health; across workers the highest value is
         # shown: the slowest worker's RTT, and healthy unless every worker backed it off.
         metrics.gauge("upstream_rtt_seconds",
@@ -474,6 +480,11 @@ class UpstreamPool:
 
     def order(self, q: Query, now: float) -> list[Upstream]:
         """The upstreams to try for q, in the strategy's order (see selection.arrange)."""
+        alone = self._alone
+        if alone is not None:  # one upstream for every name: nothing to choose
+            if alone[0].health.failures:
+                alone[0].health.ready(now)  # a probe after a backoff still counts
+            return alone
         group = self.group_for(q) if self._routes else self._default
         return arrange(self._config.strategy, group, now, self._rng)
 

@@ -27,7 +27,7 @@ from .upstream import Exchange, UpstreamError, UpstreamPool
 if TYPE_CHECKING:
     from .pipeline import Sink  # noqa: F401 (annotations only: pipeline imports this module)
 
-Respond = Callable[..., None]  # Pipeline.respond(q, sink, build, *args)
+Respond = Callable[..., None]  # Pipeline.respond(q, sink, reply, stale)
 
 
 class Flight(Exchange):
@@ -36,16 +36,15 @@ class Flight(Exchange):
     where its answer goes; None for a prefetch, which nobody waits for); clients asking the
     same question meanwhile queue in `more`."""
 
-    __slots__ = ("forwarder", "sink", "more", "stale", "stale_due", "stale_timer")
+    more: list[tuple[Query, Sink]] | None = None
+    stale: Entry | None = None  # the expired answer to fall back on, if any
+    stale_due = False  # the client response timer fired: serve stale at once
+    stale_timer: asyncio.TimerHandle | None = None
 
-    def __init__(self, q: Query, sink: Sink | None, forwarder: Forwarder, stale: Entry | None):
+    def __init__(self, q: Query, sink: Sink | None, forwarder: Forwarder):
         Exchange.__init__(self, q, forwarder.upstreams)  # not super(): a hot path
         self.forwarder = forwarder
         self.sink = sink
-        self.more: list[tuple[Query, Sink]] | None = None
-        self.stale = stale  # the expired answer to fall back on, if any
-        self.stale_due = False  # the client response timer fired: serve stale at once
-        self.stale_timer: asyncio.TimerHandle | None = None
 
     def done(self, data: bytes | None) -> None:
         self.forwarder.landed(self, data)
@@ -88,7 +87,7 @@ class Forwarder:
             self.waiting += 1
             self._open(q, sink).start()  # may end at once: the flight knows its client
         elif flight.stale_due:
-            self.respond(q, sink, self._stale, flight.stale.reply)
+            self.respond(q, sink, None, flight.stale)
         else:
             self.waiting += 1
             flight.join(q, sink)
@@ -113,11 +112,12 @@ class Forwarder:
     def _open(self, q: Query, sink: Sink | None) -> Flight:
         """Register a flight for q's question, ready to start."""
         key = q.cache_key
-        flight = Flight(q, sink, self, self._cache.stale(key))
-        self._inflight[key] = flight
-        if flight.stale is not None:
-            flight.stale_timer = self.upstreams.loop.call_later(
-                self._stale_timeout, self._stale_due, flight)
+        flight = self._inflight[key] = Flight(q, sink, self)
+        if key in self._cache.entries:  # else there is nothing to be stale: no call
+            stale = flight.stale = self._cache.stale(key)
+            if stale is not None:
+                flight.stale_timer = self.upstreams.loop.call_later(
+                    self._stale_timeout, self._stale_due, flight)
         return flight
 
     def landed(self, flight: Flight, data: bytes | None) -> None:
@@ -143,11 +143,11 @@ class Forwarder:
         if flight.more is None:  # the usual case: one client, or a prefetch with none
             if flight.sink is not None:
                 self.waiting -= 1
-                self.respond(q, flight.sink, self._answer, reply, flight.stale)
+                self.respond(q, flight.sink, reply, flight.stale)
             return
         for q, sink in flight.take_waiters():
             self.waiting -= 1
-            self.respond(q, sink, self._answer, reply, flight.stale)
+            self.respond(q, sink, reply, flight.stale)
 
     def _stale_due(self, flight: Flight) -> None:
         """RFC 8767 client response timer: the waiters get the stale answer now; the flight
@@ -156,11 +156,11 @@ class Forwarder:
         flight.stale_due = True
         for q, sink in flight.take_waiters():
             self.waiting -= 1
-            self.respond(q, sink, self._stale, flight.stale.reply)
+            self.respond(q, sink, None, flight.stale)
 
-    def _answer(self, q: Query, reply: Reply | None, stale: Entry | None
-                ) -> tuple[bytes, str]:
-        """What one waiting client gets once the flight landed."""
+    def answer(self, q: Query, reply: Reply | None, stale: Entry | None) -> tuple[bytes, str]:
+        """What one waiting client gets: from the reply (None: no usable reply came, or
+        none is waited for), else the stale answer, else SERVFAIL (by raising)."""
         if reply is None or reply.rcode == wire.SERVFAIL:
             if stale is not None:
                 return self._stale(q, stale.reply)

@@ -8,14 +8,15 @@ one place where an exception becomes SERVFAIL.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from typing import Protocol
 
 from . import wire
+from .cache import Entry
 from .forward import Forwarder
 from .metrics import Metrics
 from .packetcache import PacketCache
 from .query import FORWARD, Memo, Outcome, Query
+from .reply import Reply
 from .upstream import UpstreamError
 
 log = logging.getLogger(__name__)
@@ -88,11 +89,11 @@ class Pipeline:
         self._forwarder.submit(q, sink)
         return PENDING
 
-    def respond(self, q: Query, sink: Sink, build: Callable[..., tuple[bytes, str]],
-                *args) -> None:
-        """Deliver a later answer: build(q, *args), or SERVFAIL if that raises."""
+    def respond(self, q: Query, sink: Sink, reply: Reply | None, stale: Entry | None) -> None:
+        """Deliver a later answer, made by the forwarder from an upstream reply or a stale
+        entry, or SERVFAIL if making it raises."""
         try:
-            answer, outcome = build(q, *args)
+            answer, outcome = self._forwarder.answer(q, reply, stale)
         except UpstreamError as exc:
             log.debug("upstream failed: %s", exc)
             answer, outcome = wire.error_answer(q, wire.SERVFAIL), Outcome.SERVFAIL

@@ -280,18 +280,18 @@ class Exchange:
     upstream unhealthy: a live server said them, and the next name may be fine.
     """
 
-    __slots__ = ("q", "due", "_pool", "_order", "_deadline", "_attempt", "_last",
-                 "_upstream", "_sent", "_timeout", "_sock", "_qid", "_task", "_over")
+    # Starting values as class attributes, so making one (per forward) sets two. No
+    # __slots__ for the same reason: slots cannot have class-level defaults.
+    due = 0.0  # when the UDP attempt in flight times out
+    _attempt = 0
+    _last: bytes | None = None  # the last SERVFAIL/REFUSED, relayed if nothing better comes
+    _sock: _UdpSocket | None = None
+    _task: asyncio.Task | None = None
+    _over = False
 
     def __init__(self, q: Query, pool: UpstreamPool):
         self.q = q
         self._pool = pool
-        self.due = 0.0  # when the UDP attempt in flight times out
-        self._attempt = 0
-        self._last: bytes | None = None
-        self._sock: _UdpSocket | None = None
-        self._task: asyncio.Task | None = None
-        self._over = False
 
     def done(self, data: bytes | None) -> None:
         raise NotImplementedError
@@ -393,8 +393,6 @@ class Exchange:
 
 class _Awaited(Exchange):
     """An exchange whose result a coroutine awaits (UpstreamPool.query)."""
-
-    __slots__ = ("result",)
 
     def __init__(self, q: Query, pool: UpstreamPool):
         super().__init__(q, pool)

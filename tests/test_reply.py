@@ -297,6 +297,22 @@ def test_scan_reply_fails_cleanly_on_shuffled_records(an: int, ns: int, ar: int,
     assert_framed(render(query("www.example.org", transport="tcp", edns=True), reply, 5))
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(0, wire.MAX_TTL), min_size=1, max_size=6),
+       st.integers(0, 100_000), st.integers(0, 100_000), st.booleans())
+def test_scan_reply_bounds_every_ttl(ttls: list[int], low: int, high: int, opt: bool) -> None:
+    """Whatever the TTLs, each stored one is the policy's bound of the upstream's, in the
+    body as in the table, and a positive answer lives as long as the shortest (the scan
+    rewrites TTLs only when one falls outside the bounds, so both ways are exercised)."""
+    policy = TtlPolicy(min_ttl=min(low, high), max_ttl=max(low, high))
+    records = [_a(ttl) for ttl in ttls] + ([_opt()] if opt else [])
+    reply = scan_reply(_message(len(ttls), 0, int(opt), *records), 12 + len(QUESTION), policy)
+    bounded = [min(max(ttl, policy.min_ttl), policy.max_ttl) for ttl in ttls]
+    assert [ttl for _, ttl in reply.ttls] == bounded
+    assert [struct.unpack_from("!I", reply.body, offset)[0] for offset, _ in reply.ttls] == bounded
+    assert reply.ttl == min(bounded) and reply.ar == 0
+
+
 def assert_framed(answer: bytes) -> None:
     """The header's counts describe exactly the records that follow, with one OPT at most,
     last: whatever an upstream sent, a client gets a message it can walk."""

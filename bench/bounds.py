@@ -96,6 +96,8 @@ class Minimal:
             return
         sock = upstream.next()
         qid = random_id()
+        while qid in sock.pending:
+            qid = random_id()
         self.inflight[key] = sock.pending[qid] = (data[:4], question, name, key, addr, client)
         self.outbox.send(sock.transport, struct.pack("!HHHHHH", qid, 0x0120, 1, 0, 0, 1)
                          + question + UPSTREAM_OPT)
@@ -163,6 +165,8 @@ class Helpers:
             return
         sock = upstream.next()
         qid = random_id()
+        while qid in sock.pending:
+            qid = random_id()
         self.inflight[key] = sock.pending[qid] = (q, client, time.monotonic())
         self.outbox.send(sock.transport, wire.upstream_query(q, qid, 1232))
 

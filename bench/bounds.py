@@ -94,11 +94,8 @@ class Minimal:
             return
         if key in self.inflight:
             return
-        sock = upstream.next()
-        qid = random_id()
-        while qid in sock.pending:
-            qid = random_id()
-        self.inflight[key] = sock.pending[qid] = (data[:4], question, name, key, addr, client)
+        waiter = self.inflight[key] = (data[:4], question, name, key, addr, client)
+        sock, qid = upstream.take(waiter)
         self.outbox.send(sock.transport, struct.pack("!HHHHHH", qid, 0x0120, 1, 0, 0, 1)
                          + question + UPSTREAM_OPT)
 
@@ -163,11 +160,8 @@ class Helpers:
             return
         if key in self.inflight:
             return
-        sock = upstream.next()
-        qid = random_id()
-        while qid in sock.pending:
-            qid = random_id()
-        self.inflight[key] = sock.pending[qid] = (q, client, time.monotonic())
+        waiter = self.inflight[key] = (q, client, time.monotonic())
+        sock, qid = upstream.take(waiter)
         self.outbox.send(sock.transport, wire.upstream_query(q, qid, 1232))
 
     def reply(self, data: bytes, sock) -> None:
@@ -211,9 +205,14 @@ class Upstream:
         self.sockets: list[Socket] = []
         self.turn = 0
 
-    def next(self) -> Socket:
+    def take(self, waiter) -> tuple[Socket, int]:
+        """The next socket and a random ID not in flight on it, now holding waiter."""
         self.turn = (self.turn + 1) % len(self.sockets)
-        return self.sockets[self.turn]
+        sock, qid = self.sockets[self.turn], random_id()
+        while qid in sock.pending:
+            qid = random_id()
+        sock.pending[qid] = waiter
+        return sock, qid
 
 
 class Client(asyncio.DatagramProtocol):

@@ -20,6 +20,7 @@ _TTL = struct.Struct("!I")
 _COUNTS = struct.Struct("!HHHHH")  # flags and the four section counts
 _RR_FIXED = struct.Struct("!HHIH")
 TYPE_CNAME = 5
+_CHAIN_TYPES = (b"\x00\x05", b"\x00\xff")  # CNAME, ANY: a question a chain answers
 EDE_STALE = 3  # RFC 8914 "Stale Answer"
 
 
@@ -82,13 +83,18 @@ def scan_reply(data: bytes, qend: int, policy: TtlPolicy) -> Reply:
         if rtype == wire.TYPE_OPT:
             if opt is not None or index < additional:
                 raise ValueError("OPT record repeated or outside the additional section")
+            if ttl >> 24:  # the rcode's upper bits (RFC 6891 6.1.3) would go with the OPT
+                raise ValueError("an extended rcode, which the answer could not carry")
             opt = (start, end)
         else:
             if rtype == TYPE_CNAME:
                 if index < an:
-                    cnames.append(wire.read_name(data, pos + 10)[0])
+                    target, after = wire.read_name(data, pos + 10)
+                    if after != end:
+                        raise ValueError("CNAME data is not one name")
+                    cnames.append(target)
             elif rtype == wire.TYPE_SOA and soa is None and an <= index < additional:
-                soa = (ttl, _TTL.unpack_from(data, end - 4)[0])  # TTL, SOA minimum
+                soa = _soa_ttls(data, pos + 10, end, ttl)
             ttls.append((pos + 4 - qend, ttl))
             if ttl < low:
                 low = ttl
@@ -105,7 +111,10 @@ def scan_reply(data: bytes, qend: int, policy: TtlPolicy) -> Reply:
     # Each TTL is kept within [floor, ceiling]. A positive answer lives as long as its
     # shortest kept TTL; other answers have a lifetime of their own, or None (not cached).
     rcode = flags & 0xF
-    positive = rcode == wire.NOERROR and an
+    # NOERROR with only a CNAME chain in the answer is NODATA for the chain's end (RFC 2308
+    # 5), negative like one with no answer, unless the chain itself was asked for.
+    positive = rcode == wire.NOERROR and an and (
+        len(cnames) < an or data[qend - 4:qend - 2] in _CHAIN_TYPES)
     if positive:
         floor, ceiling = policy.min_ttl, policy.max_ttl
     elif rcode == wire.NXDOMAIN or rcode == wire.NOERROR:
@@ -121,9 +130,9 @@ def scan_reply(data: bytes, qend: int, policy: TtlPolicy) -> Reply:
         shortest = ceiling
     elif floor <= low and high <= ceiling:  # the usual case: every TTL within bounds
         shortest = low
-    else:  # bound them, and write them back
-        ttls = [(offset, floor if ttl < floor else ceiling if ttl > ceiling else ttl)
-                for offset, ttl in ttls]
+    else:  # bound them, and write them back; RFC 2181 8: a TTL over 2^31-1 means 0
+        ttls = [(offset, 0 if ttl > wire.MAX_TTL else floor if ttl < floor
+                 else ceiling if ttl > ceiling else ttl) for offset, ttl in ttls]
         shortest = min(ceiling, *(ttl for _, ttl in ttls))
         body = bytearray(body)
         for offset, ttl in ttls:
@@ -131,6 +140,15 @@ def scan_reply(data: bytes, qend: int, policy: TtlPolicy) -> Reply:
         body = bytes(body)
     return Reply(flags, an, ns, ar, body, tuple(ttls), shortest if positive else lifetime,
                  tuple(cnames))
+
+
+def _soa_ttls(data: bytes, rdata: int, end: int, ttl: int) -> tuple[int, int]:
+    """An SOA's TTL and MINIMUM, the negative answer's bounds (RFC 2308), each read as 0 when
+    over 2^31-1 (RFC 2181 8). Raises ValueError unless its data is two names and 20 bytes."""
+    if wire.skip_name(data, wire.skip_name(data, rdata)) + 20 != end:
+        raise ValueError("SOA data is not two names and five numbers")
+    minimum = _TTL.unpack_from(data, end - 4)[0]
+    return (ttl if ttl <= wire.MAX_TTL else 0, minimum if minimum <= wire.MAX_TTL else 0)
 
 
 def failure(policy: TtlPolicy) -> Reply:

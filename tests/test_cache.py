@@ -410,7 +410,8 @@ def test_what_may_be_served_stale(kind: str, servable: bool) -> None:
         "answer": reply_for(),
         "negative": reply_for(rcode=wire.NXDOMAIN, authority=(SOA,)),
         "failure": failure(TtlPolicy()),
-        "cloaked": reply_for(answer=("www.example.org. 300 IN CNAME t.example.org.",)),
+        "cloaked": reply_for(answer=("www.example.org. 300 IN CNAME t.example.org.",
+                                     "t.example.org. 300 IN A 192.0.2.1")),
     }[kind]
     q = h.put("www.example.org", reply)
     h.clock.at(reply.ttl)

@@ -137,6 +137,20 @@ def test_render_equals_upstream_reply(case: str, client: dict) -> None:
         ({"authority": (SOA_3600_300,), "opt": "first",
           "additional": ("ns.example.org. 3600 IN A 192.0.2.53",)}, POLICY, [300, 300], 300),
         ({"authority": NS}, POLICY, [0, 0], None),  # NODATA without SOA: not cached
+        # RFC 2308 5: a CNAME chain that ends in nothing is NODATA for its end, negative too
+        ({"answer": ("www.example.org. 3600 IN CNAME a.example.org.",),
+          "authority": (SOA_3600_300,)}, POLICY, [300, 300], 300),
+        ({"answer": ("www.example.org. 3600 IN CNAME a.example.org.",)}, POLICY, [0], None),
+        ({"qtype": "CNAME", "answer": ("www.example.org. 3600 IN CNAME a.example.org.",)},
+         POLICY, [3600], 3600),  # unless the chain is what was asked for
+        ({"qtype": "ANY", "answer": ("www.example.org. 3600 IN CNAME a.example.org.",)},
+         POLICY, [3600], 3600),
+        # RFC 2181 8: a TTL with the top bit set counts as 0, in an SOA's numbers as well
+        ({"answer": ("www.example.org. 2147483648 IN CNAME a.example.org.",
+                     "a.example.org. 300 IN A 192.0.2.2")}, POLICY, [0, 300], 0),
+        ({"rcode": wire.NXDOMAIN, "authority": (
+            "example.org. 4294967295 IN SOA ns.example.org. h.example.org. 1 2 3 4 300",)},
+         POLICY, [0], 0),
         ({"rcode": wire.NXDOMAIN}, POLICY, [], None),
         # RFC 9520: a failure is kept for servfail_ttl seconds (default 5), or not at all
         ({"rcode": wire.SERVFAIL}, POLICY, [], 5),
@@ -258,6 +272,16 @@ def _message(an: int, ns: int, ar: int, *records: bytes) -> bytes:
         pytest.param(_message(2, 0, 0, _opt(), _a()), id="OPT in the answer, not last"),
         pytest.param(_message(1, 1, 0, _a(), _opt()), id="OPT in the authority"),
         pytest.param(_message(1, 0, 2, _a(), _opt(), _opt()), id="two OPT records"),
+        pytest.param(_message(1, 0, 1, _a(), wire.opt_record(False, ext_rcode=1)),
+                     id="extended rcode (BADCOOKIE, BADVERS...) that the OPT would take away"),
+        pytest.param(_message(0, 1, 0, b"\xc0\x0c\x00\x06\x00\x01\x00\x00\x0e\x10\x00\x00"),
+                     id="SOA without data"),
+        pytest.param(_message(0, 1, 0, b"\xc0\x0c\x00\x06\x00\x01\x00\x00\x0e\x10\x00\x17"
+                                 + b"\x00\x00\x00" + bytes(20)), id="SOA with a stray byte"),
+        pytest.param(_message(2, 0, 0, b"\xc0\x0c\x00\x05\x00\x01\x00\x00\x0e\x10\x00\x00",
+                              _a()), id="CNAME without data (the next record is no target)"),
+        pytest.param(_message(1, 0, 0, b"\xc0\x0c\x00\x05\x00\x01\x00\x00\x0e\x10\x00\x04"
+                                 + b"\x00\x00\x00\x00"), id="CNAME data longer than its name"),
         pytest.param(_message(1, 0, 2, _a(), _opt(), b"\xc0\x0c\x00\x01\x00\x01\x00\x00\x00\x3c"
                                                      b"\x00\x03\xc0\x00\x02"),
                      id="bad A rdata after OPT (slow path)"),

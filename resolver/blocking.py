@@ -31,7 +31,7 @@ SOA_TIMERS = (1, 3600, 600, 86400)  # serial, refresh, retry, expire
 class ListAnswers:
     """The packed answer pieces of one rule list."""
 
-    __slots__ = ("rcode", "soa_tail", "records", "opt", "refused")
+    __slots__ = ("rcode", "soa_tail", "records", "opt", "refused", "long_soa")
 
     def __init__(self, rules: RuleList, config: BlockingConfig):
         ttl = rules.ttl if rules.ttl is not None else config.ttl
@@ -44,6 +44,10 @@ class ListAnswers:
         option = (wire.ede_option(EDE_BLOCKED, f"blocked by list {rules.name}")
                   if config.ede else b"")
         self.opt = (wire.opt_record(False, option), wire.opt_record(True, option))
+        # Whether an answer whose SOA owner points into the question can outgrow 512 bytes
+        # (only with long SOA names, or a long list name in the EDE text)
+        self.long_soa = (12 + wire.MAX_NAME + 4 + 2 + len(self.soa_tail) + len(self.opt[1])
+                         > wire.CLASSIC_UDP)
 
     def build(self, q: Query, offset: int, owner: bytes | None = None) -> bytes:
         """The blocked answer for q, whose name matched the rule at name[offset:].
@@ -59,11 +63,14 @@ class ListAnswers:
             found = self.records.get(q.qtype)
             if found:
                 count, records = found  # many addresses may not fit a small UDP buffer
-                return wire.fit_udp(
+                return wire.fit(
                     q, wire.header(q, wire.NOERROR, count, 0, ar) + q.question + records + opt)
+        answer = wire.header(q, self.rcode, 0, 1, ar) + q.question
         if owner is None:
-            owner = struct.pack("!H", 0xC000 | (12 + offset))
-        return wire.header(q, self.rcode, 0, 1, ar) + q.question + owner + self.soa_tail + opt
+            answer += struct.pack("!H", 0xC000 | (12 + offset)) + self.soa_tail + opt
+            # only long SOA names can take a name's answer past 512 bytes: look only then
+            return wire.fit(q, answer) if self.long_soa else answer
+        return wire.fit(q, answer + owner + self.soa_tail + opt)  # a CNAME target, in full
 
 
 def _sinkhole_records(rules: RuleList, ttl: int) -> dict[int, tuple[int, bytes]]:

@@ -14,7 +14,9 @@ What keeps it correct:
 - each remembered answer carries the counters it must bump, so a hit here counts exactly as
   the full path would have;
 - UDP only (TCP answers are not truncated, so they could differ), and bounded: the oldest
-  entry goes first when `cache.packet_entries` is reached.
+  entry goes first when `cache.packet_entries` is reached, and a query or answer longer
+  than the usual shapes (MAX_QUERY, MAX_ANSWER) is not kept, so an entry is at most a couple
+  of kilobytes whatever a client sends (padding, junk after the records, a 64 KiB buffer).
 """
 
 from __future__ import annotations
@@ -24,6 +26,10 @@ from collections import OrderedDict
 from .cache import NEVER
 from .metrics import Tally
 from .query import Clock, Memo
+
+
+MAX_QUERY = 512  # bytes: a longest name with EDNS and a cookie fits in well under this
+MAX_ANSWER = 1232  # bytes: the EDNS size that avoids fragmentation (larger answers are rare)
 
 
 class PacketCache:
@@ -54,7 +60,7 @@ class PacketCache:
 
     def remember(self, data: bytes, answer: bytes, outcome: str, memo: Memo) -> None:
         """Keep an answer a stage said holds until memo's time."""
-        if self._max <= 0:
+        if self._max <= 0 or len(data) > MAX_QUERY or len(answer) > MAX_ANSWER:
             return
         until, tally, key = memo
         entries = self._entries

@@ -182,7 +182,7 @@ def render(q: Query, reply: Reply, elapsed: int) -> bytes:
         for offset, ttl in reply.ttls:
             _TTL.pack_into(out, base + offset, ttl - elapsed if ttl > elapsed else 0)
         out = bytes(out)
-    return wire.fit_udp(q, out)
+    return wire.fit(q, out)
 
 
 def render_stale(q: Query, reply: Reply, ttl: int) -> bytes:
@@ -194,7 +194,7 @@ def render_stale(q: Query, reply: Reply, ttl: int) -> bytes:
         _TTL.pack_into(out, base + offset, ttl)
     if q.edns:
         out += wire.opt_record(q.do, wire.ede_option(EDE_STALE, ""))
-    return wire.fit_udp(q, bytes(out))
+    return wire.fit(q, bytes(out))
 
 
 def _header(q: Query, reply: Reply) -> bytes:

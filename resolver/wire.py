@@ -20,6 +20,7 @@ CLASS_IN = 1
 EDE_OPTION = 15
 MAX_NAME = 255
 CLASSIC_UDP = 512
+MAX_MESSAGE = 65535  # what a TCP frame's two-byte length can say
 MAX_TTL = 2**31 - 1  # RFC 2181 8: the largest TTL a record may carry
 
 _HEADER = struct.Struct("!HHHHHH")
@@ -219,10 +220,14 @@ def truncated(q: Query) -> bytes:
     return bytes(out)
 
 
-def fit_udp(q: Query, answer: bytes) -> bytes:
-    """Truncate an answer the client's UDP buffer cannot take (512 without EDNS)."""
-    if q.transport == "udp" and len(answer) > q.udp_size:
-        return truncated(q)
+def fit(q: Query, answer: bytes) -> bytes:
+    """Truncate an answer the client's UDP buffer cannot take (512 without EDNS); an answer
+    too big for any message (a TCP frame holds 65,535 bytes, RFC 1035 4.2.2) is SERVFAIL."""
+    if q.transport == "udp":
+        if len(answer) > q.udp_size:
+            return truncated(q)
+    elif len(answer) > MAX_MESSAGE:
+        return error_answer(q, SERVFAIL)
     return answer
 
 

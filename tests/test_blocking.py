@@ -160,6 +160,40 @@ def test_large_sinkhole_answer_fits_the_client(transport: str, kind: dict,
     assert got.question == ((LONG_NAME + ".", "AAAA", "IN"),)
 
 
+LONG_SOA = BlockingConfig(rules=(), soa_mname=".".join(["n" * 63] * 3), soa_rname="dns.example.net")
+LONGEST = ".".join(["x" * 63, "y" * 63, "z" * 63, "w" * 49, "example.org"])  # 253 characters
+
+
+@pytest.mark.parametrize(
+    ("config", "kind", "truncated"),
+    [
+        (LONG_SOA, {}, True),  # a 253-character name and a 192-character SOA mname
+        (LONG_SOA, {"edns": True}, False),
+        (CONFIG, {}, False),  # the shipped SOA names leave room for any name
+    ],
+)
+def test_long_soa_answer_fits_the_client(config: BlockingConfig, kind: dict,
+                                         truncated: bool) -> None:
+    answer = build(NXDOMAIN, config, "example.org", query_packet(LONGEST, **kind))
+    got = summary(answer)
+    assert ("TC" in got.flags) == truncated and len(answer) <= (512 if not kind else 1232)
+    assert got.authority == () if truncated else len(got.authority) == 1
+
+
+def test_chain_answer_fits_a_small_udp_buffer() -> None:
+    """The SOA owner of a CNAME-cloaking answer is the blocked domain written in full, so a
+    long question and a long blocked domain can outgrow 512 bytes."""
+    blocked = ".".join(["b" * 63, "c" * 63, "d" * 63, "example.org"])
+    blocker = Blocker(RuleSet([NXDOMAIN], [(to_wire(blocked), Rule(NXDOMAIN, "ads"))]), CONFIG,
+                      Metrics())
+    q = parse(query_packet(LONGEST))
+    cloak = blocker.check_chain((to_wire("a." + blocked),))
+    got = summary(blocker.answer_chain(q, cloak))
+    assert "TC" in got.flags and got.authority == ()
+    got = summary(blocker.answer_chain(parse(query_packet(LONGEST), "tcp"), cloak))
+    assert "TC" not in got.flags and got.authority[0][0] == blocked + "."
+
+
 ALLOW = RuleList("allowed", "allow")
 ENTRY = Rule(NXDOMAIN, "acme", "Acme")
 RULES = RuleSet([NXDOMAIN, REFUSED, ALLOW], [

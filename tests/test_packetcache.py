@@ -13,7 +13,7 @@ import dns.rcode
 import pytest
 
 from resolver.metrics import Metrics
-from resolver.packetcache import PacketCache
+from resolver.packetcache import MAX_ANSWER, MAX_QUERY, PacketCache
 from tests.conftest import RULES_YAML
 from tests.e2e import make_query, raw_tcp_exchange, raw_udp_exchange
 from tests.servers import ZONE
@@ -72,6 +72,20 @@ def test_zero_entries_remembers_nothing():
     packets = PacketCache(0, Clock(), metrics.queries)
     packets.remember(b"idq", b"ida", "cached", (NEVER, metrics.cache, ("hit",)))
     assert len(packets) == 0
+
+
+@pytest.mark.parametrize(
+    ("query_size", "answer_size", "kept"),
+    [(MAX_QUERY, MAX_ANSWER, True), (MAX_QUERY + 1, 100, False), (100, MAX_ANSWER + 1, False)],
+)
+def test_only_the_usual_sizes_are_kept(query_size: int, answer_size: int, kept: bool):
+    """Whatever a client pads its queries with or however large a buffer it offers, an
+    entry stays a couple of kilobytes at most."""
+    metrics = Metrics()
+    packets = PacketCache(10, Clock(), metrics.queries)
+    query, answer = b"id" + b"q" * (query_size - 2), b"id" + b"a" * (answer_size - 2)
+    packets.remember(query, answer, "cached", (NEVER, metrics.cache, ("hit",)))
+    assert len(packets) == int(kept)
 
 
 # -- through the running server ----------------------------------------------------------------

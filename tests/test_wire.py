@@ -235,17 +235,21 @@ def test_error_answer(flags: int, expected: set[str], edns: bool, do: bool, rcod
         ("udp", True, 1232, 1233, True),
         ("udp", True, 100, 513, True),  # clamped to 512
         ("tcp", False, 0, 65535, False),
+        ("tcp", True, 1232, 65536, True),  # no frame can carry it: SERVFAIL
     ],
 )
-def test_fit_udp(transport: str, edns: bool, udp: int, size: int, truncated: bool) -> None:
+def test_fit(transport: str, edns: bool, udp: int, size: int, truncated: bool) -> None:
     q = query("www.example.org", transport=transport, edns=edns, udp=udp, do=True)
     answer = b"\x00" * size
-    fitted = wire.fit_udp(q, answer)
+    fitted = wire.fit(q, answer)
     if not truncated:
         assert fitted is answer
         return
     got = summary(fitted)
-    assert "TC" in got.flags and got.rcode == wire.NOERROR
+    if transport == "udp":
+        assert "TC" in got.flags and got.rcode == wire.NOERROR
+    else:
+        assert "TC" not in got.flags and got.rcode == wire.SERVFAIL
     assert got.question == (("www.example.org.", "A", "IN"),) and got.answer == ()
     assert got.edns == ((0, 1232, True, ()) if edns else None)
 

@@ -98,6 +98,10 @@ class RunningServer:
                 log.error("reload failed, keeping the previous rules: %s", problem)
             self.metrics.reloads.inc(("failed",))
             return False
+        except Exception:  # a bug must not end reloading, nor go uncounted
+            log.exception("reload failed, keeping the previous rules")
+            self.metrics.reloads.inc(("failed",))
+            return False
         self.blocker.install(rules)
         self.metrics.reloads.inc(("ok",))
         log.info("reloaded rules: %d domains", rules.domain_count)
@@ -187,9 +191,14 @@ async def serve_until_signalled(config: Config, rules: RuleSet,
     async with running_server(config, rules, reuse_port=reuse_port,
                               serve_metrics=serve_metrics) as server:
         reloads: set[asyncio.Task] = set()
+        one_at_a_time = asyncio.Lock()  # fair: reloads finish in the order they were asked
+
+        async def reload_in_turn() -> None:
+            async with one_at_a_time:
+                await server.reload_rules()
 
         def reload() -> None:
-            task = loop.create_task(server.reload_rules())
+            task = loop.create_task(reload_in_turn())
             reloads.add(task)
             task.add_done_callback(reloads.discard)
 

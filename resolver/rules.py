@@ -187,13 +187,16 @@ def _rule_files(paths: Sequence[str], problems: list[str]) -> list[Path]:
     files = []
     for text in paths:
         path = Path(text)
-        if path.is_dir():
-            suffixes = YAML_SUFFIXES + TEXT_SUFFIXES
-            files += sorted(p for p in path.iterdir() if p.suffix in suffixes and p.is_file())
-        elif path.is_file():
-            files.append(path)
-        else:
-            problems.append(f"{path}: no such file or directory")
+        try:
+            if path.is_dir():
+                suffixes = YAML_SUFFIXES + TEXT_SUFFIXES
+                files += sorted(p for p in path.iterdir() if p.suffix in suffixes and p.is_file())
+            elif path.is_file():
+                files.append(path)
+            else:
+                problems.append(f"{path}: no such file or directory")
+        except OSError as error:  # unreadable directory, name too long, ...
+            problems.append(f"{path}: cannot read: {error.strerror}")
     return files
 
 

@@ -144,6 +144,7 @@ class Supervisor:
         self.lock = threading.Lock()  # the metrics thread and the main thread share pipes
         self.stopping = False
         self.reload_requested = False
+        self.reloaded = False  # a SIGHUP came since start: new workers must reload too
 
     def run(self, on_ready) -> None:
         """Serve until SIGTERM/SIGINT; on_ready(addresses, metrics_address) once all are up."""
@@ -171,6 +172,7 @@ class Supervisor:
         while not self.stopping:
             if self.reload_requested:
                 self.reload_requested = False
+                self.reloaded = True
                 for worker in self.workers:
                     with contextlib.suppress(ProcessLookupError):  # died: restarted below
                         os.kill(worker.process.pid, signal.SIGHUP)
@@ -195,6 +197,8 @@ class Supervisor:
             fresh.process.join()
             fresh.conn.close()
             return
+        if self.reloaded:  # it was forked with the rules of startup: read the files again
+            os.kill(fresh.process.pid, signal.SIGHUP)
         with self.lock:
             self.retired = merge_samples([self.retired,
                                           [s for s in worker.last if s.kind == "counter"]])

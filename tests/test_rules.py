@@ -435,10 +435,12 @@ def test_directory_errors(tmp_path: Path, files: dict[str, str], problems: list[
 def test_unreadable_paths(tmp_path: Path) -> None:
     (tmp_path / "latin1.txt").write_bytes(b"a.test\nb\xe9.test\n")
     missing = tmp_path / "missing.yaml"
+    too_long = tmp_path / ("a" * 300 + ".yaml")  # the OS refuses even to look it up
     with pytest.raises(ConfigError) as raised:
-        load_rules([str(missing), str(tmp_path / "latin1.txt")])
+        load_rules([str(missing), str(tmp_path / "latin1.txt"), str(too_long)])
     assert raised.value.problems == [
         f"{missing}: no such file or directory",
+        f"{too_long}: cannot read: File name too long",
         f"{tmp_path}/latin1.txt: not UTF-8 text (byte 8)",
     ]
 

@@ -118,6 +118,20 @@ def test_a_killed_worker_is_replaced(serve):
     assert all(served.rcode("www.blocked.test") == dns.rcode.NXDOMAIN for _ in range(QUERIES))
 
 
+def test_a_worker_replaced_after_a_reload_serves_the_reloaded_rules(serve):
+    start, rules = serve
+    served = start(2)
+    rules.write_text(RULES.replace("[blocked.test]", "[newly.test]"))
+    served.process.send_signal(signal.SIGHUP)
+    _wait_for(lambda: served.metrics().get(("resolver_reloads_total", (("result", "ok"),))) == 2)
+    victim = served.children()[0]
+    os.kill(victim, signal.SIGKILL)
+    _wait_for(lambda: len(served.children()) == 2 and victim not in served.children())
+    # the replacement was forked with the startup rules; it reloads once ready
+    _wait_for(lambda: served.metrics().get(("resolver_reloads_total", (("result", "ok"),))) == 3)
+    assert all(served.rcode(f"n{i}.newly.test") == dns.rcode.NXDOMAIN for i in range(QUERIES))
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 @pytest.mark.parametrize("workers", [1, 2])
 def test_stop_signals_end_every_process(serve, signum, workers):

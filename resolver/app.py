@@ -154,6 +154,25 @@ def _grow_receive_buffer(sock) -> None:
         log.warning("could not enlarge the UDP receive buffer: %s", exc)
 
 
+def udp_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
+    """A bound UDP socket. An IPv6 one takes IPv6 only, as asyncio makes TCP sockets: a
+    dual-stack [::] would take 0.0.0.0's port too, and `[::]:53` beside `0.0.0.0:53` would
+    fail to bind."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 async def _bind(address: Address, pipeline: Pipeline, outbox: Outbox, limits: TcpLimits,
                 closers: list, reuse_port: bool) -> tuple[str, int]:
     """Bind TCP, then UDP on the port TCP got; return the (host, port) bound."""
@@ -165,9 +184,8 @@ async def _bind(address: Address, pipeline: Pipeline, outbox: Outbox, limits: Tc
         port = tcp.sockets[0].getsockname()[1]
         try:
             udp, _ = await loop.create_datagram_endpoint(
-                lambda: UdpServer(pipeline, outbox), local_addr=(address.host, port),
-                family=socket.AF_INET6 if ":" in address.host else socket.AF_INET,
-                reuse_port=reuse_port)
+                lambda: UdpServer(pipeline, outbox),
+                sock=udp_socket(address.host, port, reuse_port))
         except OSError:
             tcp.close()
             if address.port != 0 or attempt == BIND_ATTEMPTS - 1:

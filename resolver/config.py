@@ -260,11 +260,16 @@ class _Invalid(ValueError):
 Parse = Callable[[Any], Any]
 
 
+MAX_SECONDS = 86400  # a day: longer than any wait here should be, and finite (.inf is YAML)
+
+
 def _seconds(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise _Invalid("expected a number")
-    if not value > 0:
+    if not value > 0:  # NaN too
         raise _Invalid("expected seconds > 0")
+    if value > MAX_SECONDS:
+        raise _Invalid(f"expected at most {MAX_SECONDS} seconds (a day)")
     return float(value)
 
 

@@ -100,6 +100,11 @@ def problems_of(text: str, overrides: Overrides = Overrides()) -> list[str]:
     ("upstream:\n  servers: ['192.0.2.1:0']\n",
      "c.yaml:2: upstream.servers[0]: '192.0.2.1:0': port must be a number from 1 to 65535"),
     ("upstream:\n  timeout: -1\n", "c.yaml:2: upstream.timeout: expected seconds > 0"),
+    ("upstream:\n  timeout: .nan\n", "c.yaml:2: upstream.timeout: expected seconds > 0"),
+    ("upstream:\n  deadline: .inf\n",  # a query must end: never a hang
+     "c.yaml:2: upstream.deadline: expected at most 86400 seconds (a day)"),
+    ("upstream:\n  timeout: 1.0e+300\n",
+     "c.yaml:2: upstream.timeout: expected at most 86400 seconds (a day)"),
     ("upstream:\n  deadline: 1\n",
      "c.yaml:2: upstream.deadline: expected seconds >= upstream.timeout (2)"),
     ("upstream:\n  udp_size: 511\n",

@@ -20,7 +20,7 @@ from resolver.errors import ConfigError
 from resolver.names import normalize
 from resolver.wire import MAX_TTL
 from resolver.selection import STRATEGIES
-from resolver.yamlnodes import NULL, known_keys, line_of, problem_text, syntax_problem
+from resolver.yamlnodes import NULL, compose, known_keys, line_of, problem_text
 
 RESOLV_CONF = "/etc/resolv.conf"
 FALLBACK_UPSTREAMS = ("9.9.9.9", "1.1.1.1")
@@ -236,10 +236,9 @@ def _read_file(path: str, problems: list[str]) -> dict[str, Any]:
         raise ConfigError([f"{path}: cannot read: {error.strerror}"]) from None
     except UnicodeDecodeError:
         raise ConfigError([f"{path}: cannot read: not UTF-8 text"]) from None
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError as error:
-        raise ConfigError([syntax_problem(path, error)]) from None
+    root, problem = compose(path, text)
+    if problem is not None:
+        raise ConfigError([problem])
     report = _Report(path)
     sections = _read_mapping(root, "", _sections(Path(path).parent), report)
     problems.extend(report.problems())

@@ -18,8 +18,8 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from resolver.errors import ConfigError
 from resolver.wire import MAX_TTL
 from resolver.names import from_wire, label_offsets, normalize, to_wire
-from resolver.yamlnodes import (INT, NULL, STR, dotted, kind_of, known_keys, line_of,
-                                problem_text, syntax_problem)
+from resolver.yamlnodes import (INT, NULL, STR, compose, dotted, kind_of, known_keys,
+                                line_of, problem_text)
 
 ALLOW = "allow"
 DEFAULT_ACTION = "nxdomain"
@@ -227,10 +227,9 @@ class _Loader:
         text = self._read(path)
         if text is None:
             return
-        try:
-            root = yaml.compose(text, Loader=_LOADER)
-        except yaml.YAMLError as error:
-            self.problems.append(syntax_problem(path, error))
+        root, problem = compose(str(path), text, _LOADER)
+        if problem is not None:
+            self.problems.append(problem)
             return
         if root is not None:
             self.problems += _YamlFile(self, path).parse(root)

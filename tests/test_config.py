@@ -165,6 +165,11 @@ def test_file_error(in_tmp, text, problem):
     assert problems_of(text) == [problem]
 
 
+def test_deep_nesting_is_a_syntax_error_not_a_crash(in_tmp):
+    text = "server:\n  listen: " + "[" * 5000 + "]" * 5000 + "\n"
+    assert problems_of(text) == ["c.yaml: YAML syntax error: nested too deeply"]
+
+
 def test_all_problems_reported_in_file_order(in_tmp):
     text = (
         "upstream:\n"

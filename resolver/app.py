@@ -154,15 +154,19 @@ def _grow_receive_buffer(sock) -> None:
         log.warning("could not enlarge the UDP receive buffer: %s", exc)
 
 
-def udp_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
-    """A bound UDP socket. An IPv6 one takes IPv6 only, as asyncio makes TCP sockets: a
-    dual-stack [::] would take 0.0.0.0's port too, and `[::]:53` beside `0.0.0.0:53` would
-    fail to bind."""
+def bound_socket(host: str, port: int, kind: socket.SocketKind, reuse_port: bool
+                 ) -> socket.socket:
+    """A bound, non-blocking socket, set up as asyncio sets up its TCP servers: IPv6 only for
+    an IPv6 address (a dual-stack [::] would take 0.0.0.0's port too, and `[::]:53` beside
+    `0.0.0.0:53` would fail to bind), and for TCP, SO_REUSEADDR (a port in TIME_WAIT is free).
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_DGRAM)
+    sock = socket.socket(family, kind)
     try:
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        if kind == socket.SOCK_STREAM:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if reuse_port:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, port))
@@ -185,7 +189,7 @@ async def _bind(address: Address, pipeline: Pipeline, outbox: Outbox, limits: Tc
         try:
             udp, _ = await loop.create_datagram_endpoint(
                 lambda: UdpServer(pipeline, outbox),
-                sock=udp_socket(address.host, port, reuse_port))
+                sock=bound_socket(address.host, port, socket.SOCK_DGRAM, reuse_port))
         except OSError:
             tcp.close()
             if address.port != 0 or attempt == BIND_ATTEMPTS - 1:

@@ -29,7 +29,7 @@ import uvloop
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import Metric
 
-from .app import serve_until_signalled
+from .app import bound_socket, serve_until_signalled
 from .config import Address, Config
 from .metrics import Endpoint, Sample, merge_samples
 from .rules import RuleSet
@@ -153,6 +153,7 @@ class Supervisor:
         signal.signal(signal.SIGHUP, self._reload)
         endpoint = None
         try:
+            _check_free(self.config.server.listen)
             self.workers = [Worker.start(i, self.config, self.rules) for i in range(self.count)]
             addresses = [worker.ready() for worker in self.workers][0]
             listen = self.config.metrics.listen
@@ -233,6 +234,15 @@ class Supervisor:
         for sample in merge_samples(snapshots + [self.retired]):
             yield sample.family()
         yield Sample("gauge", "workers", "Worker processes alive.", (), {(): alive}).family()
+
+
+def _check_free(listen: tuple[Address, ...]) -> None:
+    """Raise OSError if another process holds a listen address. The workers bind with
+    SO_REUSEPORT, which would let them join a port another server of this user holds, each
+    then getting part of the traffic; one bind without it, before forking, finds that out."""
+    for address in listen:
+        for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+            bound_socket(address.host, address.port, kind, reuse_port=False).close()
 
 
 def _concrete_ports(config: Config) -> Config:

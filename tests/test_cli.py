@@ -122,6 +122,18 @@ def test_port_in_use_exits_2(tmp_path, nsd_upstream):
     assert result.stderr.strip()
 
 
+def test_workers_do_not_join_a_port_another_server_holds(tmp_path, nsd_upstream):
+    """Workers bind with SO_REUSEPORT, which would let a second server of the same user share
+    the first one's port (and its traffic); the supervisor checks before it forks."""
+    rules = write(tmp_path / "rules.yaml", GOOD_RULES)
+    with serving(rules, nsd_upstream.address, workers="2") as first:
+        address = re.search(r"listening on (\S+)", read_line(first)).group(1)
+        second = run(resolver("--listen", address, "--upstream", nsd_upstream.address,
+                              "--rules", rules, "--metrics", "off", "--workers", "2"))
+    assert second.returncode == 2
+    assert "cannot serve" in second.stderr and "in use" in second.stderr
+
+
 def read_line(process: subprocess.Popen, timeout: float = 15) -> str:
     """The first line of stdout, without hanging the test when none comes."""
     with selectors.DefaultSelector() as selector:

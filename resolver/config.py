@@ -405,6 +405,12 @@ _upstreams = _list_of("addresses", _upstream)
 _metrics_address = _address(9153, 0)
 
 
+def _metrics_listen(value: Any) -> Address:
+    if value is False:  # YAML reads a bare off or no as false
+        raise _Invalid("expected an address, or null to turn the endpoint off")
+    return _metrics_address(value)
+
+
 def _metrics_flag(value: str) -> Address | None:
     return None if value == "off" else _metrics_address(value)
 
@@ -660,7 +666,7 @@ def _sections(base: Path) -> dict[str, ReadNode]:
             "stale_client_timeout": _seconds,
             "packet_entries": _integer(0),
         }, _check_cache),
-        "metrics": _section(MetricsConfig, {"listen": _optional(_metrics_address)}),
+        "metrics": _section(MetricsConfig, {"listen": _optional(_metrics_listen)}),
     }
 
 

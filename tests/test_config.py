@@ -157,6 +157,8 @@ def problems_of(text: str, overrides: Overrides = Overrides()) -> list[str]:
     # metrics
     ("metrics:\n  listen: 9153\n", "c.yaml:2: metrics.listen: expected an address such as "
                                    "'127.0.0.1:53' or '[::1]:53'"),
+    ("metrics:\n  listen: off\n",
+     "c.yaml:2: metrics.listen: expected an address, or null to turn the endpoint off"),
     ("metrics:\n  listen: 'localhost:9153'\n", "c.yaml:2: metrics.listen: 'localhost:9153' "
                                                "is not an IP address (hostnames are not "
                                                "accepted here)"),

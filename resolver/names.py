@@ -5,8 +5,9 @@ from a packet can be matched without decoding it. Both forms are lowercase and A
 (international names in punycode), which is what makes matching a plain dict lookup.
 """
 
-import encodings.idna
 import re
+
+import idna
 
 # A valid normalized name, checked in one regex call because rule files can hold a million
 # names. Underscore is allowed for SRV-like names; '*' is not, since subdomains are implied.
@@ -40,12 +41,14 @@ def normalize(text: str) -> str:
 
 
 def _to_ascii(label: str, shown: str) -> str:
-    """Punycode one label; ASCII and empty labels pass through for the validator to judge."""
+    """Punycode one label as browsers do (IDNA2008 with UTS #46 mapping, non-transitional:
+    'faß' is xn--fa-hia, not 'fass' as Python's IDNA2003 codec has it); ASCII and empty
+    labels pass through for the validator to judge."""
     if label.isascii():
         return label
     try:
-        return encodings.idna.ToASCII(label).decode("ascii")
-    except UnicodeError:
+        return idna.encode(label, uts46=True, transitional=False).decode("ascii")
+    except UnicodeError:  # idna.IDNAError is one
         problem = f"bad international label {label!r}"
         raise ValueError(f"{shown!r} is not a valid name: {problem}") from None
 

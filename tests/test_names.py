@@ -20,6 +20,10 @@ NAME_253 = ".".join(["b" * 63, "c" * 63, "d" * 63, "e" * 61])  # 253 characters
         ("xn--bcher-kva.example", "xn--bcher-kva.example"),
         ("ｂücher。example", "xn--bcher-kva.example"),  # full-width letter and ideographic dot
         ("bücher.example。", "xn--bcher-kva.example"),
+        # IDNA2008 + UTS #46, non-transitional, as browsers ask: not IDNA2003's 'fass.de'
+        ("faß.de", "xn--fa-hia.de"),
+        ("ελλάς.gr", "xn--hxarsa0b.gr"),
+        ("ＡＢＣ.test", "abc.test"),  # full-width ASCII maps to ASCII
         ("_sip._tcp.example.org", "_sip._tcp.example.org"),
         ("-edge-.test", "-edge-.test"),
         ("123.test", "123.test"),
@@ -46,6 +50,9 @@ def test_normalize(text: str, expected: str) -> None:
         (f"{LABEL_63}a.test", f"'{LABEL_63}a.test' is not a valid name: label longer than 63 characters"),
         (NAME_253 + "e", f"'{NAME_253}e' is not a valid name: longer than 253 characters"),
         ("\ufffd.test", "'\ufffd.test' is not a valid name: bad international label '\ufffd'"),
+        # a joiner outside the scripts that use it: IDNA2003 dropped it, naming another domain
+        ("a\u200db.test",  # shown escaped, as repr() shows an invisible character
+         "'a\\u200db.test' is not a valid name: bad international label 'a\\u200db'"),
     ],
 )
 def test_normalize_rejects(text: str, message: str) -> None:

@@ -127,6 +127,9 @@ class Connection(asyncio.Protocol):
             self.transport.write(wire.framed(packet))
             return await future
         finally:
+            # A failed future holds the exception whose traceback holds this frame: break
+            # that cycle, which the frozen-GC policy would never collect (see cli.py).
+            future = None
             timer.cancel()
             del self._pending[qid]
             if not self._pending and self.usable:

@@ -230,7 +230,13 @@ class Upstream:
         if self._tls is not None:
             return await self._query_tls(q, timeout)
         self._metrics.upstream_queries.inc(self._tcp_key)
-        return await asyncio.wait_for(self._tcp(q), timeout)
+        try:
+            return await asyncio.wait_for(self._tcp(q), timeout)
+        except Exception as exc:
+            # On 3.11, wait_for's frame sits in the traceback and holds the inner task,
+            # which holds the exception again: a cycle the frozen-GC policy would never
+            # collect (see cli.py). The traceback goes; the exception and its cause stay.
+            raise exc.with_traceback(None) from exc.__cause__
 
     async def _tcp(self, q: Query) -> bytes:
         qid = random_id()

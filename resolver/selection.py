@@ -42,7 +42,7 @@ class Backoff:
 class Health:
     """One upstream's record: smoothed RTT, failures in a row, and until when it is skipped."""
 
-    __slots__ = ("srtt", "failures", "until", "_backoff", "_probe")
+    __slots__ = ("srtt", "failures", "until", "_backoff", "_probe", "_backed_off_at")
 
     def __init__(self, backoff: Backoff, probe: float):
         self.srtt: float | None = None  # seconds; None until the first reply or failure
@@ -50,6 +50,7 @@ class Health:
         self.until = 0.0  # skipped while now < until
         self._backoff = backoff
         self._probe = probe  # how long one probe has before another query may probe
+        self._backed_off_at = float("-inf")  # when the backoff was last set or doubled
 
     @property
     def healthy(self) -> bool:
@@ -70,14 +71,20 @@ class Health:
         self.failures = 0
         self.until = 0.0
 
-    def failure(self, now: float, penalty: float) -> None:
-        """A timeout or a broken exchange. penalty (the attempt's timeout) feeds the RTT, so
-        `fastest` moves away from an upstream that stops answering before it is backed off."""
+    def failure(self, now: float, penalty: float, sent: float | None = None) -> None:
+        """A timeout or a broken exchange of an attempt sent at `sent`. penalty (the attempt's
+        timeout) feeds the RTT, so `fastest` moves away from an upstream that stops answering
+        before it is backed off. The attempts that were in flight when the backoff was set
+        or doubled fail of the same outage: they do not double it again, or one silent spell
+        under load would back an upstream off for max_backoff at once."""
         self._sample(penalty)
+        if sent is not None and sent < self._backed_off_at:
+            return
         self.failures += 1
         if not self.healthy:
             doublings = min(self.failures - self._backoff.after, MAX_DOUBLINGS)
             self.until = now + min(self._backoff.maximum, self._backoff.initial * 2 ** doublings)
+            self._backed_off_at = now
 
     def _sample(self, rtt: float) -> None:
         srtt = self.srtt

@@ -378,7 +378,7 @@ class Exchange:
         upstream = self._upstream
         self._pool.count_error(upstream, kind)
         now = time.monotonic()
-        upstream.health.failure(now, self._timeout)
+        upstream.health.failure(now, self._timeout, self._sent)
         self._next(now)
 
     def _got(self, data: bytes, now: float) -> None:

@@ -45,6 +45,17 @@ def test_failures_back_off_exponentially_up_to_the_cap(failures, healthy, until)
     assert (health.healthy, health.until) == (healthy, until)
 
 
+def test_attempts_in_flight_when_the_backoff_began_do_not_double_it():
+    """30 queries out at once to an upstream that went silent: one outage, not 28 doublings."""
+    health = Health(BACKOFF, PROBE)
+    for _ in range(30):
+        health.failure(10.0, 0.5, sent=9.5)
+    assert (health.failures, health.until) == (2, 11.0)  # backed off for `initial`
+    assert health.ready(11.0), "the probe"
+    health.failure(11.5, 0.5, sent=11.0)  # sent after the backoff began: it counts
+    assert (health.failures, health.until) == (3, 13.5)
+
+
 @pytest.mark.parametrize("now, ready", [(10.5, False), (10.99, False), (11.0, True)])
 def test_a_backed_off_upstream_is_skipped_until_the_period_ends(now, ready):
     health = Health(BACKOFF, PROBE)

@@ -22,7 +22,7 @@ from .config import CacheConfig
 from .metrics import Metrics
 from .query import Outcome, Query
 from .reply import Reply, TtlPolicy, failure, render, render_stale, scan_reply
-from .upstream import Exchange, UpstreamError, UpstreamPool
+from .upstream import MOVE_ON, Exchange, UpstreamError, UpstreamPool
 
 if TYPE_CHECKING:
     from .pipeline import Sink  # noqa: F401 (annotations only: pipeline imports this module)
@@ -91,6 +91,8 @@ class Forwarder:
         else:
             self.waiting += 1
             flight.join(q, sink)
+            if flight.stale is None and q.cache_key in self._cache.entries:
+                self._arm_stale(flight)  # a prefetch began before the answer expired
 
     def prefetch(self, q: Query) -> None:
         """Refresh q's cached answer in the background (a popular answer about to expire),
@@ -114,11 +116,16 @@ class Forwarder:
         key = q.cache_key
         flight = self._inflight[key] = Flight(q, sink, self)
         if key in self._cache.entries:  # else there is nothing to be stale: no call
-            stale = flight.stale = self._cache.stale(key)
-            if stale is not None:
-                flight.stale_timer = self.upstreams.loop.call_later(
-                    self._stale_timeout, self._stale_due, flight)
+            self._arm_stale(flight)
         return flight
+
+    def _arm_stale(self, flight: Flight) -> None:
+        """If the cache holds an expired answer that may be served stale, keep it on the
+        flight and start RFC 8767's client response timer."""
+        stale = flight.stale = self._cache.stale(flight.q.cache_key)
+        if stale is not None:
+            flight.stale_timer = self.upstreams.loop.call_later(
+                self._stale_timeout, self._stale_due, flight)
 
     def landed(self, flight: Flight, data: bytes | None) -> None:
         """The exchange ended: cache what came back (answer or failure), answer the waiters."""
@@ -136,7 +143,7 @@ class Forwarder:
                 pass  # a malformed reply counts as no reply
         if reply is None:
             self._cache.failed(key, failure(self._policy))
-        elif reply.rcode == wire.SERVFAIL:
+        elif reply.rcode in MOVE_ON:  # SERVFAIL is cached briefly, REFUSED not at all
             self._cache.failed(key, reply)
         else:
             self._cache.put(key, reply)
@@ -161,12 +168,13 @@ class Forwarder:
     def answer(self, q: Query, reply: Reply | None, stale: Entry | None) -> tuple[bytes, str]:
         """What one waiting client gets: from the reply (None: no usable reply came, or
         none is waited for), else the stale answer, else SERVFAIL (by raising)."""
-        if reply is None or reply.rcode == wire.SERVFAIL:
+        if reply is None or reply.rcode in MOVE_ON:  # failures to refresh (RFC 8767 4)
             if stale is not None:
                 return self._stale(q, stale.reply)
             if reply is None:
                 raise UpstreamError("no usable answer from any upstream")
-            return render(q, reply, 0), Outcome.SERVFAIL
+            if reply.rcode == wire.SERVFAIL:
+                return render(q, reply, 0), Outcome.SERVFAIL
         if reply.cnames:
             cloak = self._blocker.check_chain(reply.cnames)
             if cloak is not None:

@@ -47,7 +47,7 @@ SOCKETS_PER_UPSTREAM = 4  # more sockets measured slower: fewer replies per wake
 SWEEP_INTERVAL = 0.02  # seconds between timeout sweeps: how late a timeout may fire
 SOCKET_QUERIES = 200  # queries one socket carries before a fresh one (a new port) replaces it
 ROUNDS = 2  # times each upstream is tried for one query
-_MOVE_ON = (wire.SERVFAIL, wire.REFUSED)  # rcodes after which another upstream is asked
+MOVE_ON = (wire.SERVFAIL, wire.REFUSED)  # rcodes after which another upstream is asked
 
 
 class UpstreamError(Exception):
@@ -343,7 +343,7 @@ class Exchange:
         if data[2] & (wire.TC >> 8):
             self._stream(self._upstream.stream(self.q, max(self._timeout - (now - self._sent),
                                                            0.001)))
-        elif data[3] & 0xF in _MOVE_ON:
+        elif data[3] & 0xF in MOVE_ON:
             self._got(data, now)
         else:  # the usual ending, without _got's and _finish's calls
             self._upstream.health.success(now - self._sent)
@@ -384,7 +384,7 @@ class Exchange:
     def _got(self, data: bytes, now: float) -> None:
         upstream = self._upstream
         upstream.health.success(now - self._sent)
-        if data[3] & 0xF in _MOVE_ON:
+        if data[3] & 0xF in MOVE_ON:
             self._pool.count_error(upstream, "rcode")
             self._last = data
             self._next(now)

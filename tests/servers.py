@@ -238,7 +238,8 @@ def run_nsd(
 # --------------------------------------------------------------------------------------------
 # The fault upstream
 
-FAULT_MODES = ("answer", "silent", "garbage", "wrong_id", "wrong_question", "slow", "truncate", "servfail")
+FAULT_MODES = ("answer", "silent", "garbage", "wrong_id", "wrong_question", "slow", "truncate", "servfail",
+               "refused")
 FAULT_A = "192.0.2.99"
 
 
@@ -267,6 +268,7 @@ class FaultUpstream:
       slow            a correct answer after `delay` seconds
       truncate        UDP: TC=1 with an empty answer; TCP: the correct answer
       servfail        SERVFAIL
+      refused         REFUSED
     With then_answer=True, wrong_id, wrong_question and garbage send the correct answer right
     after the bad one, to test that a client skips the bad reply and keeps listening.
 
@@ -322,9 +324,9 @@ class FaultUpstream:
                 return [good]
             case "silent":
                 return []
-            case "servfail":
+            case "servfail" | "refused":
                 reply = query.reply(ra=1, aa=0)
-                reply.header.rcode = RCODE.SERVFAIL
+                reply.header.rcode = RCODE.SERVFAIL if self.mode == "servfail" else RCODE.REFUSED
                 return [reply.pack()]
             case "truncate":
                 if protocol == "tcp":

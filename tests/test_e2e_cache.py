@@ -169,6 +169,47 @@ async def test_stale_answer_when_the_upstream_dies_after_caching(start_server, o
     running.close()
 
 
+async def test_a_refusing_upstream_gets_the_stale_answer_served_too(start_server,
+                                                                   fault_upstream):
+    """RFC 8767 4: an rcode other than NOERROR or NXDOMAIN is a failure to refresh."""
+    upstream = fault_upstream("answer", ttl=60)
+    clock = FakeClock()
+    server = await start_server(upstream, clock=clock, **STALE)
+    query = make_query("www.example.test", "A", edns=0)
+    await ask(server, "udp", query)
+    upstream.mode = "refused"
+    clock.at(61)
+    stale = await ask(server, "udp", query)
+    assert stale.rcode() == dns.rcode.NOERROR and stale.answer[0].ttl == 30
+    assert ede(stale) == [(3, None)]
+    clock.at(60 + 86400)  # past the stale window: the upstream's answer is relayed
+    await eventually(lambda: server.pipeline._forwarder._inflight == {})
+    assert (await ask(server, "udp", query)).rcode() == dns.rcode.REFUSED
+
+
+async def test_a_client_joining_a_prefetch_gets_the_stale_answer(start_server,
+                                                                 fault_upstream):
+    """A prefetch starts before the answer expires, so it found nothing stale to fall back
+    on; a client that joins it after the expiry still gets the stale answer when it fails."""
+    upstream = fault_upstream("answer", ttl=100)
+    clock = FakeClock()
+    server = await start_server(upstream, clock=clock,
+                                upstream={"timeout": 0.3, "deadline": 0.6},
+                                cache={"prefetch_min_hits": 2, "stale_client_timeout": 0.3})
+    query = make_query("popular.example.test", "A")
+    await ask(server, "udp", query)
+    upstream.mode = "silent"
+    clock.at(50)
+    await ask(server, "udp", query)
+    clock.at(95)
+    await ask(server, "udp", query)  # in the prefetch window: a refresh starts, and hangs
+    clock.at(101)  # expired while the prefetch is still out
+    stale = await ask(server, "tcp", query)
+    assert stale.rcode() == dns.rcode.NOERROR and stale.answer[0].ttl == 30
+    assert server.metrics.cache.counts[("prefetch",)] == 1
+    assert server.metrics.queries.counts[("tcp", "stale")] == 1
+
+
 async def test_no_stale_answers_when_serve_stale_is_off(start_server, fault_upstream):
     upstream = fault_upstream("answer", ttl=60)
     clock = FakeClock()

@@ -29,7 +29,7 @@ import random
 import ssl
 import struct
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterable
 
 from . import wire
 from .config import UpstreamConfig, UpstreamServer
@@ -95,8 +95,17 @@ class _UdpSocket(asyncio.DatagramProtocol):
 
     def error_received(self, exc: Exception) -> None:
         pending, self.pending = self.pending, {}
-        for exchange in pending.values():
-            exchange.udp_failed("network")
+        _fail_each(pending.values(), "network")
+
+
+def _fail_each(exchanges: Iterable[Exchange], kind: str) -> None:
+    """Fail every one of these UDP attempts. A bug in one failure's handling is logged and
+    costs no other its turn, nor the sweep that calls this its next round."""
+    for exchange in exchanges:
+        try:
+            exchange.udp_failed(kind)
+        except Exception:
+            log.exception("unexpected error while failing an upstream query")
 
 
 def address_label(server: UpstreamServer) -> str:
@@ -195,8 +204,7 @@ class Upstream:
         sockets = (*self._sockets, *self._retiring)
         for sock in sockets:
             if sock.pending:
-                for exchange in [e for e in sock.pending.values() if e.due <= now]:
-                    exchange.udp_failed("timeout")
+                _fail_each([e for e in sock.pending.values() if e.due <= now], "timeout")
         busy = any(sock.pending for sock in sockets)
         self._sweep = self._loop.call_later(SWEEP_INTERVAL, self._expire) if busy else None
 

@@ -188,3 +188,24 @@ async def test_source_ports_keep_changing(fault_upstream):
     assert len(sockets) == 0  # closed with the pool
     assert len(ports) >= 3 * upstream_module.SOCKETS_PER_UPSTREAM
     assert a.count() == total
+
+
+async def test_a_failing_timeout_handler_stops_neither_the_sweep_nor_other_queries(
+        fault_upstream, caplog):
+    """A bug in what one timed-out exchange does next is logged; the sweep still fails the
+    other attempts due with it, and keeps running for the queries after it."""
+    silent = fault_upstream("silent")
+
+    class Broken(upstream_module._Awaited):
+        def done(self, data: bytes | None) -> None:
+            raise RuntimeError("a bug in what follows a timeout")
+
+    async with open_pool(server(silent), timeout=0.1, deadline=0.1) as (pool, _):
+        broken = Broken(query("broken.example.org"), pool)
+        broken.start()
+        later = asyncio.ensure_future(pool.query(query("later.example.org")))
+        with pytest.raises(UpstreamError):
+            await asyncio.wait_for(later, 2)
+        with pytest.raises(UpstreamError):  # the sweep still runs for a new query
+            await asyncio.wait_for(pool.query(query("after.example.org")), 2)
+    assert "unexpected error while failing an upstream query" in caplog.text

@@ -249,11 +249,11 @@ def _read_file(path: str, problems: list[str]) -> dict[str, Any]:
 
 
 class _Invalid(ValueError):
-    """A bad value; index names the offending list element, if any."""
+    """A bad value; for a list, `elements` holds (index, message) of every bad element."""
 
-    def __init__(self, message: str, index: int | None = None):
+    def __init__(self, message: str, elements: tuple[tuple[int, str], ...] = ()):
         super().__init__(message)
-        self.index = index
+        self.elements = elements
 
 
 Parse = Callable[[Any], Any]
@@ -308,12 +308,14 @@ def _list_of(what: str, item: Parse, *, if_empty: str | None = None) -> Parse:
             raise _Invalid(f"expected a list of {what}")
         if not value and if_empty:
             raise _Invalid(if_empty)
-        parsed = []
+        parsed, bad = [], []
         for index, element in enumerate(value):
             try:
                 parsed.append(item(element))
-            except _Invalid as error:
-                raise _Invalid(str(error), index) from None
+            except _Invalid as error:  # every bad element is reported, not just the first
+                bad.append((index, str(error)))
+        if bad:
+            raise _Invalid(bad[0][1], tuple(bad))
         return tuple(parsed)
 
     return parse
@@ -459,10 +461,10 @@ def _field(parse: Parse) -> ReadNode:
         try:
             return parse(_construct(node))
         except _Invalid as error:
-            if error.index is None:
+            for index, message in error.elements:
+                report.add(node.value[index], f"{path}[{index}]", message)
+            if not error.elements:
                 report.add(node, path, str(error))
-            else:
-                report.add(node.value[error.index], f"{path}[{error.index}]", str(error))
             return _MISSING
 
     return read

@@ -167,6 +167,14 @@ def test_file_error(in_tmp, text, problem):
     assert problems_of(text) == [problem]
 
 
+def test_every_bad_list_element_is_reported(in_tmp):
+    text = 'server:\n  listen: ["127.0.0.1:99999", "127.0.0.1:53", "[::1]:x"]\n'
+    assert problems_of(text) == [
+        "c.yaml:2: server.listen[0]: '127.0.0.1:99999': port must be a number from 0 to 65535",
+        "c.yaml:2: server.listen[2]: '[::1]:x': port must be a number from 0 to 65535",
+    ]
+
+
 def test_deep_nesting_is_a_syntax_error_not_a_crash(in_tmp):
     text = "server:\n  listen: " + "[" * 5000 + "]" * 5000 + "\n"
     assert problems_of(text) == ["c.yaml: YAML syntax error: nested too deeply"]

@@ -32,7 +32,8 @@ from prometheus_client.core import Metric
 from .app import bound_socket, serve_until_signalled
 from .config import Address, Config
 from .metrics import Endpoint, Sample, merge_samples
-from .rules import RuleSet
+from .errors import ConfigError
+from .rules import RuleSet, load_rules
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +145,6 @@ class Supervisor:
         self.lock = threading.Lock()  # the metrics thread and the main thread share pipes
         self.stopping = False
         self.reload_requested = False
-        self.reloaded = False  # a SIGHUP came since start: new workers must reload too
 
     def run(self, on_ready) -> None:
         """Serve until SIGTERM/SIGINT; on_ready(addresses, metrics_address) once all are up."""
@@ -173,10 +173,10 @@ class Supervisor:
         while not self.stopping:
             if self.reload_requested:
                 self.reload_requested = False
-                self.reloaded = True
                 for worker in self.workers:
                     with contextlib.suppress(ProcessLookupError):  # died: restarted below
                         os.kill(worker.process.pid, signal.SIGHUP)
+                self._load_rules()
             ended = wait([w.process.sentinel for w in self.workers], timeout=0.5)
             for worker in [w for w in self.workers if w.process.sentinel in ended]:
                 if not self.stopping:
@@ -198,13 +198,23 @@ class Supervisor:
             fresh.process.join()
             fresh.conn.close()
             return
-        if self.reloaded:  # it was forked with the rules of startup: read the files again
-            os.kill(fresh.process.pid, signal.SIGHUP)
         with self.lock:
             self.retired = merge_samples([self.retired,
                                           [s for s in worker.last if s.kind == "counter"]])
             worker.conn.close()
             self.workers[self.workers.index(worker)] = fresh
+
+    def _load_rules(self) -> None:
+        """Load the rule files here too, while the workers do: a worker started again later
+        is forked with the last set that loaded, as the others serve it (reloading in the new
+        worker instead would fail, and leave it on the startup rules, if the files broke
+        since). A problem is the workers' to log; this keeps its set as they keep theirs."""
+        try:
+            self.rules = load_rules(self.config.blocking.rules)
+        except ConfigError:
+            pass
+        except Exception:
+            log.exception("loading the rules for workers started later failed")
 
     def _stop(self, signum, frame) -> None:
         self.stopping = True

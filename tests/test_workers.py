@@ -118,17 +118,24 @@ def test_a_killed_worker_is_replaced(serve):
     assert all(served.rcode("www.blocked.test") == dns.rcode.NXDOMAIN for _ in range(QUERIES))
 
 
-def test_a_worker_replaced_after_a_reload_serves_the_reloaded_rules(serve):
+@pytest.mark.parametrize("broken_since", [False, True])
+def test_a_worker_replaced_after_a_reload_serves_the_reloaded_rules(serve, broken_since):
+    """A worker started again is forked with the last rule set that loaded, whatever the
+    files hold by then (a broken file must not leave it on the startup rules)."""
     start, rules = serve
     served = start(2)
     rules.write_text(RULES.replace("[blocked.test]", "[newly.test]"))
     served.process.send_signal(signal.SIGHUP)
     _wait_for(lambda: served.metrics().get(("resolver_reloads_total", (("result", "ok"),))) == 2)
+    if broken_since:
+        rules.write_text("lists:\n  - name: first\n    domains: [bad..name]\n")
+        served.process.send_signal(signal.SIGHUP)
+        _wait_for(lambda: served.metrics().get(
+            ("resolver_reloads_total", (("result", "failed"),))) == 2)
     victim = served.children()[0]
     os.kill(victim, signal.SIGKILL)
     _wait_for(lambda: len(served.children()) == 2 and victim not in served.children())
-    # the replacement was forked with the startup rules; it reloads once ready
-    _wait_for(lambda: served.metrics().get(("resolver_reloads_total", (("result", "ok"),))) == 3)
+    _wait_for(lambda: served.metrics()[("resolver_workers", ())] == 2)
     assert all(served.rcode(f"n{i}.newly.test") == dns.rcode.NXDOMAIN for i in range(QUERIES))
 
 

@@ -26,6 +26,7 @@ from .metrics import Endpoint, Metrics
 from .outbox import Outbox
 from .packetcache import PacketCache
 from .pipeline import Pipeline
+from .query import Outcome
 from .reply import TtlPolicy
 from .errors import ConfigError
 from .rules import RuleSet, load_rules
@@ -65,6 +66,8 @@ def build_pipeline(config: Config, rules: RuleSet, metrics: Metrics, upstreams: 
                           config.server.max_inflight)
     stages = [blocker, CacheLookup(cache, config.cache, metrics, forwarder.prefetch),
               CnameBlocker(blocker, cache), StaleLookup(cache, config.cache, metrics)]
+    metrics.queries.expect((sink.name, outcome) for sink in (UdpServer, TcpConnection)
+                           for outcome in Outcome.ALL)
     packets = PacketCache(config.cache.packet_entries, clock, metrics.queries)
     blocker.on_install(packets.clear)
     metrics.gauge("packet_cache_entries", "Whole UDP answers kept by query bytes.", (),

@@ -93,6 +93,7 @@ class Cache:
         self._inspect = inspect
         self._tally = metrics.cache
         self._counts = metrics.cache.counts  # counted inline on the hot path: no call
+        metrics.cache.expect((_HIT, _MISS, _EXPIRED, _STALE, _STORED, _EVICTED))
         metrics.gauge("cache_entries", "Answers held in the cache.", (),
                       lambda: {(): len(self.entries)})
         metrics.gauge("cache_bytes", "Bytes counted against cache.max_bytes.", (),

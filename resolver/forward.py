@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from .pipeline import Sink  # noqa: F401 (annotations only: pipeline imports this module)
 
 Respond = Callable[..., None]  # Pipeline.respond(q, sink, reply, stale)
+_PREFETCH = ("prefetch",)  # the cache_total result a refresh counts
 
 
 class Flight(Exchange):
@@ -75,6 +76,7 @@ class Forwarder:
         self._stale_ttl = config.stale_ttl
         self._stale_timeout = config.stale_client_timeout
         self._tally = metrics.cache
+        self._tally.expect([_PREFETCH])
         self._max_inflight = max_inflight
         self._inflight: dict[tuple, Flight] = {}
         self.waiting = 0  # clients waiting on a flight
@@ -100,7 +102,7 @@ class Forwarder:
         if q.cache_key in self._inflight or len(self._inflight) >= self._max_inflight:
             return
         self._open(q, None).start()
-        self._tally.inc(("prefetch",))
+        self._tally.inc(_PREFETCH)
 
     def drain(self) -> None:
         """Abandon the flights still in the air (at shutdown)."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import operator
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, start_http_server
@@ -67,14 +67,22 @@ class Tally:
     help: str
     labels: tuple[str, ...]
     counts: dict[tuple[str, ...], int] = field(default_factory=dict)
+    expected: dict[tuple[str, ...], int] = field(default_factory=dict)
 
     def inc(self, key: tuple[str, ...], amount: int = 1) -> None:
         counts = self.counts
         counts[key] = counts.get(key, 0) + amount
 
+    def expect(self, keys: Iterable[tuple[str, ...]]) -> None:
+        """Label values exported as 0 until counted: a series that exists from the start
+        lets increase() and rate() see its first count (Prometheus' advice for known
+        labels)."""
+        self.expected.update(dict.fromkeys(keys, 0))
+
     def sample(self) -> Sample:
-        # copy(): the metrics thread reads while the event loop keeps counting
-        return Sample("counter", self.name, self.help, self.labels, self.counts.copy())
+        # one C-level merge: the metrics thread reads while the event loop keeps counting
+        return Sample("counter", self.name, self.help, self.labels,
+                      {**self.expected, **self.counts})
 
 
 @dataclass(slots=True)
@@ -109,6 +117,7 @@ class Metrics:
         self.cache = Tally("cache_total", "Cache lookups and stores, by result.", ("result",))
         self.reloads = Tally("reloads_total", "Rule reloads, by result (ok, failed).",
                              ("result",))
+        self.reloads.expect([("ok",), ("failed",)])
         self._tallies = [self.queries, self.blocked, self.upstream_queries,
                          self.upstream_errors, self.cache, self.reloads]
         self._gauges: list[Gauge] = []

@@ -37,6 +37,7 @@ class Outcome:
     SERVFAIL = "servfail"
     FORMERR = "formerr"
     DROPPED = "dropped"
+    ALL = (BLOCKED, CACHED, STALE, FORWARDED, SERVFAIL, FORMERR, DROPPED)
 
 
 class Query:

@@ -54,6 +54,9 @@ class UpstreamError(Exception):
     """No upstream gave a usable answer in time."""
 
 
+ERROR_KINDS = ("timeout", "network", "mismatch", "rcode")  # and "tls", over TLS
+
+
 class _Attempt(Exception):
     """One attempt failed; `kind` is the upstream_errors_total label."""
 
@@ -144,6 +147,13 @@ class Upstream:
                                   tls_context(server.ca_file), self.timeout,
                                   config.tls_idle_timeout,
                                   lambda: connections.inc((self.name,)))
+        # every series this upstream can count, at 0 from the start
+        metrics.upstream_queries.expect([self._tls_key] if self.streams
+                                        else [self._udp_key, self._tcp_key])
+        kinds = ERROR_KINDS + ("tls",) if self.streams else ERROR_KINDS
+        metrics.upstream_errors.expect((self.name, kind) for kind in kinds)
+        if self.streams:
+            connections.expect([(self.name,)])
 
     async def open(self) -> None:
         """UDP sockets now; a TLS connection is opened by the first query that needs it."""

@@ -78,3 +78,24 @@ async def test_no_query_name_in_any_label(start_server, nsd_upstream, fault_upst
     labels = {value for _, have, _ in samples(text) for value in have.values()}
     assert not [value for value in labels if "zzsecret" in value or "example.test" in value]
     assert "zzsecret" not in text
+
+
+async def test_known_series_are_exported_at_zero_before_anything_is_counted(
+        start_server, nsd_upstream):
+    """So a dashboard's increase() and rate() see the first failure, the first reload..."""
+    server = await start_server(nsd_upstream, metrics=METRICS_ON)
+    zeros = {(name, tuple(sorted(labels.items())))
+             for name, labels, value in samples(await scrape(server))
+             if name.endswith("_total") and value == 0}
+    upstream = nsd_upstream.address
+    for name, labels in [
+        ("resolver_queries_total", {"protocol": "udp", "outcome": "servfail"}),
+        ("resolver_queries_total", {"protocol": "tcp", "outcome": "dropped"}),
+        ("resolver_reloads_total", {"result": "failed"}),
+        ("resolver_cache_total", {"result": "prefetch"}),
+        ("resolver_cache_total", {"result": "evicted"}),
+        ("resolver_upstream_queries_total", {"upstream": upstream, "protocol": "tcp"}),
+        ("resolver_upstream_errors_total", {"upstream": upstream, "kind": "timeout"}),
+    ]:
+        assert (name, tuple(sorted(labels.items()))) in zeros, (name, labels)
+    assert sum(1 for name, _ in zeros if name == "resolver_queries_total") == 14  # 2 x 7

@@ -630,7 +630,7 @@ def _sections(base: Path) -> dict[str, ReadNode]:
             "listen": _listen,
             "tcp_idle_timeout": _seconds,
             "tcp_max_connections": _integer(1),
-            "max_inflight": _integer(1),
+            "max_inflight": _integer(1, 65535),  # a DoT connection's IDs must not run out
         }),
         "upstream": _section(UpstreamConfig, {
             "timeout": _seconds,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import time
 from collections.abc import Callable
 
 from . import wire
@@ -106,6 +107,7 @@ class Connection(asyncio.Protocol):
         self._idle_timeout = idle_timeout
         self._idle: asyncio.TimerHandle | None = None
         self._lost = lost
+        self._heard = time.monotonic()  # when the upstream last sent anything
 
     @property
     def usable(self) -> bool:
@@ -122,7 +124,7 @@ class Connection(asyncio.Protocol):
         packet = build(qid)
         future = loop.create_future()
         self._pending[qid] = future
-        timer = loop.call_later(timeout, _expire, future)
+        timer = loop.call_later(timeout, self._timed_out, future, time.monotonic())
         try:
             self.transport.write(wire.framed(packet))
             return await future
@@ -150,6 +152,7 @@ class Connection(asyncio.Protocol):
         self._idle = asyncio.get_running_loop().call_later(self._idle_timeout, self.close)
 
     def data_received(self, data: bytes) -> None:
+        self._heard = time.monotonic()
         self._buffer += data
         for message in wire.unframe(self._buffer):
             future = self._pending.get(int.from_bytes(message[:2], "big"))
@@ -169,7 +172,16 @@ class Connection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
-
-def _expire(future: asyncio.Future) -> None:
-    if not future.done():
+    def _timed_out(self, future: asyncio.Future, sent: float) -> None:
+        """Fail the query; and if the upstream sent nothing at all since it was sent, the
+        connection is wedged (a middlebox dropped its state, the server hung): close it, so
+        the next query opens a new one instead of every query timing out on this one."""
+        if future.done():
+            return
         future.set_exception(TimeoutError("no reply in time"))
+        if self._heard < sent:
+            log.warning("DNS over TLS: nothing from the upstream since a query that timed "
+                        "out; reconnecting")
+            self.close()
+
+

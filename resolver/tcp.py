@@ -28,6 +28,7 @@ class TcpConnection(asyncio.Protocol):
         self._limits = limits
         self._buffer = bytearray()
         self._waiting = 0  # queries gone upstream whose answers are not yet written
+        self._eof = False  # the client half-closed: close once every answer is written
         self._timer: asyncio.TimerHandle | None = None
         self.transport: asyncio.Transport | None = None
         self.peer: tuple = ()
@@ -49,20 +50,30 @@ class TcpConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._buffer += data
-        for message in wire.unframe(self._buffer):
+        messages = wire.unframe(self._buffer)
+        for message in messages:
             answer = self._pipeline.handle(message, self.peer, self)
             if answer:
                 self._write(answer)
             elif answer is not None:
                 self._waiting += 1
-        self._arm_idle()
+        if messages:  # a byte now and then of a frame never finished keeps no one's slot
+            self._arm_idle()
+
+    def eof_received(self) -> bool:
+        """The client sent all it will: keep the connection for the answers still owed."""
+        self._eof = True
+        return self._waiting > 0  # True keeps our half open; False lets asyncio close
 
     def deliver(self, answer: bytes, client: tuple) -> None:
         self._waiting -= 1
         if self.transport.is_closing():  # the client went away meanwhile
             return
         self._write(answer)
-        self._arm_idle()
+        if self._eof and not self._waiting:
+            self.transport.close()  # after the buffered answers are written
+        else:
+            self._arm_idle()
 
     def pause_writing(self) -> None:
         """The client does not read its answers: stop reading its queries until it does, so
@@ -82,8 +93,12 @@ class TcpConnection(asyncio.Protocol):
         self._timer = self._loop.call_later(self._limits.idle_timeout, self._idle)
 
     def _idle(self) -> None:
-        """Close a quiet connection, but not while answers are still owed to it."""
+        """Close a quiet connection, but not while answers are still owed to it. One whose
+        client stopped reading is aborted: close() would wait for the unread answers to be
+        written, and the connection would hold its slot and buffer for good."""
         if self._waiting > 0:
             self._arm_idle()
+        elif self.transport.get_write_buffer_size():
+            self.transport.abort()
         else:
             self.transport.close()

@@ -90,7 +90,7 @@ def problems_of(text: str, overrides: Overrides = Overrides()) -> list[str]:
      "c.yaml:2: server.tcp_max_connections: expected an integer >= 1"),
     ("server:\n  tcp_max_connections: 1.5\n",
      "c.yaml:2: server.tcp_max_connections: expected an integer >= 1"),
-    ("server:\n  max_inflight: '10'\n", "c.yaml:2: server.max_inflight: expected an integer >= 1"),
+    ("server:\n  max_inflight: '10'\n", "c.yaml:2: server.max_inflight: expected an integer from 1 to 65535"),
     # upstream
     ("upstream:\n  servers: 192.0.2.1\n",
      "c.yaml:2: upstream.servers: expected a list of servers"),
@@ -101,6 +101,8 @@ def problems_of(text: str, overrides: Overrides = Overrides()) -> list[str]:
      "c.yaml:2: upstream.servers[0]: '192.0.2.1:0': port must be a number from 1 to 65535"),
     ("upstream:\n  timeout: -1\n", "c.yaml:2: upstream.timeout: expected seconds > 0"),
     ("upstream:\n  timeout: .nan\n", "c.yaml:2: upstream.timeout: expected seconds > 0"),
+    ("server:\n  max_inflight: 65536\n",
+     "c.yaml:2: server.max_inflight: expected an integer from 1 to 65535"),
     ("upstream:\n  deadline: .inf\n",  # a query must end: never a hang
      "c.yaml:2: upstream.deadline: expected at most 86400 seconds (a day)"),
     ("upstream:\n  timeout: 1.0e+300\n",

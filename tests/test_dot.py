@@ -103,6 +103,16 @@ async def test_a_reply_for_an_unknown_id_is_ignored():
     conn.data_received(frame(bytes(stray)))
     with pytest.raises(TimeoutError):
         await task
+    assert not transport.closed, "the upstream is alive: it sent something meanwhile"
+
+
+async def test_a_connection_silent_since_a_query_timed_out_is_closed():
+    """Wedged (a middlebox dropped its state, the upstream hung): every later query would
+    time out on it too, so it is closed and the next query opens a new one."""
+    conn, transport, _ = connection()
+    with pytest.raises(TimeoutError):
+        await ask(conn, "q.example.org", timeout=0.1)
+    assert transport.closed
 
 
 async def test_a_closed_connection_fails_what_waits_on_it():

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 
 import dns.message
 import dns.rcode
@@ -123,3 +125,64 @@ async def _answers_over_a_new_connection(server) -> bool:
     except (ConnectionError, EOFError, asyncio.IncompleteReadError):
         return False
     return response.rcode() == dns.rcode.NOERROR
+
+
+async def test_a_client_that_stops_reading_loses_its_slot_at_the_idle_timeout(
+        start_server, nsd_upstream):
+    """Its unread answers would keep close() waiting for ever, holding one of the
+    tcp_max_connections slots: at the idle timeout it is aborted instead."""
+    server = await start_server(nsd_upstream, server={"tcp_idle_timeout": 0.3,
+                                                      "tcp_max_connections": 1})
+    hog = socket.create_connection(where(server))
+    try:
+        hog.setblocking(False)
+        blocked = frame(make_query("www.example.org", "A", qid=1).to_wire()) * 100
+        with contextlib.suppress(BlockingIOError):
+            for _ in range(100_000):  # until the server stops reading it (pause_writing)
+                hog.send(blocked)
+        await asyncio.sleep(1.0)  # past the idle timeout
+        reader, writer = await asyncio.open_connection(*where(server))
+        try:
+            writer.write(frame(make_query("www.example.org", "A", qid=2).to_wire()))
+            assert dns.message.from_wire(await read_framed(reader)).id == 2
+        finally:
+            writer.close()
+    finally:
+        hog.close()
+
+
+async def test_a_trickle_of_an_unfinished_frame_does_not_keep_a_connection(
+        start_server, nsd_upstream):
+    """Slowloris: only whole queries count as activity."""
+    server = await start_server(nsd_upstream, server={"tcp_idle_timeout": 0.4})
+    reader, writer = await asyncio.open_connection(*where(server))
+
+    async def trickle() -> None:
+        writer.write(b"\x01")  # a frame of 256+ bytes, begun and never finished
+        for _ in range(20):
+            await asyncio.sleep(0.15)
+            writer.write(b"\x00")
+
+    trickling = asyncio.ensure_future(trickle())
+    try:
+        assert await closed_by_server(reader, timeout=1.5), "kept open by the trickle"
+    finally:
+        trickling.cancel()
+        writer.close()
+
+
+async def test_a_half_closed_connection_still_gets_its_forwarded_answer(start_server,
+                                                                      fault_upstream):
+    upstream = fault_upstream("slow", delay=0.3)
+    server = await start_server(upstream, upstream={"timeout": 2.0, "deadline": 3.0})
+    reader, writer = await asyncio.open_connection(*where(server))
+    try:
+        writer.write(frame(make_query("slow.example.test", "A", qid=21).to_wire()))
+        writer.write(frame(make_query("www.example.org", "A", qid=22).to_wire()))  # blocked
+        writer.write_eof()
+        ids = {dns.message.from_wire(await read_framed(reader)).id for _ in range(2)}
+        assert ids == {21, 22}
+        assert await closed_by_server(reader), "closed once nothing more is owed"
+    finally:
+        writer.close()
+

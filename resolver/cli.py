@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import logging
+import resource
 import signal
 import sys
 
@@ -25,6 +27,7 @@ from .upstream import address_label
 log = logging.getLogger("resolver")
 
 GC_THRESHOLD = 50_000  # allocations between young-generation collections (default 700)
+FILES_BESIDES_TCP = 100  # descriptors for listeners, upstream sockets, TLS, logs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,6 +81,7 @@ def _serve(args: argparse.Namespace) -> int:
             print(f"resolver: {problem}", file=sys.stderr)
         return 2
     settle_memory()
+    raise_open_files(config.server.tcp_max_connections)
     workers = args.workers or default_workers()
     try:
         if workers > 1:
@@ -118,6 +122,22 @@ def settle_memory() -> None:
     gc.freeze()
     gc.set_threshold(GC_THRESHOLD)
     gc.callbacks.append(_freeze_survivors)
+
+
+def raise_open_files(tcp_connections: int) -> None:
+    """Lift the soft limit on open files to the hard one, as Unbound and nginx do: the
+    common soft limit of 1024 is about the default tcp_max_connections, and upstream sockets,
+    TLS connections and the TCP retries of truncated replies need descriptors too. Running
+    out only shows as connections closed without a word, so a limit still too low is said."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    if soft != resource.RLIM_INFINITY and soft < tcp_connections + FILES_BESIDES_TCP:
+        log.warning("open files are limited to %d, fewer than server.tcp_max_connections "
+                    "(%d) needs; raise the limit (ulimit -n, LimitNOFILE=)", soft,
+                    tcp_connections)
 
 
 def _freeze_survivors(phase: str, info: dict) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import resource
 import selectors
 import signal
 import subprocess
@@ -198,3 +199,29 @@ def test_sigint_stops_too(tmp_path, nsd_upstream):
         assert "listening on" in read_line(process)
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=10) == 0
+
+
+@pytest.mark.parametrize("hard_too", [False, True])
+def test_the_open_files_limit_is_lifted_or_its_shortage_said(tmp_path, nsd_upstream, hard_too):
+    """A soft limit of 1024 is about tcp_max_connections' default: it is raised to the hard
+    limit, and a hard limit too low for tcp_max_connections is warned about."""
+    rules = write(tmp_path / "rules.yaml", GOOD_RULES)
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    low = (256, 256 if hard_too else hard)
+    process = subprocess.Popen(
+        resolver("--listen", "127.0.0.1:0", "--upstream", nsd_upstream.address, "--rules",
+                 rules, "--metrics", "off", "--workers", "1"),
+        cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, low))
+    try:
+        assert "listening on" in read_line(process)
+        limits = Path(f"/proc/{process.pid}/limits").read_text()
+        soft = re.search(r"Max open files\s+(\d+)", limits).group(1)
+        assert int(soft) == (256 if hard_too else hard)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=10)
+    warned = "open files are limited to 256" in process.stderr.read()
+    process.stdout.close()
+    process.stderr.close()
+    assert warned == hard_too

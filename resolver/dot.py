@@ -183,5 +183,3 @@ class Connection(asyncio.Protocol):
             log.warning("DNS over TLS: nothing from the upstream since a query that timed "
                         "out; reconnecting")
             self.close()
-
-

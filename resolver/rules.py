@@ -462,4 +462,3 @@ class _YamlFile:
         """Keep a problem with its line, so parse can report them in file order."""
         if problem:
             self.problems.append((line_of(node), problem))
-

@@ -147,4 +147,3 @@ def dnslib_rcode(packet: bytes) -> tuple[int, int]:
         if rr.rtype == QTYPE.OPT:
             rcode |= (rr.ttl >> 24) << 4
     return record.header.id, rcode
-

@@ -320,4 +320,3 @@ def test_cname_blocker_answers_cached_cloaked_names_until_they_expire() -> None:
     blocker.install(RULES)
     now[0] += 300
     assert stage.answer(q) is None  # expired
-

@@ -185,4 +185,3 @@ async def test_a_half_closed_connection_still_gets_its_forwarded_answer(start_se
         assert await closed_by_server(reader), "closed once nothing more is owed"
     finally:
         writer.close()
-

@@ -423,4 +423,3 @@ def test_render_stale_truncates_for_small_udp_buffers() -> None:
     reply = scan(response("www.example.org", **BIG))
     got = summary(render_stale(query("www.example.org"), reply, 30))
     assert "TC" in got.flags and got.answer == ()
-

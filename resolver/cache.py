@@ -103,8 +103,13 @@ class Cache:
         return len(self.entries)
 
     def put(self, key: tuple, reply: Reply) -> None:
-        """Keep a reply that may be cached; evict the least recently used beyond the bounds."""
+        """Keep a reply that may be cached; evict the least recently used beyond the bounds.
+        One that may not be (TTL 0, NODATA without an SOA) still replaces what was kept for
+        key: the older answer must not be served stale after the upstream said otherwise."""
         if not reply.ttl or self._max_entries <= 0:
+            old = self.entries.pop(key, None)
+            if old is not None:
+                self.bytes -= old.size
             return
         entry = Entry(reply, self.clock(), self._inspect(reply.cnames) if reply.cnames else None,
                       self._window)

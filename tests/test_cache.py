@@ -215,6 +215,17 @@ def test_put_stores_only_cacheable_replies(config: CacheConfig, kwargs: dict,
         assert h.ask("www.example.org") is None
 
 
+def test_an_uncacheable_answer_replaces_the_kept_one() -> None:
+    """The upstream's latest word was NODATA (no SOA, so not cached): the older answer is
+    not kept to be served stale when the upstream later fails."""
+    h = Harness()
+    q = h.put("www.example.org", reply_for(ttl=100))
+    h.clock.advance(101)
+    h.cache.put(q.cache_key, reply_for(authority=("example.org. 3600 IN NS ns.example.org.",)))
+    assert len(h.cache) == 0 and h.cache.bytes == 0
+    assert h.cache.stale(q.cache_key) is None
+
+
 def test_storing_again_restarts_the_age() -> None:
     h = Harness()
     h.put("www.example.org", reply_for(ttl=100))

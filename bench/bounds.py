@@ -39,16 +39,17 @@ import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from resolver import wire  # noqa: E402
-from resolver.app import UDP_RECEIVE_BUFFER  # noqa: E402
-from resolver.cache import Cache  # noqa: E402
+from resolver.message import constants
+from resolver.message import wire  # noqa: E402
+from resolver.server.app import UDP_RECEIVE_BUFFER  # noqa: E402
+from resolver.stages.cache import Cache  # noqa: E402
 from resolver.cli import settle_memory  # noqa: E402
-from resolver.config import CacheConfig  # noqa: E402
-from resolver.ids import random_id  # noqa: E402
-from resolver.metrics import Metrics  # noqa: E402
-from resolver.outbox import Outbox  # noqa: E402
-from resolver.reply import TtlPolicy, render, scan_reply  # noqa: E402
-from resolver.rules import load_rules  # noqa: E402
+from resolver.ops.config import CacheConfig  # noqa: E402
+from resolver.upstream.ids import random_id  # noqa: E402
+from resolver.ops.metrics import Metrics  # noqa: E402
+from resolver.server.outbox import Outbox  # noqa: E402
+from resolver.message.reply import TtlPolicy, render, scan_reply  # noqa: E402
+from resolver.rules.loader import load_rules  # noqa: E402
 
 SOCKETS = 4
 COUNTS = struct.Struct("!HHHHH")
@@ -116,7 +117,7 @@ class Minimal:
             start, label = pos, data[pos]
             pos = pos + 2 if label >= 0xC0 else pos + 1 if not label else wire.skip_name(data, pos)
             rtype, _, ttl, rdlength = RR_FIXED.unpack_from(data, pos)
-            if rtype == wire.TYPE_OPT:
+            if rtype == constants.TYPE_OPT:
                 opt_at = start
             elif ttl < shortest:
                 shortest = ttl

@@ -26,17 +26,17 @@ import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from resolver import wire  # noqa: E402
-from resolver.app import build_pipeline  # noqa: E402
+from resolver.message import wire  # noqa: E402
+from resolver.server.app import build_pipeline  # noqa: E402
 from resolver.cli import settle_memory  # noqa: E402
-from resolver.config import Config, UpstreamConfig, UpstreamServer  # noqa: E402
-from resolver.metrics import Metrics  # noqa: E402
-from resolver.outbox import Outbox  # noqa: E402
-from resolver.reply import TtlPolicy, render, scan_reply  # noqa: E402
-from resolver.rules import load_rules  # noqa: E402
-from resolver import upstream  # noqa: E402
-from resolver.udp import UdpServer  # noqa: E402
-from resolver.upstream import UpstreamPool, _UdpSocket  # noqa: E402
+from resolver.ops.config import Config, UpstreamConfig, UpstreamServer  # noqa: E402
+from resolver.ops.metrics import Metrics  # noqa: E402
+from resolver.server.outbox import Outbox  # noqa: E402
+from resolver.message.reply import TtlPolicy, render, scan_reply  # noqa: E402
+from resolver.rules.loader import load_rules  # noqa: E402
+from resolver.upstream import pool as upstream  # noqa: E402
+from resolver.server.udp import UdpServer  # noqa: E402
+from resolver.upstream.pool import UpstreamPool, _UdpSocket  # noqa: E402
 
 CLIENT = ("127.0.0.1", 40000)
 

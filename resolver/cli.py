@@ -17,12 +17,13 @@ import sys
 
 import uvloop
 
-from .app import serve_until_signalled
-from .config import TLS_SCHEME, Config, Overrides, load_config
-from .errors import ConfigError
-from .rules import RuleSet, load_rules
-from .supervisor import Supervisor, default_workers
-from .upstream import address_label
+from resolver.server.app import serve_until_signalled
+from resolver.ops.config import TLS_SCHEME, Config, Overrides, load_config
+from resolver.ops.errors import ConfigError
+from resolver.rules.loader import load_rules
+from resolver.rules.matcher import RuleSet
+from resolver.server.supervisor import Supervisor, default_workers
+from resolver.upstream.pool import address_label
 
 log = logging.getLogger("resolver")
 

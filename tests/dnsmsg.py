@@ -15,8 +15,8 @@ import dns.rdataclass
 import dns.rdatatype
 from dnslib import EDNS0, QTYPE, RR, DNSRecord
 
-from resolver import wire
-from resolver.query import Query
+from resolver.message import wire
+from resolver.message.query import Query
 
 CLIENT = ("127.0.0.1", 5353)
 

@@ -19,7 +19,7 @@ import dns.message
 import dns.rdatatype
 from prometheus_client.parser import text_string_to_metric_families
 
-from resolver.app import RunningServer
+from resolver.server.app import RunningServer
 
 TIMEOUT = 3.0  # generous: only ever reached when a test is about to fail
 

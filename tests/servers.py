@@ -26,7 +26,7 @@ import dns.query
 import pytest
 from dnslib import QTYPE, RCODE, RR, A, DNSError, DNSRecord
 
-from resolver.supervisor import free_port  # noqa: F401 (the tests' too: a port free for UDP and TCP)
+from resolver.server.supervisor import free_port  # noqa: F401 (the tests' too: a port free for UDP and TCP)
 
 LOOPBACK = "127.0.0.1"
 

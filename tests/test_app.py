@@ -6,7 +6,7 @@ import socket
 
 import pytest
 
-from resolver.app import bound_socket
+from resolver.server.app import bound_socket
 
 
 @pytest.mark.parametrize("kind", [socket.SOCK_DGRAM, socket.SOCK_STREAM])

@@ -9,14 +9,16 @@ import pytest
 from dnslib import AAAA, CLASS, EDNS0, QTYPE, RR, SOA, A, DNSRecord, EDNSOption
 from prometheus_client import CollectorRegistry
 
-from resolver import wire
-from resolver.blocking import Blocker, CnameBlocker, ListAnswers
-from resolver.cache import Cache
-from resolver.config import BlockingConfig, CacheConfig
-from resolver.metrics import Metrics
-from resolver.names import to_wire
-from resolver.reply import TtlPolicy, scan_reply
-from resolver.rules import Rule, RuleList, RuleSet
+from resolver.message import constants
+from resolver.message import wire
+from resolver.stages.blocking import Blocker, CnameBlocker, ListAnswers
+from resolver.stages.cache import Cache
+from resolver.ops.config import BlockingConfig, CacheConfig
+from resolver.ops.metrics import Metrics
+from resolver.message.names import to_wire
+from resolver.message.reply import TtlPolicy, scan_reply
+from resolver.rules.matcher import RuleSet
+from resolver.rules.model import Rule, RuleList
 from tests.dnsmsg import parse, query_packet, response, summary
 
 CONFIG = BlockingConfig(rules=())
@@ -49,7 +51,7 @@ def expected_answer(packet: bytes, lst: RuleList, config: BlockingConfig, matche
         rdata = {QTYPE.A: A, QTYPE.AAAA: AAAA}[request.q.qtype]
         for address in addresses:
             answer.add_answer(RR(request.q.qname, request.q.qtype, rdata=rdata(address), ttl=ttl))
-    elif rcode != wire.REFUSED:
+    elif rcode != constants.REFUSED:
         soa = SOA(config.soa_mname, config.soa_rname, (*SOA_TIMERS, ttl))
         answer.add_auth(RR(matched, QTYPE.SOA, CLASS.IN, ttl, soa))
     opt = next((rr for rr in request.ar if rr.rtype == QTYPE.OPT), None)
@@ -79,24 +81,24 @@ QUERY_KINDS = [
 ]
 
 ANSWERS = [
-    (NXDOMAIN, CONFIG, "A", "IN", wire.NXDOMAIN, None),
-    (NXDOMAIN, CONFIG, "AAAA", "IN", wire.NXDOMAIN, None),
-    (NXDOMAIN, CONFIG, "MX", "IN", wire.NXDOMAIN, None),
-    (NXDOMAIN, NO_EDE, "HTTPS", "IN", wire.NXDOMAIN, None),
-    (NXDOMAIN, OTHER_SOA, "A", "IN", wire.NXDOMAIN, None),
-    (NODATA, CONFIG, "A", "IN", wire.NOERROR, None),
-    (NODATA, CONFIG, "TXT", "IN", wire.NOERROR, None),
-    (NODATA, NO_EDE, "AAAA", "IN", wire.NOERROR, None),
-    (REFUSED, CONFIG, "A", "IN", wire.REFUSED, None),
-    (REFUSED, NO_EDE, "SOA", "IN", wire.REFUSED, None),
-    (SINKHOLE, CONFIG, "A", "IN", wire.NOERROR, ("0.0.0.0",)),
-    (SINKHOLE, CONFIG, "AAAA", "IN", wire.NOERROR, ("::",)),
-    (SINKHOLE, CONFIG, "MX", "IN", wire.NOERROR, None),  # other types: NODATA
-    (SINKHOLE, CONFIG, "A", "CH", wire.NOERROR, None),  # no addresses outside class IN
-    (SINKHOLE_MANY, CONFIG, "A", "IN", wire.NOERROR, ("192.0.2.1", "192.0.2.2")),
-    (SINKHOLE_MANY, NO_EDE, "AAAA", "IN", wire.NOERROR,
+    (NXDOMAIN, CONFIG, "A", "IN", constants.NXDOMAIN, None),
+    (NXDOMAIN, CONFIG, "AAAA", "IN", constants.NXDOMAIN, None),
+    (NXDOMAIN, CONFIG, "MX", "IN", constants.NXDOMAIN, None),
+    (NXDOMAIN, NO_EDE, "HTTPS", "IN", constants.NXDOMAIN, None),
+    (NXDOMAIN, OTHER_SOA, "A", "IN", constants.NXDOMAIN, None),
+    (NODATA, CONFIG, "A", "IN", constants.NOERROR, None),
+    (NODATA, CONFIG, "TXT", "IN", constants.NOERROR, None),
+    (NODATA, NO_EDE, "AAAA", "IN", constants.NOERROR, None),
+    (REFUSED, CONFIG, "A", "IN", constants.REFUSED, None),
+    (REFUSED, NO_EDE, "SOA", "IN", constants.REFUSED, None),
+    (SINKHOLE, CONFIG, "A", "IN", constants.NOERROR, ("0.0.0.0",)),
+    (SINKHOLE, CONFIG, "AAAA", "IN", constants.NOERROR, ("::",)),
+    (SINKHOLE, CONFIG, "MX", "IN", constants.NOERROR, None),  # other types: NODATA
+    (SINKHOLE, CONFIG, "A", "CH", constants.NOERROR, None),  # no addresses outside class IN
+    (SINKHOLE_MANY, CONFIG, "A", "IN", constants.NOERROR, ("192.0.2.1", "192.0.2.2")),
+    (SINKHOLE_MANY, NO_EDE, "AAAA", "IN", constants.NOERROR,
      ("2001:db8::1", "2001:db8::2", "2001:db8::3")),
-    (SINKHOLE_MANY, CONFIG, "TXT", "IN", wire.NOERROR, None),
+    (SINKHOLE_MANY, CONFIG, "TXT", "IN", constants.NOERROR, None),
 ]
 
 NAMES = [  # (query name as the client wrote it, rule domain, matched suffix in the client's case)
@@ -235,7 +237,7 @@ def test_blocker_install_swaps_rules_and_gauge_follows() -> None:
     assert blocker.answer(q) is not None
     blocker.install(RuleSet([REFUSED], [(to_wire("other.test"), Rule(REFUSED))]))
     assert blocker.answer(q) is None
-    assert summary(blocker.answer(parse(query_packet("other.test")))).rcode == wire.REFUSED
+    assert summary(blocker.answer(parse(query_packet("other.test")))).rcode == constants.REFUSED
     assert registry.get_sample_value("resolver_rules_domains") == 1
 
 
@@ -312,7 +314,7 @@ def test_cname_blocker_answers_cached_cloaked_names_until_they_expire() -> None:
     data = response(CLOAKED, answer=chain)
     cache.put(q.cache_key, scan_reply(data, wire.skip_name(data, 12) + 4, TtlPolicy()))
     got = summary(stage.answer(q))
-    assert got.rcode == wire.NXDOMAIN and got.authority[0][:4] == ("example.org.", 300, "IN", "SOA")
+    assert got.rcode == constants.NXDOMAIN and got.authority[0][:4] == ("example.org.", 300, "IN", "SOA")
     assert metrics.blocked.counts == {("ads", "acme", "nxdomain"): 1}
 
     blocker.install(RuleSet([REFUSED], [(to_wire("other.test"), Rule(REFUSED))]))

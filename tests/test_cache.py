@@ -9,13 +9,14 @@ from dataclasses import replace
 import pytest
 from prometheus_client import CollectorRegistry
 
-from resolver import wire
-from resolver.cache import ENTRY_OVERHEAD, Cache, CacheLookup, StaleLookup
-from resolver.config import CacheConfig
-from resolver.metrics import Metrics
-from resolver.query import FORWARD, Query
-from resolver.reply import Reply, TtlPolicy, failure, scan_reply
-from resolver.rules import Rule, RuleList
+from resolver.message import constants
+from resolver.message import wire
+from resolver.stages.cache import ENTRY_OVERHEAD, Cache, CacheLookup, StaleLookup
+from resolver.ops.config import CacheConfig
+from resolver.ops.metrics import Metrics
+from resolver.message.query import FORWARD, Query
+from resolver.message.reply import Reply, TtlPolicy, failure, scan_reply
+from resolver.rules.model import Rule, RuleList
 from tests.dnsmsg import query, response, summary
 
 START = 1000.0
@@ -195,10 +196,10 @@ def test_storing_again_replaces_the_bytes_it_counted() -> None:
         (replace(CONFIG, max_entries=0), {"answer": ("www.example.org. 300 IN A 192.0.2.1",)},
          None),  # cache disabled
         (CONFIG, {"answer": ("www.example.org. 0 IN A 192.0.2.1",)}, None),  # ttl 0
-        (CONFIG, {"rcode": wire.SERVFAIL}, 5),  # servfail_ttl
-        (CONFIG, {"rcode": wire.REFUSED}, None),
+        (CONFIG, {"rcode": constants.SERVFAIL}, 5),  # servfail_ttl
+        (CONFIG, {"rcode": constants.REFUSED}, None),
         (CONFIG, {"authority": ("example.org. 3600 IN NS ns.example.org.",)}, None),  # NODATA, no SOA
-        (CONFIG, {"rcode": wire.NXDOMAIN, "authority": (SOA,)}, 60),
+        (CONFIG, {"rcode": constants.NXDOMAIN, "authority": (SOA,)}, 60),
         (CONFIG, {"authority": (SOA,)}, 60),  # NODATA
     ],
 )
@@ -347,7 +348,7 @@ def test_failures_are_not_prefetched() -> None:
     h = Harness(replace(CONFIG, prefetch_min_hits=1, servfail_ttl=10))
     h.put("www.example.org", failure(TtlPolicy(servfail_ttl=10)))
     h.clock.at(9.5)
-    assert summary(h.ask("www.example.org")).rcode == wire.SERVFAIL
+    assert summary(h.ask("www.example.org")).rcode == constants.SERVFAIL
     assert h.prefetched == []
 
 
@@ -380,10 +381,10 @@ def test_failed_keeps_answers_and_caches_failures(stored: str | None, elapsed: f
     if after == "nothing":
         assert entry is None
     elif after == "failure":
-        assert entry.reply.rcode == wire.SERVFAIL and entry.expires == START + elapsed + 5
-        assert summary(h.ask("www.example.org")).rcode == wire.SERVFAIL
+        assert entry.reply.rcode == constants.SERVFAIL and entry.expires == START + elapsed + 5
+        assert summary(h.ask("www.example.org")).rcode == constants.SERVFAIL
     else:
-        assert entry.reply.rcode == wire.NOERROR
+        assert entry.reply.rcode == constants.NOERROR
         assert (h.stale.answer(q) is not None) == (after == "stale")
 
 
@@ -402,7 +403,7 @@ def test_stale_lookup_answers_while_the_refresh_keeps_failing(client: dict, edns
     h.cache.failed(q.cache_key, failure(TtlPolicy()))
     h.clock.at(404.9)
     got = summary(h.stale.answer(q))
-    assert got.rcode == wire.NOERROR and got.id == 0x1234
+    assert got.rcode == constants.NOERROR and got.id == 0x1234
     assert got.answer == (("edge.example.net.", 30, "IN", "A", "192.0.2.7"),
                           ("www.example.org.", 30, "IN", "CNAME", "edge.example.net."))
     assert got.edns == edns  # Extended DNS Error 3, Stale Answer (RFC 8914)
@@ -419,7 +420,7 @@ def test_what_may_be_served_stale(kind: str, servable: bool) -> None:
     h = Harness(inspect=lambda targets: CLOAK)
     reply = {
         "answer": reply_for(),
-        "negative": reply_for(rcode=wire.NXDOMAIN, authority=(SOA,)),
+        "negative": reply_for(rcode=constants.NXDOMAIN, authority=(SOA,)),
         "failure": failure(TtlPolicy()),
         "cloaked": reply_for(answer=("www.example.org. 300 IN CNAME t.example.org.",
                                      "t.example.org. 300 IN A 192.0.2.1")),

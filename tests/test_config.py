@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from resolver.config import (
+from resolver.ops.config import (
     Address,
     BlockingConfig,
     CacheConfig,
@@ -20,7 +20,7 @@ from resolver.config import (
     parse_address,
     system_upstreams,
 )
-from resolver.errors import ConfigError
+from resolver.ops.errors import ConfigError
 from tests.tls import make_tls_files
 
 REPO = Path(__file__).resolve().parent.parent

@@ -13,13 +13,13 @@ import dns.rcode
 import pytest
 from dnslib import QTYPE, DNSRecord
 
-from resolver.app import running_server
-from resolver.config import (
+from resolver.server.app import running_server
+from resolver.ops.config import (
     Address, BlockingConfig, Config, MetricsConfig, ServerConfig, UpstreamConfig, UpstreamServer,
 )
-from resolver.dot import Connection
-from resolver.rules import load_rules
-from resolver.upstream import UpstreamError, UpstreamPool
+from resolver.upstream.dot import Connection
+from resolver.rules.loader import load_rules
+from resolver.upstream.pool import UpstreamError, UpstreamPool
 from tests.servers import LOOPBACK, ZONE
 from tests.test_upstream import open_pool, query
 from tests.tls import IDLE_MS, TLS_NAME, UnboundDot

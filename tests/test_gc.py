@@ -16,9 +16,9 @@ import ssl
 import dns.rcode
 import uvloop
 
-from resolver import wire
-from resolver.app import running_server
-from resolver.rules import load_rules
+from resolver.message import wire
+from resolver.server.app import running_server
+from resolver.rules.loader import load_rules
 from tests.conftest import RULES_YAML, resolver_config
 from tests.e2e import ask, make_query, raw_udp, tcp
 from tests.tls import TLS_NAME

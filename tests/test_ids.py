@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import collections
 
-from resolver import ids
+from resolver.upstream import ids
 
 
 def test_ids_cover_the_whole_16_bit_range_evenly():

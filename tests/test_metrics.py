@@ -6,7 +6,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from resolver.metrics import Metrics
+from resolver.ops.metrics import Metrics
 
 
 def scrape(registry: CollectorRegistry) -> dict[str, tuple[str, dict[tuple, float]]]:

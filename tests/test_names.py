@@ -2,7 +2,7 @@
 
 import pytest
 
-from resolver.names import from_wire, label_offsets, normalize, to_wire
+from resolver.message.names import from_wire, label_offsets, normalize, to_wire
 
 LABEL_63 = "a" * 63
 NAME_253 = ".".join(["b" * 63, "c" * 63, "d" * 63, "e" * 61])  # 253 characters

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from resolver.outbox import Outbox
+from resolver.server.outbox import Outbox
 
 
 class Recorder:

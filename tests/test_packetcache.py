@@ -12,8 +12,8 @@ from pathlib import Path
 import dns.rcode
 import pytest
 
-from resolver.metrics import Metrics
-from resolver.packetcache import MAX_ANSWER, MAX_QUERY, PacketCache
+from resolver.ops.metrics import Metrics
+from resolver.stages.packetcache import MAX_ANSWER, MAX_QUERY, PacketCache
 from tests.conftest import RULES_YAML
 from tests.e2e import make_query, raw_tcp_exchange, raw_udp_exchange
 from tests.servers import ZONE

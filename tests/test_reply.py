@@ -11,9 +11,10 @@ from dnslib import EDNS0, DNSRecord
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from resolver import wire
-from resolver.query import Query
-from resolver.reply import Reply, TtlPolicy, failure, render, render_stale, scan_reply
+from resolver.message import constants
+from resolver.message import wire
+from resolver.message.query import Query
+from resolver.message.reply import Reply, TtlPolicy, failure, render, render_stale, scan_reply
 from tests.dnsmsg import query, response, summary
 
 POLICY = TtlPolicy()
@@ -41,11 +42,11 @@ REPLIES = {
     "referral-like": ("example.org", "MX", {
         "answer": ("example.org. 900 IN MX 10 mail.example.org.",),
         "authority": NS, "additional": GLUE}),  # names compress into each other
-    "nxdomain": ("nope.example.org", "A", {"rcode": wire.NXDOMAIN, "authority": (SOA_3600_300,)}),
+    "nxdomain": ("nope.example.org", "A", {"rcode": constants.NXDOMAIN, "authority": (SOA_3600_300,)}),
     "nodata": ("www.example.org", "AAAA", {"authority": (SOA_3600_300,)}),
     "nodata-no-soa": ("www.example.org", "AAAA", {"authority": NS}),
-    "servfail": ("www.example.org", "A", {"rcode": wire.SERVFAIL}),
-    "refused": ("www.example.org", "A", {"rcode": wire.REFUSED}),
+    "servfail": ("www.example.org", "A", {"rcode": constants.SERVFAIL}),
+    "refused": ("www.example.org", "A", {"rcode": constants.REFUSED}),
     "opt-last": ("www.example.org", "MX", {
         "answer": ("www.example.org. 300 IN MX 10 mx.example.org.",),
         "additional": ("mx.example.org. 300 IN A 192.0.2.25",), "opt": "last"}),
@@ -54,7 +55,7 @@ REPLIES = {
         "additional": ("mx.example.org. 300 IN A 192.0.2.25",
                        "mx.example.org. 300 IN AAAA 2001:db8::25"), "opt": "first"}),
     "nxdomain-opt-first": ("nope.example.org", "A", {
-        "rcode": wire.NXDOMAIN, "authority": (SOA_3600_300,),
+        "rcode": constants.NXDOMAIN, "authority": (SOA_3600_300,),
         "additional": ("ns.example.org. 60 IN A 192.0.2.53",), "opt": "first"}),
     "ad": ("www.example.org", "A", {"answer": ("www.example.org. 300 IN A 192.0.2.1",),
                                     "ad": True, "opt": "last"}),
@@ -77,11 +78,11 @@ def client_name(name: str) -> str:
 
 def expected_flags(q: Query, upstream_flags: int) -> frozenset[str]:
     flags = {"QR", "RA"}
-    if q.flags & wire.RD:
+    if q.flags & constants.RD:
         flags.add("RD")
-    if q.flags & wire.CD:
+    if q.flags & constants.CD:
         flags.add("CD")
-    if upstream_flags & wire.AD and (q.do or q.flags & wire.AD):
+    if upstream_flags & constants.AD and (q.do or q.flags & constants.AD):
         flags.add("AD")
     return frozenset(flags)
 
@@ -124,14 +125,14 @@ def test_render_equals_upstream_reply(case: str, client: dict) -> None:
         ({"answer": ("www.example.org. 300 IN A 192.0.2.1",), "opt": "last"}, POLICY,
          [300], 300),
         # RFC 2308: negative answers live min(SOA TTL, SOA minimum), capped by negative_max
-        ({"rcode": wire.NXDOMAIN, "authority": (SOA_3600_300,)}, POLICY, [300], 300),
-        ({"rcode": wire.NXDOMAIN, "authority": (SOA_100_300,)}, POLICY, [100], 100),
-        ({"rcode": wire.NXDOMAIN, "authority": (SOA_DAY,)}, POLICY, [3600], 3600),
-        ({"rcode": wire.NXDOMAIN, "authority": (SOA_DAY,)}, TtlPolicy(negative_max=60),
+        ({"rcode": constants.NXDOMAIN, "authority": (SOA_3600_300,)}, POLICY, [300], 300),
+        ({"rcode": constants.NXDOMAIN, "authority": (SOA_100_300,)}, POLICY, [100], 100),
+        ({"rcode": constants.NXDOMAIN, "authority": (SOA_DAY,)}, POLICY, [3600], 3600),
+        ({"rcode": constants.NXDOMAIN, "authority": (SOA_DAY,)}, TtlPolicy(negative_max=60),
          [60], 60),
-        ({"rcode": wire.NXDOMAIN, "authority": (SOA_3600_300,)}, TtlPolicy(min_ttl=900),
+        ({"rcode": constants.NXDOMAIN, "authority": (SOA_3600_300,)}, TtlPolicy(min_ttl=900),
          [300], 300),  # min_ttl is for positive answers only
-        ({"rcode": wire.NXDOMAIN, "answer": ("nope.example.org. 3600 IN CNAME gone.example.org.",),
+        ({"rcode": constants.NXDOMAIN, "answer": ("nope.example.org. 3600 IN CNAME gone.example.org.",),
           "authority": (SOA_3600_300,)}, POLICY, [300, 300], 300),
         ({"authority": (SOA_3600_300,)}, POLICY, [300], 300),  # NODATA
         ({"authority": (SOA_3600_300,), "opt": "first",
@@ -148,16 +149,16 @@ def test_render_equals_upstream_reply(case: str, client: dict) -> None:
         # RFC 2181 8: a TTL with the top bit set counts as 0, in an SOA's numbers as well
         ({"answer": ("www.example.org. 2147483648 IN CNAME a.example.org.",
                      "a.example.org. 300 IN A 192.0.2.2")}, POLICY, [0, 300], 0),
-        ({"rcode": wire.NXDOMAIN, "authority": (
+        ({"rcode": constants.NXDOMAIN, "authority": (
             "example.org. 4294967295 IN SOA ns.example.org. h.example.org. 1 2 3 4 300",)},
          POLICY, [0], 0),
-        ({"rcode": wire.NXDOMAIN}, POLICY, [], None),
+        ({"rcode": constants.NXDOMAIN}, POLICY, [], None),
         # RFC 9520: a failure is kept for servfail_ttl seconds (default 5), or not at all
-        ({"rcode": wire.SERVFAIL}, POLICY, [], 5),
-        ({"rcode": wire.SERVFAIL}, TtlPolicy(servfail_ttl=0), [], None),
-        ({"rcode": wire.SERVFAIL, "authority": (SOA_3600_300,)}, POLICY, [5], 5),
-        ({"rcode": wire.REFUSED}, POLICY, [], None),
-        ({"rcode": wire.NOTIMP, "opt": "last"}, POLICY, [], None),
+        ({"rcode": constants.SERVFAIL}, POLICY, [], 5),
+        ({"rcode": constants.SERVFAIL}, TtlPolicy(servfail_ttl=0), [], None),
+        ({"rcode": constants.SERVFAIL, "authority": (SOA_3600_300,)}, POLICY, [5], 5),
+        ({"rcode": constants.REFUSED}, POLICY, [], None),
+        ({"rcode": constants.NOTIMP, "opt": "last"}, POLICY, [], None),
     ],
 )
 def test_ttl_policy(kwargs: dict, policy: TtlPolicy, stored: list[int],
@@ -322,7 +323,7 @@ def test_scan_reply_fails_cleanly_on_shuffled_records(an: int, ns: int, ar: int,
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(st.integers(0, wire.MAX_TTL), min_size=1, max_size=6),
+@given(st.lists(st.integers(0, constants.MAX_TTL), min_size=1, max_size=6),
        st.integers(0, 100_000), st.integers(0, 100_000), st.booleans())
 def test_scan_reply_bounds_every_ttl(ttls: list[int], low: int, high: int, opt: bool) -> None:
     """Whatever the TTLs, each stored one is the policy's bound of the upstream's, in the
@@ -349,7 +350,7 @@ def assert_framed(answer: bytes) -> None:
         types.append(rtype)
         pos += 10 + rdlength
     assert qd == 1 and pos == len(answer)
-    assert wire.TYPE_OPT not in types[:-1] and types[-1:] == [wire.TYPE_OPT]  # client used EDNS
+    assert constants.TYPE_OPT not in types[:-1] and types[-1:] == [constants.TYPE_OPT]  # client used EDNS
 
 
 def test_scan_reply_of_dnslib_edns_reply_after_question_only() -> None:
@@ -394,9 +395,9 @@ def test_cname_targets_are_lowercase_and_uncompressed(answer: tuple[str, ...], o
 def test_failure_reply() -> None:
     assert failure(TtlPolicy(servfail_ttl=0)).ttl is None
     reply = failure(TtlPolicy(servfail_ttl=7))
-    assert (reply.rcode, reply.ttl, reply.an, reply.body) == (wire.SERVFAIL, 7, 0, b"")
+    assert (reply.rcode, reply.ttl, reply.an, reply.body) == (constants.SERVFAIL, 7, 0, b"")
     got = summary(render(query("www.example.org", edns=True), reply, 3))
-    assert got.rcode == wire.SERVFAIL and got.answer == () and got.edns == (0, 1232, False, ())
+    assert got.rcode == constants.SERVFAIL and got.answer == () and got.edns == (0, 1232, False, ())
 
 
 STALE_EDE = ((15, b"\x00\x03"),)  # RFC 8914 code 3, Stale Answer, no text

@@ -8,10 +8,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from resolver.errors import ConfigError
-from resolver import rules as rules_module
-from resolver.names import to_wire
-from resolver.rules import Rule, RuleList, RuleSet, load_rules
+from resolver.ops.errors import ConfigError
+from resolver.rules import loader as rules_module
+from resolver.message.names import to_wire
+from resolver.rules.loader import load_rules
+from resolver.rules.matcher import RuleSet
+from resolver.rules.model import Rule, RuleList
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "rules" / "exchanges.yaml"

@@ -14,12 +14,12 @@ import pytest
 from dnslib import DNSRecord
 from prometheus_client import CollectorRegistry
 
-from resolver import upstream as upstream_module
-from resolver import wire
-from resolver.config import ConditionalForward, UpstreamConfig, UpstreamServer
-from resolver.metrics import Metrics
-from resolver.query import Query
-from resolver.upstream import UpstreamError, UpstreamPool
+from resolver.upstream import pool as upstream_module
+from resolver.message import wire
+from resolver.ops.config import ConditionalForward, UpstreamConfig, UpstreamServer
+from resolver.ops.metrics import Metrics
+from resolver.message.query import Query
+from resolver.upstream.pool import UpstreamError, UpstreamPool
 from tests.servers import FAULT_A, FaultUpstream
 
 

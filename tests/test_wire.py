@@ -12,7 +12,8 @@ from dnslib import EDNS0, DNSQuestion, DNSRecord
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from resolver import wire
+from resolver.message import constants
+from resolver.message import wire
 from tests.dnsmsg import CLIENT, dnslib_rcode, parse, query, query_packet, records, summary
 
 WWW = b"\x03www\x07example\x03org\x00"
@@ -130,32 +131,32 @@ NAME_256 = _name(63, 63, 63, 62)
         (b"\xbe\xef\x01\x00\x00\x01\x00\x00\x00\x00\x00", None),  # 11 bytes: short header
         (_header(flags=0x8100) + QUESTION, None),  # QR: a response, never answered
         (_header(flags=0x8000 | 0x2800) + QUESTION, None),  # QR wins over opcode
-        (_header(flags=0x1000) + QUESTION, wire.NOTIMP),  # opcode 2, STATUS
-        (_header(flags=0x2100) + QUESTION, wire.NOTIMP),  # opcode 4, NOTIFY
-        (_header(flags=0x2800) + QUESTION, wire.NOTIMP),  # opcode 5, UPDATE
-        (_header(qd=0), wire.FORMERR),
-        (_header(qd=0) + QUESTION, wire.FORMERR),
-        (_two_questions(), wire.FORMERR),
-        (_header(), wire.FORMERR),  # qdcount 1 but nothing follows
-        (_header() + b"\x07example\x03org", wire.FORMERR),  # name runs past the end
-        (_header() + b"\x07exam", wire.FORMERR),  # label runs past the end
-        (_header() + b"\xc0\x0c\x00\x01\x00\x01", wire.FORMERR),  # compression pointer
-        (_header() + b"\x03www\xc0\x0c\x00\x01\x00\x01", wire.FORMERR),  # pointer after a label
-        (_header() + b"\x41" + b"x" * 65 + b"\x00\x00\x01\x00\x01", wire.FORMERR),  # label type 01
-        (_header() + NAME_256 + b"\x00\x01\x00\x01", wire.FORMERR),  # name > 255 octets
-        (_header() + _name(63, 63, 63, 63, 63) + b"\x00\x01\x00\x01", wire.FORMERR),
-        (_header() + WWW, wire.FORMERR),  # type and class missing
-        (_header() + WWW + b"\x00\x01\x00", wire.FORMERR),  # class cut short
-        (_with_ar(EDNS0(udp_len=1232), EDNS0(udp_len=1232)), wire.FORMERR),  # two OPT records
-        (_with_ar(EDNS0(rname="example.org", udp_len=1232)), wire.FORMERR),  # OPT not at root
-        (_header(ar=1) + QUESTION, wire.FORMERR),  # additional record missing
-        (_header(ar=1) + QUESTION + b"\x00\x00\x29\x04", wire.FORMERR),  # OPT cut short
+        (_header(flags=0x1000) + QUESTION, constants.NOTIMP),  # opcode 2, STATUS
+        (_header(flags=0x2100) + QUESTION, constants.NOTIMP),  # opcode 4, NOTIFY
+        (_header(flags=0x2800) + QUESTION, constants.NOTIMP),  # opcode 5, UPDATE
+        (_header(qd=0), constants.FORMERR),
+        (_header(qd=0) + QUESTION, constants.FORMERR),
+        (_two_questions(), constants.FORMERR),
+        (_header(), constants.FORMERR),  # qdcount 1 but nothing follows
+        (_header() + b"\x07example\x03org", constants.FORMERR),  # name runs past the end
+        (_header() + b"\x07exam", constants.FORMERR),  # label runs past the end
+        (_header() + b"\xc0\x0c\x00\x01\x00\x01", constants.FORMERR),  # compression pointer
+        (_header() + b"\x03www\xc0\x0c\x00\x01\x00\x01", constants.FORMERR),  # pointer after a label
+        (_header() + b"\x41" + b"x" * 65 + b"\x00\x00\x01\x00\x01", constants.FORMERR),  # label type 01
+        (_header() + NAME_256 + b"\x00\x01\x00\x01", constants.FORMERR),  # name > 255 octets
+        (_header() + _name(63, 63, 63, 63, 63) + b"\x00\x01\x00\x01", constants.FORMERR),
+        (_header() + WWW, constants.FORMERR),  # type and class missing
+        (_header() + WWW + b"\x00\x01\x00", constants.FORMERR),  # class cut short
+        (_with_ar(EDNS0(udp_len=1232), EDNS0(udp_len=1232)), constants.FORMERR),  # two OPT records
+        (_with_ar(EDNS0(rname="example.org", udp_len=1232)), constants.FORMERR),  # OPT not at root
+        (_header(ar=1) + QUESTION, constants.FORMERR),  # additional record missing
+        (_header(ar=1) + QUESTION + b"\x00\x00\x29\x04", constants.FORMERR),  # OPT cut short
         (_header(ar=1) + QUESTION + b"\x00\x00\x29\x04\xd0\x00\x00\x00\x00\x00\x08\x00\x0f",
-         wire.FORMERR),  # OPT rdata runs past the end
+         constants.FORMERR),  # OPT rdata runs past the end
         (_header(an=1, ar=1) + QUESTION + b"\x00\x00\x29\x04\xd0\x00\x00\x00\x00\x00\x00",
-         wire.FORMERR),  # one record where two are announced
-        (_with_ar(EDNS0(udp_len=1232, version=1)), wire.BADVERS),
-        (_with_ar(EDNS0(udp_len=1232, version=255, flags="do")), wire.BADVERS),
+         constants.FORMERR),  # one record where two are announced
+        (_with_ar(EDNS0(udp_len=1232, version=1)), constants.BADVERS),
+        (_with_ar(EDNS0(udp_len=1232, version=255, flags="do")), constants.BADVERS),
     ],
 )
 def test_parse_query_form_errors(packet: bytes, rcode: int | None) -> None:
@@ -171,7 +172,7 @@ def test_parse_query_form_errors(packet: bytes, rcode: int | None) -> None:
     assert got.opcode == (struct.unpack_from("!H", packet, 2)[0] >> 11) & 0xF
     assert {"QR", "RA"} <= got.flags and "AA" not in got.flags
     assert got.question == () and got.answer == got.authority == got.additional == ()
-    if rcode == wire.BADVERS:
+    if rcode == constants.BADVERS:
         assert got.edns is not None and got.edns[0] == 0  # we answer in the version we speak
 
 
@@ -198,7 +199,7 @@ def test_parse_query_raises_only_form_error_on_any_bytes(data: bytes) -> None:
 def test_parse_query_raises_only_form_error_after_a_question(flags: int, an: int, ar: int,
                                                              tail: bytes) -> None:
     """Random records after a valid question: the EDNS scan must fail cleanly too."""
-    packet = _header(flags=flags & ~(wire.QR | wire.OPCODE), an=an, ar=ar) + QUESTION + tail
+    packet = _header(flags=flags & ~(constants.QR | constants.OPCODE), an=an, ar=ar) + QUESTION + tail
     try:
         wire.parse_query(packet, CLIENT, "udp")
     except wire.FormError as exc:
@@ -215,7 +216,7 @@ def test_parse_query_raises_only_form_error_after_a_question(flags: int, an: int
     ],
 )
 @pytest.mark.parametrize(("edns", "do"), [(False, False), (True, False), (True, True)])
-@pytest.mark.parametrize("rcode", [wire.SERVFAIL, wire.REFUSED, wire.NOERROR])
+@pytest.mark.parametrize("rcode", [constants.SERVFAIL, constants.REFUSED, constants.NOERROR])
 def test_error_answer(flags: int, expected: set[str], edns: bool, do: bool, rcode: int) -> None:
     packet = bytearray(query_packet("WWW.example.org", "AAAA", qid=77, edns=edns, do=do))
     struct.pack_into("!H", packet, 2, flags)
@@ -247,9 +248,9 @@ def test_fit(transport: str, edns: bool, udp: int, size: int, truncated: bool) -
         return
     got = summary(fitted)
     if transport == "udp":
-        assert "TC" in got.flags and got.rcode == wire.NOERROR
+        assert "TC" in got.flags and got.rcode == constants.NOERROR
     else:
-        assert "TC" not in got.flags and got.rcode == wire.SERVFAIL
+        assert "TC" not in got.flags and got.rcode == constants.SERVFAIL
     assert got.question == (("www.example.org.", "A", "IN"),) and got.answer == ()
     assert got.edns == ((0, 1232, True, ()) if edns else None)
 

@@ -9,19 +9,11 @@ from __future__ import annotations
 
 import struct
 
-from .query import Query
+from resolver.message.constants import (AD, BADVERS, CD, CLASSIC_UDP, FORMERR, MAX_MESSAGE,
+                                        MAX_NAME, NOERROR, NOTIMP, OPCODE, QR, RA, RD,
+                                        SERVFAIL, TC, TYPE_OPT, EDE_OPTION)
+from resolver.message.query import Query
 
-QR, TC, RD, RA, AD, CD = 0x8000, 0x0200, 0x0100, 0x0080, 0x0020, 0x0010
-OPCODE = 0x7800
-NOERROR, FORMERR, SERVFAIL, NXDOMAIN, NOTIMP, REFUSED = 0, 1, 2, 3, 4, 5
-BADVERS = 16
-TYPE_A, TYPE_SOA, TYPE_AAAA, TYPE_OPT = 1, 6, 28, 41
-CLASS_IN = 1
-EDE_OPTION = 15
-MAX_NAME = 255
-CLASSIC_UDP = 512
-MAX_MESSAGE = 65535  # what a TCP frame's two-byte length can say
-MAX_TTL = 2**31 - 1  # RFC 2181 8: the largest TTL a record may carry
 
 _HEADER = struct.Struct("!HHHHHH")
 _RR_FIXED = struct.Struct("!HHIH")  # type, class, ttl, rdlength

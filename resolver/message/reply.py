@@ -13,13 +13,14 @@ from dataclasses import dataclass
 
 import dnslib
 
-from . import wire
-from .query import Query
+from resolver.message import wire
+from resolver.message.query import Query
+from resolver.message.constants import AD, MAX_TTL, NOERROR, NXDOMAIN, SERVFAIL, TYPE_OPT, TYPE_SOA, TYPE_CNAME
 
 _TTL = struct.Struct("!I")
 _COUNTS = struct.Struct("!HHHHH")  # flags and the four section counts
 _RR_FIXED = struct.Struct("!HHIH")
-TYPE_CNAME = 5
+
 _CHAIN_TYPES = (b"\x00\x05", b"\x00\xff")  # CNAME, ANY: a question a chain answers
 EDE_STALE = 3  # RFC 8914 "Stale Answer"
 
@@ -70,7 +71,7 @@ def scan_reply(data: bytes, qend: int, policy: TtlPolicy) -> Reply:
     flags, _, an, ns, ar = _COUNTS.unpack_from(data, 2)
     additional = an + ns  # RFC 6891: the one OPT record belongs there and nowhere else
     ttls, cnames, soa, opt = [], [], None, None
-    low, high = wire.MAX_TTL, 0
+    low, high = MAX_TTL, 0
     pos = qend
     for index in range(additional + ar):
         start = pos
@@ -80,7 +81,7 @@ def scan_reply(data: bytes, qend: int, policy: TtlPolicy) -> Reply:
         pos = pos + 2 if label >= 0xC0 else pos + 1 if not label else wire.skip_name(data, pos)
         rtype, _, ttl, rdlength = _RR_FIXED.unpack_from(data, pos)
         end = pos + 10 + rdlength
-        if rtype == wire.TYPE_OPT:
+        if rtype == TYPE_OPT:
             if opt is not None or index < additional:
                 raise ValueError("OPT record repeated or outside the additional section")
             if ttl >> 24:  # the rcode's upper bits (RFC 6891 6.1.3) would go with the OPT
@@ -93,7 +94,7 @@ def scan_reply(data: bytes, qend: int, policy: TtlPolicy) -> Reply:
                     if after != end:
                         raise ValueError("CNAME data is not one name")
                     cnames.append(target)
-            elif rtype == wire.TYPE_SOA and soa is None and an <= index < additional:
+            elif rtype == TYPE_SOA and soa is None and an <= index < additional:
                 soa = _soa_ttls(data, pos + 10, end, ttl)
             ttls.append((pos + 4 - qend, ttl))
             if ttl < low:
@@ -113,15 +114,15 @@ def scan_reply(data: bytes, qend: int, policy: TtlPolicy) -> Reply:
     rcode = flags & 0xF
     # NOERROR with only a CNAME chain in the answer is NODATA for the chain's end (RFC 2308
     # 5), negative like one with no answer, unless the chain itself was asked for.
-    positive = rcode == wire.NOERROR and an and (
+    positive = rcode == NOERROR and an and (
         len(cnames) < an or data[qend - 4:qend - 2] in _CHAIN_TYPES)
     if positive:
         floor, ceiling = policy.min_ttl, policy.max_ttl
-    elif rcode == wire.NXDOMAIN or rcode == wire.NOERROR:
+    elif rcode == NXDOMAIN or rcode == NOERROR:
         # RFC 2308: min(SOA TTL, SOA minimum); without an SOA, not cached at all
         lifetime = None if soa is None else min(soa[0], soa[1], policy.negative_max)
         floor, ceiling = 0, lifetime or 0
-    elif rcode == wire.SERVFAIL:
+    elif rcode == SERVFAIL:
         floor, ceiling, lifetime = 0, policy.servfail_ttl, policy.servfail_ttl or None
     else:
         floor, ceiling, lifetime = policy.min_ttl, policy.max_ttl, None
@@ -131,7 +132,7 @@ def scan_reply(data: bytes, qend: int, policy: TtlPolicy) -> Reply:
     elif floor <= low and high <= ceiling:  # the usual case: every TTL within bounds
         shortest = low
     else:  # bound them, and write them back; RFC 2181 8: a TTL over 2^31-1 means 0
-        ttls = [(offset, 0 if ttl > wire.MAX_TTL else floor if ttl < floor
+        ttls = [(offset, 0 if ttl > MAX_TTL else floor if ttl < floor
                  else ceiling if ttl > ceiling else ttl) for offset, ttl in ttls]
         shortest = min(ceiling, *(ttl for _, ttl in ttls))
         body = bytearray(body)
@@ -148,12 +149,12 @@ def _soa_ttls(data: bytes, rdata: int, end: int, ttl: int) -> tuple[int, int]:
     if wire.skip_name(data, wire.skip_name(data, rdata)) + 20 != end:
         raise ValueError("SOA data is not two names and five numbers")
     minimum = _TTL.unpack_from(data, end - 4)[0]
-    return (ttl if ttl <= wire.MAX_TTL else 0, minimum if minimum <= wire.MAX_TTL else 0)
+    return (ttl if ttl <= MAX_TTL else 0, minimum if minimum <= MAX_TTL else 0)
 
 
 def failure(policy: TtlPolicy) -> Reply:
     """The SERVFAIL kept when no upstream answered at all (RFC 9520 failure caching)."""
-    return Reply(wire.SERVFAIL, 0, 0, 0, b"", (), policy.servfail_ttl or None)
+    return Reply(SERVFAIL, 0, 0, 0, b"", (), policy.servfail_ttl or None)
 
 
 def _scan_repacked(data: bytes, policy: TtlPolicy) -> Reply:
@@ -165,7 +166,7 @@ def _scan_repacked(data: bytes, policy: TtlPolicy) -> Reply:
         record = dnslib.DNSRecord.parse(data)
     except dnslib.DNSError as exc:  # callers handle ValueError, as for the fast path
         raise ValueError(str(exc)) from exc
-    record.ar = [rr for rr in record.ar if rr.rtype != wire.TYPE_OPT]
+    record.ar = [rr for rr in record.ar if rr.rtype != TYPE_OPT]
     packed = record.pack()
     qend = wire.skip_name(packed, 12) + 4
     return scan_reply(packed, qend, policy)
@@ -201,6 +202,6 @@ def _header(q: Query, reply: Reply) -> bytes:
     """The header for q's answer from reply: q's ID, opcode, RD and CD; the reply's rcode; AD
     only for a client that asked with AD or DO (RFC 6840); one more record if we add an OPT."""
     flags = wire.reply_flags(q.flags, reply.rcode)
-    if reply.flags & wire.AD and (q.do or q.flags & wire.AD):
-        flags |= wire.AD
+    if reply.flags & AD and (q.do or q.flags & AD):
+        flags |= AD
     return q.data[:2] + _COUNTS.pack(flags, 1, reply.an, reply.ns, reply.ar + q.edns)

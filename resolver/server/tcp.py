@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import asyncio
 
-from . import wire
-from .pipeline import Pipeline
+from resolver.message import wire
+from resolver.server.pipeline import Pipeline
 
 
 class TcpLimits:

@@ -20,8 +20,8 @@ import ssl
 import time
 from collections.abc import Callable
 
-from . import wire
-from .ids import random_id
+from resolver.message import wire
+from resolver.upstream.ids import random_id
 
 log = logging.getLogger(__name__)
 

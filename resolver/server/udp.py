@@ -7,8 +7,8 @@ import asyncio
 import functools
 import logging
 
-from .outbox import Outbox
-from .pipeline import Pipeline
+from resolver.server.outbox import Outbox
+from resolver.server.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
 

@@ -29,11 +29,12 @@ import uvloop
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import Metric
 
-from .app import bound_socket, serve_until_signalled
-from .config import Address, Config
-from .metrics import Endpoint, Sample, merge_samples
-from .errors import ConfigError
-from .rules import RuleSet, load_rules
+from resolver.server.app import bound_socket, serve_until_signalled
+from resolver.ops.config import Address, Config
+from resolver.ops.metrics import Endpoint, Sample, merge_samples
+from resolver.ops.errors import ConfigError
+from resolver.rules.loader import load_rules
+from resolver.rules.matcher import RuleSet
 
 log = logging.getLogger(__name__)
 

@@ -23,9 +23,9 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from .cache import NEVER
-from .metrics import Tally
-from .query import Clock, Memo
+from resolver.message.constants import NEVER, Clock
+from resolver.ops.metrics import Tally
+from resolver.message.query import Memo
 
 
 MAX_QUERY = 512  # bytes: a longest name with EDNS and a cookie fits in well under this

@@ -16,11 +16,11 @@ from typing import Any
 import yaml
 
 import resolver
-from resolver.errors import ConfigError
-from resolver.names import normalize
-from resolver.wire import MAX_TTL
-from resolver.selection import STRATEGIES
-from resolver.yamlnodes import NULL, compose, known_keys, line_of, problem_text
+from resolver.ops.errors import ConfigError
+from resolver.message.names import normalize
+from resolver.message.constants import MAX_TTL
+from resolver.upstream.selection import STRATEGIES
+from resolver.ops.yamlnodes import NULL, compose, known_keys, line_of, problem_text
 
 RESOLV_CONF = "/etc/resolv.conf"
 FALLBACK_UPSTREAMS = ("9.9.9.9", "1.1.1.1")
@@ -70,7 +70,7 @@ class UpstreamConfig:
     timeout: float = 2.0  # per attempt
     deadline: float = 5.0  # whole query; then SERVFAIL
     udp_size: int = 1232  # EDNS payload size advertised upstream
-    strategy: str = "failover"  # failover | random | fastest (see resolver.selection)
+    strategy: str = "failover"  # failover | random | fastest (see resolver.upstream.selection)
     unhealthy_after: int = 3  # consecutive failures before an upstream is backed off
     backoff: float = 1.0  # first backoff (seconds); doubles with each further failure
     max_backoff: float = 60.0

@@ -18,12 +18,14 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
-from . import wire
-from .config import CacheConfig
-from .metrics import Metrics
-from .query import FORWARD, Clock, Memo, Outcome, Query
-from .reply import Reply, render, render_stale
-from .rules import Rule
+from resolver.message import wire
+from resolver.ops.config import CacheConfig
+from resolver.ops.metrics import Metrics
+from resolver.message.constants import ALWAYS, Clock
+from resolver.message.query import FORWARD, Memo, Outcome, Query
+from resolver.message.reply import Reply, render, render_stale
+from resolver.rules.model import Rule
+from resolver.message.constants import SERVFAIL
 
 Cloak = tuple[Rule, bytes]  # the rule, and the blocked domain (wire form) a CNAME chain reaches
 Inspect = Callable[[tuple[bytes, ...]], Cloak | None]  # CNAME targets -> the block, if any
@@ -32,8 +34,6 @@ Inspect = Callable[[tuple[bytes, ...]], Cloak | None]  # CNAME targets -> the bl
 # bench/memory.py measured the process growing about 1,086 bytes per one-record answer on
 # CPython 3.11 (tracemalloc sees ~680 of them), so max_bytes bounds real memory.
 ENTRY_OVERHEAD = 1050
-NEVER = float("inf")
-ALWAYS = float("-inf")
 _HIT, _MISS, _EXPIRED, _STALE = ("hit",), ("miss",), ("expired",), ("stale",)
 _STORED, _EVICTED = ("stored",), ("evicted",)
 
@@ -69,7 +69,7 @@ class Entry:
         self.cloak = cloak
         if cloak is not None:
             self.check_at = ALWAYS
-        elif window and self.reply.rcode != wire.SERVFAIL:
+        elif window and self.reply.rcode != SERVFAIL:
             self.check_at = self.expires - self.reply.ttl * window
         else:
             self.check_at = self.expires
@@ -143,7 +143,7 @@ class Cache:
         """The expired entry for key if it may still be served stale (RFC 8767): within
         stale_window of expiry, an answer rather than a cached failure, its chain not blocked."""
         entry = self.entries.get(key)
-        if entry is None or entry.cloak is not None or entry.reply.rcode == wire.SERVFAIL:
+        if entry is None or entry.cloak is not None or entry.reply.rcode == SERVFAIL:
             return None
         return entry if entry.expires <= self.clock() < entry.expires + self._stale_window else None
 
@@ -160,7 +160,7 @@ class Cache:
         failure.ttl seconds (RFC 8767's failure recheck); otherwise the failure itself is
         cached (RFC 9520), so the next clients do not wait on the same dead upstreams."""
         entry = self.entries.get(key)
-        if entry is not None and entry.reply.rcode != wire.SERVFAIL:
+        if entry is not None and entry.reply.rcode != SERVFAIL:
             now = self.clock()
             if now < entry.expires:
                 return

@@ -16,13 +16,16 @@ import ipaddress
 import struct
 from collections.abc import Callable
 
-from . import wire
-from .cache import NEVER, Cache, Cloak
-from .config import BlockingConfig
-from .metrics import Metrics
-from .names import label_offsets, to_wire
-from .query import Memo, Outcome, Query
-from .rules import RuleList, RuleSet
+from resolver.message import wire
+from resolver.message.constants import NEVER
+from resolver.stages.cache import Cache, Cloak
+from resolver.ops.config import BlockingConfig
+from resolver.ops.metrics import Metrics
+from resolver.message.names import label_offsets, to_wire
+from resolver.message.query import Memo, Outcome, Query
+from resolver.rules.matcher import RuleSet
+from resolver.rules.model import RuleList
+from resolver.message.constants import CLASSIC_UDP, CLASS_IN, MAX_NAME, NOERROR, NXDOMAIN, REFUSED, TYPE_A, TYPE_AAAA, TYPE_SOA
 
 EDE_BLOCKED = 15  # RFC 8914 "Blocked"
 SOA_TIMERS = (1, 3600, 600, 86400)  # serial, refresh, retry, expire
@@ -37,8 +40,8 @@ class ListAnswers:
         ttl = rules.ttl if rules.ttl is not None else config.ttl
         rdata = (to_wire(config.soa_mname) + to_wire(config.soa_rname)
                  + struct.pack("!IIIII", *SOA_TIMERS, ttl))
-        self.soa_tail = struct.pack("!HHIH", wire.TYPE_SOA, wire.CLASS_IN, ttl, len(rdata)) + rdata
-        self.rcode = wire.NXDOMAIN if rules.action == "nxdomain" else wire.NOERROR
+        self.soa_tail = struct.pack("!HHIH", TYPE_SOA, CLASS_IN, ttl, len(rdata)) + rdata
+        self.rcode = NXDOMAIN if rules.action == "nxdomain" else NOERROR
         self.refused = rules.action == "refused"
         self.records = _sinkhole_records(rules, ttl) if rules.action == "sinkhole" else {}
         option = (wire.ede_option(EDE_BLOCKED, f"blocked by list {rules.name}")
@@ -46,8 +49,8 @@ class ListAnswers:
         self.opt = (wire.opt_record(False, option), wire.opt_record(True, option))
         # Whether an answer whose SOA owner points into the question can outgrow 512 bytes
         # (only with long SOA names, or a long list name in the EDE text)
-        self.long_soa = (12 + wire.MAX_NAME + 4 + 2 + len(self.soa_tail) + len(self.opt[1])
-                         > wire.CLASSIC_UDP)
+        self.long_soa = (12 + MAX_NAME + 4 + 2 + len(self.soa_tail) + len(self.opt[1])
+                         > CLASSIC_UDP)
 
     def build(self, q: Query, offset: int, owner: bytes | None = None) -> bytes:
         """The blocked answer for q, whose name matched the rule at name[offset:].
@@ -58,13 +61,13 @@ class ListAnswers:
         opt = self.opt[q.do] if q.edns else b""
         ar = 1 if q.edns else 0
         if self.refused:
-            return wire.header(q, wire.REFUSED, 0, 0, ar) + q.question + opt
-        if self.records and q.qclass == wire.CLASS_IN:
+            return wire.header(q, REFUSED, 0, 0, ar) + q.question + opt
+        if self.records and q.qclass == CLASS_IN:
             found = self.records.get(q.qtype)
             if found:
                 count, records = found  # many addresses may not fit a small UDP buffer
                 return wire.fit(
-                    q, wire.header(q, wire.NOERROR, count, 0, ar) + q.question + records + opt)
+                    q, wire.header(q, NOERROR, count, 0, ar) + q.question + records + opt)
         answer = wire.header(q, self.rcode, 0, 1, ar) + q.question
         if owner is None:
             answer += struct.pack("!H", 0xC000 | (12 + offset)) + self.soa_tail + opt
@@ -76,10 +79,10 @@ class ListAnswers:
 def _sinkhole_records(rules: RuleList, ttl: int) -> dict[int, tuple[int, bytes]]:
     """A and AAAA answer records whose owner points at the question name (offset 12)."""
     records = {}
-    for rtype, addresses in ((wire.TYPE_A, rules.sinkhole_v4), (wire.TYPE_AAAA, rules.sinkhole_v6)):
+    for rtype, addresses in ((TYPE_A, rules.sinkhole_v4), (TYPE_AAAA, rules.sinkhole_v6)):
         packed = [ipaddress.ip_address(a).packed for a in addresses]
         records[rtype] = (len(packed), b"".join(
-            b"\xc0\x0c" + struct.pack("!HHIH", rtype, wire.CLASS_IN, ttl, len(p)) + p
+            b"\xc0\x0c" + struct.pack("!HHIH", rtype, CLASS_IN, ttl, len(p)) + p
             for p in packed))
     return records
 

@@ -10,14 +10,15 @@ from __future__ import annotations
 import logging
 from typing import Protocol
 
-from . import wire
-from .cache import Entry
-from .forward import Forwarder
-from .metrics import Metrics
-from .packetcache import PacketCache
-from .query import FORWARD, Memo, Outcome, Query
-from .reply import Reply
-from .upstream import UpstreamError
+from resolver.message import wire
+from resolver.stages.cache import Entry
+from resolver.stages.forward import Forwarder
+from resolver.ops.metrics import Metrics
+from resolver.stages.packetcache import PacketCache
+from resolver.message.query import FORWARD, Memo, Outcome, Query
+from resolver.message.reply import Reply
+from resolver.upstream.pool import UpstreamError
+from resolver.message.constants import SERVFAIL
 
 log = logging.getLogger(__name__)
 
@@ -96,10 +97,10 @@ class Pipeline:
             answer, outcome = self._forwarder.answer(q, reply, stale)
         except UpstreamError as exc:
             log.debug("upstream failed: %s", exc)
-            answer, outcome = wire.error_answer(q, wire.SERVFAIL), Outcome.SERVFAIL
+            answer, outcome = wire.error_answer(q, SERVFAIL), Outcome.SERVFAIL
         except Exception:
             log.exception("unexpected error while answering a forwarded query")
-            answer, outcome = wire.error_answer(q, wire.SERVFAIL), Outcome.SERVFAIL
+            answer, outcome = wire.error_answer(q, SERVFAIL), Outcome.SERVFAIL
         counts = self._answered
         key = (q.transport, outcome)
         counts[key] = counts.get(key, 0) + 1

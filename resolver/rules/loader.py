@@ -1,4 +1,4 @@
-"""Rule files compiled into one immutable matcher from wire-form name to the rule that decides it.
+"""Rule files (YAML lists, or plain domain lists) loaded into one compiled RuleSet.
 
 Loading is strict and all-or-nothing: every problem in every file is collected with its file,
 line and key path, and one ConfigError is raised, so a broken edit never half-loads and the
@@ -8,32 +8,27 @@ builds a new one and the server swaps one reference.
 
 import ipaddress
 import re
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from resolver.errors import ConfigError
-from resolver.wire import MAX_TTL
-from resolver.names import from_wire, label_offsets, normalize, to_wire
-from resolver.yamlnodes import (INT, NULL, STR, compose, dotted, kind_of, known_keys,
+from resolver.ops.errors import ConfigError
+from resolver.message.constants import MAX_TTL
+from resolver.message.names import normalize, to_wire
+from resolver.rules.matcher import RuleSet
+from resolver.rules.model import (ACTIONS, ALLOW, DEFAULT_ACTION, DEFAULT_SINKHOLE_V4,
+                                  DEFAULT_SINKHOLE_V6, Rule, RuleList)
+from resolver.ops.yamlnodes import (INT, NULL, STR, compose, dotted, kind_of, known_keys,
                                 line_of, problem_text)
 
-ALLOW = "allow"
-DEFAULT_ACTION = "nxdomain"
-ACTIONS = (DEFAULT_ACTION, "sinkhole", "nodata", "refused", ALLOW)
-# Unspecified addresses: a client that connects to a sinkhole fails at once, off the network.
-DEFAULT_SINKHOLE_V4 = ("0.0.0.0",)
-DEFAULT_SINKHOLE_V6 = ("::",)
 YAML_SUFFIXES = (".yaml", ".yml")
 TEXT_SUFFIXES = (".txt", ".list")
 
 # List names and entry ids end up in logs and metric labels, so keep them plain tokens.
 _TOKEN = re.compile(r"[a-z0-9_.-]+")
 _TOKEN_RULE = "use only a-z 0-9 _ . -"
-_MAX_LABELS = 127  # in a 255-octet wire name: 127 one-letter labels and the root
 # libyaml parses big lists several times faster; the pure-Python loader gives the same nodes.
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _TOP_KEYS = frozenset({"lists"})
@@ -41,127 +36,6 @@ _LIST_KEYS = frozenset({"name", "action", "ttl", "sinkhole", "description", "ent
 _ENTRY_KEYS = frozenset({"id", "name", "domains"})
 _Texts = tuple[str, ...]
 _Address = ipaddress.IPv4Address | ipaddress.IPv6Address
-
-
-@dataclass(frozen=True, slots=True)
-class RuleList:
-    """One named list: what to do with its names, and where it came from for messages."""
-
-    name: str
-    action: str = DEFAULT_ACTION
-    sinkhole_v4: tuple[str, ...] = DEFAULT_SINKHOLE_V4
-    sinkhole_v6: tuple[str, ...] = DEFAULT_SINKHOLE_V6
-    ttl: int | None = None
-    source: str = ""
-
-    def __post_init__(self) -> None:
-        """Catch a misspelt action from code too: an unknown one would silently block."""
-        if self.action not in ACTIONS:
-            raise ValueError(f"{self.action!r} is not one of {', '.join(ACTIONS)}")
-
-
-@dataclass(frozen=True, slots=True)
-class Rule:
-    """What a match returns; shared by all domains of one entry (memory: 1M domains)."""
-
-    list: RuleList
-    entry_id: str = ""
-    entry_name: str = ""
-    # The label values resolver_blocked_total counts this rule's hits under, made once here
-    # rather than per blocked query.
-    labels: tuple[str, str, str] = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "labels", (self.list.name, self.entry_id, self.list.action))
-
-
-class RuleSet:
-    """Immutable compiled matcher: a dict from lowercase wire-form name to Rule.
-
-    Allow rules win over block rules. That is settled at build time, not per query: a block
-    domain at or below an allowed domain is dropped, because every name it could match is
-    allowed anyway. After that the most specific table hit always decides, so lookup stops
-    at the first hit whether or not the set has allow rules.
-
-    Lookup also skips suffixes with more labels than the deepest rule or fewer than the
-    shallowest: that saves the TLD lookup on nearly every query, and keeps the cost of a
-    127-label query the same as a short one. The label indexes worth trying are
-    precomputed per label count, since a range beats index arithmetic in the loop.
-    """
-
-    __slots__ = ("lists", "domain_count", "_get", "_windows", "_example")
-
-    lists: tuple[RuleList, ...]
-    domain_count: int
-
-    def __init__(self, lists: Sequence[RuleList], domains: Iterable[tuple[bytes, Rule]]):
-        """Compile (wire name, rule) pairs given in load order; the first block rule wins."""
-        blocks: dict[bytes, Rule] = {}
-        allows: dict[bytes, Rule] = {}
-        for wire, rule in domains:
-            (allows if rule.list.action == ALLOW else blocks).setdefault(wire, rule)
-        setter = object.__setattr__  # the only writes, before anyone can see the set
-        setter(self, "lists", tuple(lists))
-        setter(self, "domain_count", len(blocks))
-        table = blocks
-        if allows:  # skipped for pure block sets: checking parents costs ~1 s per 1M domains
-            table = {wire: rule for wire, rule in blocks.items() if not _allowed(wire, allows)}
-            table.update(allows)
-        setter(self, "_get", table.get)
-        setter(self, "_windows", _windows({len(label_offsets(wire)) for wire in table}))
-        setter(self, "_example", next((wire for wire, rule in table.items()
-                                       if rule.list.action != ALLOW), None))
-
-    def __setattr__(self, name: str, value: object) -> None:
-        """Refuse changes: readers on other tasks rely on a set never changing under them."""
-        raise AttributeError("RuleSet is immutable; build a new one")
-
-    def lookup(self, name: bytes, offsets: Sequence[int]) -> tuple[Rule, int] | None:
-        """Return (rule, offset) for the most specific blocking match, or None.
-
-        name: lowercase wire form of the query name; offsets: start of each label, most
-        specific first, e.g. (0, 4, 12) for www.example.org. None also when an allow rule
-        covers the name. One dict lookup per label; the allow check runs only on a hit.
-        """
-        get = self._get
-        for index in self._windows[len(offsets)]:
-            offset = offsets[index]
-            rule = get(name[offset:])
-            if rule is not None:
-                return None if rule.list.action == ALLOW else (rule, offset)
-        return None
-
-    def example_domain(self) -> str | None:
-        """A blocked domain to show operators in the startup line, or None for no blocks."""
-        return None if self._example is None else from_wire(self._example)
-
-    def match(self, name: str) -> tuple[Rule, str] | None:
-        """Text form of lookup for tools and tests: (rule, matched rule domain) or None.
-
-        Raises ValueError for a name that is not valid, as normalize does.
-        """
-        wire = to_wire(normalize(name))
-        found = self.lookup(wire, label_offsets(wire))
-        if found is None:
-            return None
-        rule, offset = found
-        return rule, from_wire(wire[offset:])
-
-
-def _windows(depths: set[int]) -> tuple[range, ...]:
-    """For each label count a name can have, the offsets indexes whose suffix could be a rule.
-
-    A suffix starting at index i of n offsets has n - i labels; only depths that some rule
-    has can hit. With no rules every range is empty.
-    """
-    deepest, shallowest = max(depths, default=0), min(depths, default=1)
-    counts = range(_MAX_LABELS + 1)
-    return tuple(range(max(0, count - deepest), count - shallowest + 1) for count in counts)
-
-
-def _allowed(wire: bytes, allows: dict[bytes, Rule]) -> bool:
-    """True if the name or one of its parents is allowed."""
-    return any(wire[offset:] in allows for offset in label_offsets(wire))
 
 
 def load_rules(paths: Sequence[str]) -> RuleSet:

@@ -7,13 +7,11 @@ instead of parsing and re-packing whole messages.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .metrics import Tally  # noqa: F401 (named in the Memo alias below)
+    from resolver.ops.metrics import Tally  # noqa: F401 (named in the Memo alias below)
 
-Clock = Callable[[], float]  # seconds, monotonic; injected so tests can step time
 # A stage's offer to the packet cache for its last answer: (valid until, by the clock;
 # the tally a replay bumps; its key). See packetcache.py.
 Memo = tuple[float, "Tally", tuple[str, ...]]

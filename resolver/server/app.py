@@ -18,21 +18,23 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry
 
-from .blocking import Blocker, CnameBlocker
-from .cache import Cache, CacheLookup, Clock, StaleLookup
-from .config import Address, Config
-from .forward import Forwarder
-from .metrics import Endpoint, Metrics
-from .outbox import Outbox
-from .packetcache import PacketCache
-from .pipeline import Pipeline
-from .query import Outcome
-from .reply import TtlPolicy
-from .errors import ConfigError
-from .rules import RuleSet, load_rules
-from .tcp import TcpConnection, TcpLimits
-from .udp import UdpServer
-from .upstream import UpstreamPool
+from resolver.stages.blocking import Blocker, CnameBlocker
+from resolver.message.constants import Clock
+from resolver.stages.cache import Cache, CacheLookup, StaleLookup
+from resolver.ops.config import Address, Config
+from resolver.stages.forward import Forwarder
+from resolver.ops.metrics import Endpoint, Metrics
+from resolver.server.outbox import Outbox
+from resolver.stages.packetcache import PacketCache
+from resolver.server.pipeline import Pipeline
+from resolver.message.query import Outcome
+from resolver.message.reply import TtlPolicy
+from resolver.ops.errors import ConfigError
+from resolver.rules.loader import load_rules
+from resolver.rules.matcher import RuleSet
+from resolver.server.tcp import TcpConnection, TcpLimits
+from resolver.server.udp import UdpServer
+from resolver.upstream.pool import UpstreamPool
 
 log = logging.getLogger(__name__)
 

@@ -31,15 +31,16 @@ import struct
 import time
 from collections.abc import Coroutine, Iterable
 
-from . import wire
-from .config import UpstreamConfig, UpstreamServer
-from .dot import DotClient, tls_context
-from .ids import random_id
-from .metrics import Metrics, Tally
-from .names import to_wire
-from .outbox import Outbox
-from .query import Query
-from .selection import Backoff, Health, arrange
+from resolver.message import wire
+from resolver.ops.config import UpstreamConfig, UpstreamServer
+from resolver.upstream.dot import DotClient, tls_context
+from resolver.upstream.ids import random_id
+from resolver.ops.metrics import Metrics, Tally
+from resolver.message.names import to_wire
+from resolver.server.outbox import Outbox
+from resolver.message.query import Query
+from resolver.upstream.selection import Backoff, Health, arrange
+from resolver.message.constants import REFUSED, SERVFAIL, TC
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ SOCKETS_PER_UPSTREAM = 4  # more sockets measured slower: fewer replies per wake
 SWEEP_INTERVAL = 0.02  # seconds between timeout sweeps: how late a timeout may fire
 SOCKET_QUERIES = 200  # queries one socket carries before a fresh one (a new port) replaces it
 ROUNDS = 2  # times each upstream is tried for one query
-MOVE_ON = (wire.SERVFAIL, wire.REFUSED)  # rcodes after which another upstream is asked
+MOVE_ON = (SERVFAIL, REFUSED)  # rcodes after which another upstream is asked
 
 
 class UpstreamError(Exception):
@@ -358,7 +359,7 @@ class Exchange:
         next attempt after SERVFAIL or REFUSED, or a retry over TCP when it came truncated."""
         self._sock = None
         now = time.monotonic()
-        if data[2] & (wire.TC >> 8):
+        if data[2] & (TC >> 8):
             self._stream(self._upstream.stream(self.q, max(self._timeout - (now - self._sent),
                                                            0.001)))
         elif data[3] & 0xF in MOVE_ON:

@@ -15,17 +15,18 @@ import struct
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from . import wire
-from .blocking import Blocker
-from .cache import Cache, Entry
-from .config import CacheConfig
-from .metrics import Metrics
-from .query import Outcome, Query
-from .reply import Reply, TtlPolicy, failure, render, render_stale, scan_reply
-from .upstream import MOVE_ON, Exchange, UpstreamError, UpstreamPool
+from resolver.message import wire
+from resolver.stages.blocking import Blocker
+from resolver.stages.cache import Cache, Entry
+from resolver.ops.config import CacheConfig
+from resolver.ops.metrics import Metrics
+from resolver.message.query import Outcome, Query
+from resolver.message.reply import Reply, TtlPolicy, failure, render, render_stale, scan_reply
+from resolver.upstream.pool import MOVE_ON, Exchange, UpstreamError, UpstreamPool
+from resolver.message.constants import SERVFAIL
 
 if TYPE_CHECKING:
-    from .pipeline import Sink  # noqa: F401 (annotations only: pipeline imports this module)
+    from resolver.server.pipeline import Sink  # noqa: F401 (annotations only: pipeline imports this module)
 
 Respond = Callable[..., None]  # Pipeline.respond(q, sink, reply, stale)
 _PREFETCH = ("prefetch",)  # the cache_total result a refresh counts
@@ -175,7 +176,7 @@ class Forwarder:
                 return self._stale(q, stale.reply)
             if reply is None:
                 raise UpstreamError("no usable answer from any upstream")
-            if reply.rcode == wire.SERVFAIL:
+            if reply.rcode == SERVFAIL:
                 return render(q, reply, 0), Outcome.SERVFAIL
         if reply.cnames:
             cloak = self._blocker.check_chain(reply.cnames)

@@ -1,0 +1,1 @@
+"""The DNS message layer: constants, wire decoding and encoding, names, queries, replies."""

@@ -1,0 +1,1 @@
+"""Operating the resolver: configuration, errors, and metrics."""

@@ -1,0 +1,1 @@
+"""Rule files: the rule model, the compiled matcher, and the loader."""

@@ -1,0 +1,1 @@
+"""The server: listening transports, the pipeline, assembly and lifecycle, worker processes."""

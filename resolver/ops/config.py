@@ -15,8 +15,8 @@ from typing import Any
 
 import yaml
 
-import resolver
 from resolver.ops.errors import ConfigError
+from resolver.ops.shipped import SHIPPED_RULES
 from resolver.message.names import normalize
 from resolver.message.constants import MAX_TTL
 from resolver.upstream.selection import STRATEGIES
@@ -27,7 +27,6 @@ FALLBACK_UPSTREAMS = ("9.9.9.9", "1.1.1.1")
 TLS_PORT = 853  # RFC 7858
 TLS_SCHEME = "tls://"
 PROTOCOLS = ("udp", "tls")
-SHIPPED_RULES = str(Path(resolver.__file__).resolve().parent.parent / "rules" / "exchanges.yaml")
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import contextlib
 import gc
+import importlib.metadata
 import logging
 import resource
 import signal
@@ -45,6 +46,8 @@ def _parser() -> argparse.ArgumentParser:
         "lists itself and forwards everything else upstream, with a cache.")
     parser.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--version", action="version", version="%(prog)s "
+                        + importlib.metadata.version("dns-filter-resolver"))  # pyproject's name
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
     serve = commands.add_parser("serve", help="run the DNS server")
     serve.add_argument("-c", "--config", metavar="FILE", help="YAML config file")

@@ -10,13 +10,19 @@ BIN := $(VENV)/bin
 # Debian packages the tests drive: a real authoritative upstream (nsd), peers and tools.
 TEST_PACKAGES := make python3 python3-venv nsd unbound dnsperf bind9-dnsutils knot-dnsutils curl
 
-.PHONY: run test deps clean
+.PHONY: run test test-unit deps clean
 
 run: $(VENV)/.installed
 	$(BIN)/resolver serve $(ARGS)
 
+# Every test, pure and end-to-end (servers, processes, the wheel); tests/conftest.py sorts them
+# into the two tiers.
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# Only the pure tests (no server, no subprocess, no socket): a few seconds, for the edit loop.
+test-unit: $(VENV)/.installed-test
+	$(BIN)/python -m pytest -q -m unit $(PYTEST_ARGS)
 
 # Installs (as root) only the packages that are missing, then stops the system daemons the
 # packages start on port 53: the tests run their own on free ports.

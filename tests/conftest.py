@@ -131,3 +131,25 @@ async def server(start_server: Callable[..., Awaitable[RunningServer]],
                  nsd_upstream: NsdServer) -> RunningServer:
     """The resolver with RULES_YAML, forwarding to the NSD test zones."""
     return await start_server(nsd_upstream)
+
+
+# --------------------------------------------------------------------------------------------
+# Test tiers: every test is marked `unit` or `e2e`. `make test-unit` runs the unit tier (no
+# server, no subprocess, no socket; a few seconds), `make test` runs both.
+
+# Modules whose every test starts a process or opens sockets, whatever fixtures it uses; so is
+# every test_e2e_* module.
+E2E_MODULES = frozenset({"test_app", "test_cli", "test_gc", "test_servers", "test_upstream",
+                         "test_wheel", "test_workers"})
+# Fixtures that start servers: a test that uses one, even through another fixture, is e2e. This
+# sorts the modules that mix table tests with end-to-end ones (test_dot, test_packetcache).
+E2E_FIXTURES = frozenset({"server", "start_server", "nsd_upstream", "unbound_dot",
+                          "fault_upstream"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        module = item.path.stem
+        e2e = (module in E2E_MODULES or module.startswith("test_e2e_")
+               or not E2E_FIXTURES.isdisjoint(getattr(item, "fixturenames", ())))
+        item.add_marker(pytest.mark.e2e if e2e else pytest.mark.unit)

@@ -1,26 +1,57 @@
 """Configuration: one YAML file and a few CLI flags, parsed once into frozen dataclasses.
 
 Each component receives only its own section, already typed and validated, so no other module
-touches `yaml` or a raw dict. Every problem is reported at once as 'file:line: dotted.path: what
-is wrong' (line numbers from the YAML node marks), because an operator fixing a broken file
-should see all its mistakes in one run, not one per restart.
+touches `yaml` or a raw dict. Every key is declared once, on its dataclass field below (default,
+kind of value with its bounds, help text), and read through that declaration (resolver.ops.schema);
+docs/configuration.md and deploy/resolver.yaml are generated from it (resolver.ops.configdoc).
+Every problem is reported at once as 'file:line: dotted.path: what is wrong', because an
+operator fixing a broken file should see all its mistakes in one run, not one per restart.
 """
 
 import ipaddress
-import ssl
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import yaml
 
-from resolver.ops.errors import ConfigError
-from resolver.ops.shipped import SHIPPED_RULES
-from resolver.message.names import normalize
 from resolver.message.constants import MAX_TTL
-from resolver.upstream.selection import STRATEGIES
-from resolver.ops.yamlnodes import NULL, compose, known_keys, line_of, problem_text
+from resolver.ops.errors import ConfigError
+from resolver.ops.schema import (
+    MISSING_VALUE,
+    Nested,
+    Problems,
+    ReadNode,
+    field_reader,
+    has_key,
+    read_mapping,
+    readers,
+    required,
+    section,
+    setting,
+    value_node,
+)
+from resolver.ops.shipped import SHIPPED_RULES
+from resolver.ops.values import (
+    BOOLEAN,
+    CA_FILE,
+    FRACTION,
+    NAME,
+    PATH,
+    SECONDS,
+    TTL,
+    Invalid,
+    Kind,
+    Parse,
+    choice,
+    domain_name,
+    integer,
+    kind,
+    list_of,
+    text,
+)
+from resolver.ops.yamlnodes import NULL, compose
+from resolver.upstream.selection import EXPLORE, STRATEGIES
 
 RESOLV_CONF = "/etc/resolv.conf"
 FALLBACK_UPSTREAMS = ("9.9.9.9", "1.1.1.1")
@@ -29,105 +60,15 @@ TLS_SCHEME = "tls://"
 PROTOCOLS = ("udp", "tls")
 
 
+# --- addresses -------------------------------------------------------------------------------
+
+
 @dataclass(frozen=True, slots=True)
 class Address:
     """An IP literal and port to bind; hostnames are refused so startup never depends on DNS."""
 
     host: str
     port: int
-
-
-@dataclass(frozen=True, slots=True)
-class ServerConfig:
-    listen: tuple[Address, ...] = (Address("127.0.0.1", 1053),)
-    tcp_idle_timeout: float = 10.0
-    tcp_max_connections: int = 1000
-    max_inflight: int = 10000  # forwarded queries in flight; beyond it, new ones are dropped
-
-
-@dataclass(frozen=True, slots=True)
-class UpstreamServer:
-    host: str
-    port: int = 53  # 853 when written without a port and protocol is tls
-    protocol: str = "udp"  # "udp" (TCP when truncated) or "tls" (DNS over TLS, RFC 7858)
-    tls_name: str | None = None  # the name the TLS certificate must carry; required for tls
-    ca_file: str | None = None  # absolute path of the CA bundle to trust; None = the system's
-    timeout: float | None = None  # per attempt; None = upstream.timeout
-
-
-@dataclass(frozen=True, slots=True)
-class ConditionalForward:
-    """Names at or under `domains` go to `servers` only (never to the default servers)."""
-
-    domains: tuple[str, ...]  # normalized names
-    servers: tuple[UpstreamServer, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class UpstreamConfig:
-    servers: tuple[UpstreamServer, ...] = ()  # empty in the file = taken from resolv.conf
-    timeout: float = 2.0  # per attempt
-    deadline: float = 5.0  # whole query; then SERVFAIL
-    udp_size: int = 1232  # EDNS payload size advertised upstream
-    strategy: str = "failover"  # failover | random | fastest (see resolver.upstream.selection)
-    unhealthy_after: int = 3  # consecutive failures before an upstream is backed off
-    backoff: float = 1.0  # first backoff (seconds); doubles with each further failure
-    max_backoff: float = 60.0
-    tls_idle_timeout: float = 10.0  # close a DNS-over-TLS connection idle this long
-    conditional: tuple[ConditionalForward, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class BlockingConfig:
-    rules: tuple[str, ...] = (SHIPPED_RULES,)  # absolute paths of rule files or directories
-    ttl: int = 300  # SOA minimum of blocked answers, and sinkhole record TTL
-    soa_mname: str = "resolver.invalid"
-    soa_rname: str = "hostmaster.resolver.invalid"
-    ede: bool = True  # attach an Extended DNS Error (RFC 8914, code 15 'Blocked') to blocks
-
-
-@dataclass(frozen=True, slots=True)
-class CacheConfig:
-    max_entries: int = 100_000  # 0 disables the cache
-    max_bytes: int = 128 * 1024 * 1024  # answer bytes plus a fixed overhead per entry
-    min_ttl: int = 0
-    max_ttl: int = 86400
-    negative_ttl: int = 3600  # cap for NXDOMAIN/NODATA TTLs taken from the SOA
-    servfail_ttl: int = 5  # failures cached (RFC 9520); also how long a failed refresh serves stale
-    prefetch: bool = True  # refresh popular answers in the background before they expire
-    prefetch_min_hits: int = 3  # hits an answer needs to be refreshed early
-    prefetch_window: float = 0.1  # the last fraction of its TTL in which a hit refreshes it
-    serve_stale: bool = True  # RFC 8767: answer with expired data when upstreams fail
-    stale_window: int = 86400  # seconds past expiry an answer is kept for that
-    stale_ttl: int = 30  # TTL of a stale answer
-    stale_client_timeout: float = 1.8  # seconds a client waits for upstream before stale data
-    packet_entries: int = 100_000  # whole UDP answers kept by query bytes; 0 disables
-
-
-@dataclass(frozen=True, slots=True)
-class MetricsConfig:
-    listen: Address | None = Address("127.0.0.1", 9153)  # None disables the HTTP endpoint
-
-
-@dataclass(frozen=True, slots=True)
-class Config:
-    server: ServerConfig = ServerConfig()
-    upstream: UpstreamConfig = UpstreamConfig()
-    blocking: BlockingConfig = BlockingConfig()
-    cache: CacheConfig = CacheConfig()
-    metrics: MetricsConfig = MetricsConfig()
-    source: str | None = None  # the config file as given, for reloads; None = defaults only
-
-
-@dataclass(frozen=True, slots=True)
-class Overrides:
-    """Values from CLI flags; an empty tuple or None means the flag was not given.
-    Given lists replace the config file's lists rather than extend them."""
-
-    listen: tuple[str, ...] = ()
-    upstreams: tuple[str, ...] = ()
-    rules: tuple[str, ...] = ()
-    metrics: str | None = None  # an address, or 'off'
 
 
 def parse_address(text: str, default_port: int, *, min_port: int = 1) -> Address:
@@ -150,6 +91,12 @@ def parse_address(text: str, default_port: int, *, min_port: int = 1) -> Address
     return Address(str(ip), int(port))
 
 
+def format_address(address: Address) -> str:
+    """The address as parse_address reads it back: 'host:port', '[v6]:port'."""
+    host = f"[{address.host}]" if ":" in address.host else address.host
+    return f"{host}:{address.port}"
+
+
 def _split_host_port(text: str, default_port: int) -> tuple[str, str | None]:
     """Split text into host and port text; port None means malformed brackets."""
     if text.startswith("["):
@@ -163,6 +110,448 @@ def _split_host_port(text: str, default_port: int) -> tuple[str, str | None]:
         host, _, port = text.partition(":")
         return host, port
     return text, str(default_port)
+
+
+def _address(default_port: int, min_port: int) -> Parse[Address]:
+    def parse(value: object) -> Address:
+        if not isinstance(value, str):
+            raise Invalid("expected an address such as '127.0.0.1:53' or '[::1]:53'")
+        try:
+            return parse_address(value, default_port, min_port=min_port)
+        except ValueError as error:
+            raise Invalid(str(error)) from None
+
+    return parse
+
+
+LISTEN = list_of("addresses", kind("an address", _address(53, 0)),
+                 if_empty="expected at least one address")
+_metrics_address = _address(9153, 0)
+
+
+def _metrics_listen(value: object) -> Address | None:
+    if value is None:
+        return None
+    if value is False:  # YAML reads a bare off or no as false
+        raise Invalid("expected an address, or null to turn the endpoint off")
+    return _metrics_address(value)
+
+
+def _metrics_flag(value: object) -> Address | None:
+    return None if value == "off" else _metrics_address(value)
+
+
+# --- upstream servers ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamServer:
+    """One upstream resolver, as `upstream.servers` and a conditional group's servers list it.
+    The file's `address` fills both host and port: the port's default depends on protocol."""
+
+    host: str = required(
+        text("an address such as '192.0.2.1' or '[2001:db8::1]:853'"),
+        f"`HOST[:PORT]`, an IP literal; the port is 53, or {TLS_PORT} with `protocol: tls`.",
+        key="address")
+    port: int = 53
+    protocol: str = setting(
+        "udp", choice(*PROTOCOLS),
+        "`udp` (TCP when an answer is truncated) or `tls` (DNS over TLS, RFC 7858).")
+    tls_name: str | None = setting(
+        None, NAME,
+        "The name the server's certificate must carry. Only with `tls`, and required there: "
+        "addresses are IP literals, so there is no host name to check the certificate by.",
+        shown="none; required with `tls`")
+    ca_file: str | None = setting(
+        None, CA_FILE,
+        "A CA bundle (PEM) to trust instead of the system's CAs, e.g. a private CA; only with "
+        "`tls`.", shown="system CAs")
+    timeout: float | None = setting(
+        None, SECONDS, "Seconds for one attempt to this server.", shown="`upstream.timeout`")
+
+
+def _upstream_string(value: object) -> UpstreamServer:
+    """'HOST[:PORT]' over UDP, or 'tls://HOST[:PORT]#NAME' over TLS (port 853), NAME being
+    the name on the server's certificate: the one form `--upstream` has for DNS over TLS."""
+    if not (isinstance(value, str) and value.startswith(TLS_SCHEME)):
+        address = _address(53, 1)(value)
+        return UpstreamServer(address.host, address.port)
+    where, _, name = value.removeprefix(TLS_SCHEME).partition("#")
+    if not name:
+        raise Invalid(f"{value!r}: expected 'tls://HOST[:PORT]#NAME', NAME being the name "
+                      f"on the server's certificate")
+    address = _address(TLS_PORT, 1)(where)
+    return UpstreamServer(address.host, address.port, "tls", domain_name(name))
+
+
+_UPSTREAM = kind("an address", _upstream_string)
+
+
+def _server(base: Path) -> ReadNode:
+    """One upstream: an address string (see _upstream_string), or a mapping of the declared
+    keys. The default port depends on the protocol, so the address is parsed after the rest."""
+    by_name = readers(UpstreamServer, base)
+    string = field_reader(_UPSTREAM, base)
+
+    def read(node: yaml.Node, path: str, problems: Problems) -> object:
+        if not isinstance(node, yaml.MappingNode):
+            return string(node, path, problems)
+        values = read_mapping(node, path, by_name, problems)
+        if not has_key(node, "address"):
+            problems.add(node, f"{path}.address", "required")
+        if "address" not in values:
+            return MISSING_VALUE
+        if has_key(node, "protocol") and "protocol" not in values:
+            return MISSING_VALUE  # reported; tls_name and ca_file depend on what it should be
+        tls = values.get("protocol") == "tls"
+        if tls and not has_key(node, "tls_name"):
+            problems.add(node, f"{path}.tls_name", "required with tls for an IP address")
+        for key in ("tls_name", "ca_file"):
+            if not tls and has_key(node, key):
+                problems.add(value_node(node, key), f"{path}.{key}", "only with protocol tls")
+        try:
+            address = parse_address(values.pop("address"), TLS_PORT if tls else 53)
+        except ValueError as error:
+            problems.add(value_node(node, "address"), f"{path}.address", str(error))
+            return MISSING_VALUE
+        return UpstreamServer(address.host, address.port, **values)
+
+    return read
+
+
+def _servers(*, required: bool) -> Nested[tuple[UpstreamServer, ...]]:
+    """A list of upstreams; required: at least one (a conditional group has no fallback)."""
+
+    def reader(base: Path) -> ReadNode:
+        server = _server(base)
+
+        def read(node: yaml.Node, path: str, problems: Problems) -> object:
+            if node.tag == NULL and not required:  # `servers:` left empty, as `servers: []`
+                return ()
+            if not isinstance(node, yaml.SequenceNode):
+                problems.add(node, path, "expected a list of servers")
+                return MISSING_VALUE
+            if required and not node.value:
+                problems.add(node, path, "expected at least one server")
+                return MISSING_VALUE
+            servers = [server(item, f"{path}[{index}]", problems)
+                       for index, item in enumerate(node.value)]
+            return MISSING_VALUE if MISSING_VALUE in servers else tuple(servers)
+
+        return read
+
+    return Nested("a list of servers" + (", at least one" if required else ""), reader,
+                  UpstreamServer)
+
+
+@dataclass(frozen=True, slots=True)
+class ConditionalForward:
+    """Names at or under `domains` go to `servers` only (never to the default servers)."""
+
+    domains: tuple[str, ...] = required(  # normalized names
+        list_of("domain names", NAME, if_empty="expected at least one domain"),
+        "Names at or under these domains go to this group's servers only; the most specific "
+        "domain wins.")
+    servers: tuple[UpstreamServer, ...] = required(
+        _servers(required=True), "The group's servers, written as in `upstream.servers`.")
+
+
+def _conditional(base: Path) -> ReadNode:
+    """Conditional forwarding groups. A domain in two groups is an error: which group wins
+    would otherwise depend on the order of the file."""
+    by_name = readers(ConditionalForward, base)
+
+    def read(node: yaml.Node, path: str, problems: Problems) -> object:
+        if not isinstance(node, yaml.SequenceNode):
+            problems.add(node, path, "expected a list of {domains, servers} mappings")
+            return MISSING_VALUE
+        groups: list[ConditionalForward] = []
+        seen: dict[str, str] = {}  # domain: the group it is in
+        for index, item in enumerate(node.value):
+            where = f"{path}[{index}]"
+            if not isinstance(item, yaml.MappingNode):
+                problems.add(item, where, "expected a mapping with domains and servers")
+                continue
+            values = read_mapping(item, where, by_name, problems)
+            for key in by_name:
+                if not has_key(item, key):
+                    problems.add(item, f"{where}.{key}", "required")
+            for position, domain in enumerate(values.get("domains", ())):
+                if domain in seen:
+                    problems.add(value_node(item, "domains").value[position],
+                                 f"{where}.domains[{position}]",
+                                 f"{domain!r} is already in {seen[domain]}")
+                seen.setdefault(domain, where)
+            if len(values) == len(by_name):
+                groups.append(ConditionalForward(**values))
+        return tuple(groups)
+
+    return read
+
+
+# --- the sections ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    listen: tuple[Address, ...] = setting(
+        (Address("127.0.0.1", 1053),), LISTEN,
+        "Addresses to serve UDP and TCP on: `HOST:PORT` or `[v6]:PORT`, IP literals only. A "
+        "port left out means 53; port 0 picks a free port (for tests). Use `0.0.0.0:53` and "
+        "`[::]:53` to serve a network.")
+    tcp_idle_timeout: float = setting(
+        10.0, SECONDS, "Seconds a TCP connection may stay quiet: one without a query for this "
+        "long is closed.")
+    tcp_max_connections: int = setting(
+        1000, integer(1), "Open TCP connections; new ones beyond this are closed at once.")
+    max_inflight: int = setting(
+        10000, integer(1, 65535),
+        "Forwarded queries in flight; beyond it, new ones are dropped, so an overload sheds "
+        "queries instead of growing memory. At most 65535: one DNS-over-TLS connection carries "
+        "them all under 16-bit IDs.")
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamConfig:
+    servers: tuple[UpstreamServer, ...] = setting(
+        (), _servers(required=False),
+        "Upstream resolvers to forward queries to, each `HOST[:PORT]` (UDP, port 53; TCP when "
+        f"an answer is truncated), `tls://HOST[:PORT]#NAME` (DNS over TLS, port {TLS_PORT}, "
+        "NAME being the name the server's certificate must carry), or a mapping with the keys "
+        f"of `upstream.servers[i]`. Empty means the nameservers of `{RESOLV_CONF}`, minus this "
+        "resolver's own listen addresses (to avoid a forwarding loop); if none remain, "
+        f"{' and '.join(FALLBACK_UPSTREAMS)}.",
+        note=f"the nameservers of `{RESOLV_CONF}`",
+        example='- 192.0.2.53\n- "[2001:db8::53]:5353"\n- tls://9.9.9.9#dns.quad9.net\n'
+                "- {address: 192.0.2.54, protocol: tls, tls_name: dns.example.net, timeout: 1.0}")
+    strategy: str = setting(
+        "failover", choice(*STRATEGIES),
+        "The order servers are tried in for each query: `failover` (as configured), `random` "
+        "(shuffled per query) or `fastest` (lowest smoothed round-trip time first; about 1 "
+        f"query in {round(1 / EXPLORE)} tries another first, so a recovered server is measured "
+        "again).")
+    timeout: float = setting(
+        2.0, SECONDS, "Seconds for one attempt; a server's own `timeout` takes precedence.")
+    deadline: float = setting(
+        5.0, SECONDS, "Seconds for the whole query, all attempts included, before the client "
+        "gets SERVFAIL; at least `upstream.timeout`.")
+    udp_size: int = setting(
+        1232, integer(512, 65535),
+        "EDNS UDP payload size advertised upstream, in bytes; 1232 avoids IP fragmentation.")
+    unhealthy_after: int = setting(
+        3, integer(1),
+        "Failures in a row (timeouts, broken exchanges; a SERVFAIL or REFUSED moves the query "
+        "on to the next server but is no failure) before a server is backed off: skipped for "
+        "`upstream.backoff` seconds, then probed by one query. When every server is backed "
+        "off, they are tried anyway.")
+    backoff: float = setting(
+        1.0, SECONDS, "Seconds a server is first backed off for; doubles with each further "
+        "failure.")
+    max_backoff: float = setting(
+        60.0, SECONDS, "The cap on a server's backoff, in seconds; at least `upstream.backoff`.")
+    tls_idle_timeout: float = setting(
+        10.0, SECONDS, "Seconds a DNS-over-TLS connection with no query in flight stays open "
+        "for reuse.")
+    conditional: tuple[ConditionalForward, ...] = setting(
+        (), Nested("a list of {domains, servers} mappings", _conditional, ConditionalForward),
+        "Conditional forwarding, as `[{domains: [corp.example], servers: [...]}]`: names at or "
+        "under a group's `domains` go only to its `servers` (written as in `upstream.servers`), "
+        "never to the default servers, even when those fail. A domain may appear in one group "
+        "only.",
+        example="- domains: [corp.example, 10.in-addr.arpa]\n"
+                '  servers: ["192.0.2.10", "192.0.2.11"]')
+
+
+def _check_upstream(section: UpstreamConfig) -> Iterable[tuple[str, str]]:
+    if section.deadline < section.timeout:
+        yield "deadline", f"expected seconds >= upstream.timeout ({section.timeout:g})"
+    if section.max_backoff < section.backoff:
+        yield "max_backoff", f"expected seconds >= upstream.backoff ({section.backoff:g})"
+
+
+@dataclass(frozen=True, slots=True)
+class BlockingConfig:
+    rules: tuple[str, ...] = setting(  # absolute paths
+        (SHIPPED_RULES,), list_of("paths", PATH),
+        "Rule files (YAML, or plain text with one domain per line) or directories of them, "
+        "loaded in order; a domain in two lists belongs to the first.",
+        shown=f"`[the shipped {'/'.join(Path(SHIPPED_RULES).parts[-2:])}]`",
+        example="[rules.d, my-list.yaml]")
+    ttl: int = setting(
+        300, TTL, "TTL of blocked answers: the SOA minimum of NXDOMAIN/NODATA answers (how long "
+        "clients cache the negative answer) and the TTL of sinkhole addresses. A rule list's "
+        "own `ttl` takes precedence.")
+    soa_mname: str = setting(
+        "resolver.invalid", NAME,
+        "The primary server name written into the SOA record of blocked answers.")
+    soa_rname: str = setting(
+        "hostmaster.resolver.invalid", NAME,
+        "The mailbox name written into the SOA record of blocked answers.")
+    ede: bool = setting(
+        True, BOOLEAN,
+        "Attach an Extended DNS Error (RFC 8914, code 15 'Blocked') to blocked answers.")
+
+
+@dataclass(frozen=True, slots=True)
+class CacheConfig:
+    max_entries: int = setting(
+        100_000, integer(0), "Most answers kept in memory; 0 disables the cache.")
+    max_bytes: int = setting(
+        128 * 2**20, integer(0),
+        "Most bytes of cached answers, each counting its size plus 1,050 bytes of bookkeeping. "
+        "The least recently used answers go first when this or `cache.max_entries` is reached.",
+        note="128 MiB")
+    min_ttl: int = setting(
+        0, TTL, "Lower bound on the TTLs of cached answers; at most `cache.max_ttl`.")
+    max_ttl: int = setting(86400, TTL, "Upper bound on the TTLs of cached answers.")
+    negative_ttl: int = setting(
+        3600, TTL, "Upper bound on caching NXDOMAIN/NODATA answers, whose TTL comes from their "
+        "SOA.")
+    servfail_ttl: int = setting(
+        5, TTL, "Seconds a failure (SERVFAIL, or no upstream answering) is cached, so a failing "
+        "name does not send every query upstream again (RFC 9520); also how long an expired "
+        "answer is served stale straight from the cache after a failed refresh, before upstream "
+        "is tried again. 0 disables both.")
+    prefetch: bool = setting(
+        True, BOOLEAN, "Refresh popular answers in the background before they expire, so "
+        "clients keep getting them from the cache.")
+    prefetch_min_hits: int = setting(
+        3, integer(1), "Hits an answer needs before it is prefetched.")
+    prefetch_window: float = setting(
+        0.1, FRACTION, "The last fraction of its TTL in which a hit prefetches an answer.")
+    serve_stale: bool = setting(
+        True, BOOLEAN, "Serve-stale (RFC 8767): answer with expired data when the upstreams "
+        "fail, or have not answered within `cache.stale_client_timeout`.")
+    stale_window: int = setting(
+        86400, integer(0), "Seconds past expiry an answer is kept for serve-stale.")
+    stale_ttl: int = setting(30, integer(1, MAX_TTL), "TTL of stale answers.")
+    stale_client_timeout: float = setting(
+        1.8, SECONDS, "Seconds a client waits for upstream before it gets the stale answer, if "
+        "there is one; the refresh goes on in the background.")
+    packet_entries: int = setting(
+        100_000, integer(0),
+        "Whole UDP answers kept by the query's bytes (after its ID), the packet cache: a "
+        "repeated question is answered before any decoding, a blocked answer until the rules "
+        "change, a cached one until its TTLs tick down. Oldest out first; about 560 bytes each, "
+        "never more than about 2 KiB (queries over 512 bytes and answers over 1,232 are not "
+        "kept). 0 disables it.")
+
+
+def _check_cache(section: CacheConfig) -> Iterable[tuple[str, str]]:
+    if section.min_ttl > section.max_ttl:
+        yield "min_ttl", f"expected at most cache.max_ttl ({section.max_ttl})"
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    listen: Address | None = setting(
+        Address("127.0.0.1", 9153),
+        kind("an address, or null to turn the endpoint off", _metrics_listen),
+        "Where to serve Prometheus metrics over HTTP (`/metrics`); a port left out means 9153. "
+        "`null` (or `--metrics off`) disables the endpoint.")
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    server: ServerConfig = section(
+        ServerConfig, "Where clients are served: the same addresses over UDP and TCP.")
+    upstream: UpstreamConfig = section(
+        UpstreamConfig, "Where queries that are neither blocked nor cached are forwarded, and "
+        "what happens when upstream servers fail.", _check_upstream)
+    blocking: BlockingConfig = section(
+        BlockingConfig, "Which names are blocked, and what blocked answers carry.")
+    cache: CacheConfig = section(
+        CacheConfig, "Answers kept in memory, so repeated questions are not asked upstream "
+        "again.", _check_cache)
+    metrics: MetricsConfig = section(MetricsConfig, "The Prometheus endpoint.")
+    source: str | None = None  # the config file as given, for reloads; None = defaults only
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Overrides:
+    """Values from CLI flags; an empty tuple or None means the flag was not given.
+    Given lists replace the config file's lists rather than extend them."""
+
+    listen: tuple[str, ...] = ()
+    upstreams: tuple[str, ...] = ()
+    rules: tuple[str, ...] = ()
+    metrics: str | None = None  # an address, or 'off'
+
+
+@dataclass(frozen=True, slots=True)
+class Flag:
+    """A CLI flag that replaces one key, validated like it; paths follow the working
+    directory, as on any command line."""
+
+    name: str
+    given: str  # the Overrides field holding its value
+    section: str
+    key: str
+    kind: Kind[object]
+
+
+FLAGS = (
+    Flag("--listen", "listen", "server", "listen", LISTEN),
+    Flag("--upstream", "upstreams", "upstream", "servers", list_of("addresses", _UPSTREAM)),
+    Flag("--rules", "rules", "blocking", "rules", list_of("paths", PATH)),
+    Flag("--metrics", "metrics", "metrics", "listen", kind("an address, or off", _metrics_flag)),
+)
+
+
+def load_config(
+    path: str | None, overrides: Overrides = Overrides(), *, resolv_conf: str = RESOLV_CONF
+) -> Config:
+    """Read the file (None = all defaults), apply CLI overrides, fill upstreams from resolv.conf
+    when none are configured. Raises ConfigError listing every problem found."""
+    problems: list[str] = []
+    config = Config()
+    if path is not None:
+        config = replace(_read_file(path, problems), source=path)
+    config = _apply_overrides(config, overrides, problems)
+    if problems:
+        raise ConfigError(problems)
+    if not config.upstream.servers:
+        servers = system_upstreams(resolv_conf, config.server.listen)
+        config = replace(config, upstream=replace(config.upstream, servers=servers))
+    return config
+
+
+def _read_file(path: str, problems: list[str]) -> Config:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as error:
+        raise ConfigError([f"{path}: cannot read: {error.strerror}"]) from None
+    except UnicodeDecodeError:
+        raise ConfigError([f"{path}: cannot read: not UTF-8 text"]) from None
+    root, problem = compose(path, text)
+    if problem is not None:
+        raise ConfigError([problem])
+    found = Problems(path)
+    values = read_mapping(root, "", readers(Config, Path(path).parent), found)
+    problems.extend(found.in_file_order())
+    return Config(**values)
+
+
+def _apply_overrides(config: Config, overrides: Overrides, problems: list[str]) -> Config:
+    """Validate each given flag like its YAML key, prefixed '--flag:', and replace the value."""
+    for flag in FLAGS:
+        value = getattr(overrides, flag.given)
+        if value is None or value == ():
+            continue
+        try:
+            parsed = flag.kind.parser(Path.cwd())(value)
+        except Invalid as error:
+            problems.append(f"{flag.name}: {error}")
+            continue
+        section_value = replace(getattr(config, flag.section), **{flag.key: parsed})
+        config = replace(config, **{flag.section: section_value})
+    return config
+
+
+# --- upstreams from resolv.conf --------------------------------------------------------------
 
 
 def system_upstreams(
@@ -208,487 +597,3 @@ def _is_own(host: str, listen: Sequence[Address]) -> bool:
         if address.host == "0.0.0.0" and ip.version == 4 and ip.is_loopback:
             return True
     return False
-
-
-def load_config(
-    path: str | None, overrides: Overrides = Overrides(), *, resolv_conf: str = RESOLV_CONF
-) -> Config:
-    """Read the file (None = all defaults), apply CLI overrides, fill upstreams from resolv.conf
-    when none are configured. Raises ConfigError listing every problem found."""
-    problems: list[str] = []
-    config = Config()
-    if path is not None:
-        config = Config(**_read_file(path, problems), source=path)
-    config = _apply_overrides(config, overrides, problems)
-    if problems:
-        raise ConfigError(problems)
-    if not config.upstream.servers:
-        servers = system_upstreams(resolv_conf, config.server.listen)
-        config = replace(config, upstream=replace(config.upstream, servers=servers))
-    return config
-
-
-def _read_file(path: str, problems: list[str]) -> dict[str, Any]:
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as error:
-        raise ConfigError([f"{path}: cannot read: {error.strerror}"]) from None
-    except UnicodeDecodeError:
-        raise ConfigError([f"{path}: cannot read: not UTF-8 text"]) from None
-    root, problem = compose(path, text)
-    if problem is not None:
-        raise ConfigError([problem])
-    report = _Report(path)
-    sections = _read_mapping(root, "", _sections(Path(path).parent), report)
-    problems.extend(report.problems())
-    return sections
-
-
-# --- value parsers: plain Python value in, typed value out, _Invalid on a bad value ----------
-
-
-class _Invalid(ValueError):
-    """A bad value; for a list, `elements` holds (index, message) of every bad element."""
-
-    def __init__(self, message: str, elements: tuple[tuple[int, str], ...] = ()):
-        super().__init__(message)
-        self.elements = elements
-
-
-Parse = Callable[[Any], Any]
-
-
-MAX_SECONDS = 86400  # a day: longer than any wait here should be, and finite (.inf is YAML)
-
-
-def _seconds(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise _Invalid("expected a number")
-    if not value > 0:  # NaN too
-        raise _Invalid("expected seconds > 0")
-    if value > MAX_SECONDS:
-        raise _Invalid(f"expected at most {MAX_SECONDS} seconds (a day)")
-    return float(value)
-
-
-def _integer(low: int, high: int | None = None) -> Parse:
-    expected = f"an integer >= {low}" if high is None else f"an integer from {low} to {high}"
-
-    def parse(value: Any) -> int:
-        is_int = isinstance(value, int) and not isinstance(value, bool)
-        if not is_int or value < low or (high is not None and value > high):
-            raise _Invalid(f"expected {expected}")
-        return value
-
-    return parse
-
-
-def _boolean(value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise _Invalid("expected true or false")
-    return value
-
-
-def _name(value: Any) -> str:
-    """A domain name for the synthetic SOA, normalized as names.to_wire expects it."""
-    if not isinstance(value, str):
-        raise _Invalid("expected a domain name")
-    try:
-        return normalize(value)
-    except ValueError as error:
-        raise _Invalid(str(error)) from None
-
-
-def _list_of(what: str, item: Parse, *, if_empty: str | None = None) -> Parse:
-    """A list of items; an element's error names its index. if_empty: the error for []."""
-
-    def parse(value: Any) -> tuple[Any, ...]:
-        if not isinstance(value, list | tuple):
-            raise _Invalid(f"expected a list of {what}")
-        if not value and if_empty:
-            raise _Invalid(if_empty)
-        parsed, bad = [], []
-        for index, element in enumerate(value):
-            try:
-                parsed.append(item(element))
-            except _Invalid as error:  # every bad element is reported, not just the first
-                bad.append((index, str(error)))
-        if bad:
-            raise _Invalid(bad[0][1], tuple(bad))
-        return tuple(parsed)
-
-    return parse
-
-
-def _address(default_port: int, min_port: int) -> Parse:
-    def parse(value: Any) -> Address:
-        if not isinstance(value, str):
-            raise _Invalid("expected an address such as '127.0.0.1:53' or '[::1]:53'")
-        try:
-            return parse_address(value, default_port, min_port=min_port)
-        except ValueError as error:
-            raise _Invalid(str(error)) from None
-
-    return parse
-
-
-_upstream_address = _address(53, 1)
-_tls_address = _address(TLS_PORT, 1)
-
-
-def _upstream(value: Any) -> UpstreamServer:
-    """'HOST[:PORT]' over UDP, or 'tls://HOST[:PORT]#NAME' over TLS (port 853), NAME being
-    the name on the server's certificate: the one form `--upstream` has for DNS over TLS."""
-    if not (isinstance(value, str) and value.startswith(TLS_SCHEME)):
-        address = _upstream_address(value)
-        return UpstreamServer(address.host, address.port)
-    text, _, name = value.removeprefix(TLS_SCHEME).partition("#")
-    if not name:
-        raise _Invalid(f"{value!r}: expected 'tls://HOST[:PORT]#NAME', NAME being the name "
-                       f"on the server's certificate")
-    address = _tls_address(text)
-    return UpstreamServer(address.host, address.port, "tls", _name(name))
-
-
-def _choice(*choices: str) -> Parse:
-    def parse(value: Any) -> str:
-        if not isinstance(value, str) or value not in choices:
-            raise _Invalid(f"expected one of {', '.join(choices)}")
-        return value
-
-    return parse
-
-
-def _text(what: str) -> Parse:
-    def parse(value: Any) -> str:
-        if not isinstance(value, str) or not value.strip():
-            raise _Invalid(f"expected {what}")
-        return value
-
-    return parse
-
-
-def _ca_file(base: Path) -> Parse:
-    """A CA bundle, loaded here so that a wrong path or a file without certificates is a
-    config error with its line rather than a failure at the first query."""
-    resolve = _path(base)
-
-    def parse(value: Any) -> str:
-        path = resolve(value)
-        try:
-            ssl.create_default_context(cafile=path)
-        except ssl.SSLError as error:  # before OSError, which it is too
-            raise _Invalid(f"{value!r} holds no usable PEM certificate ({error.reason})")
-        except OSError as error:
-            raise _Invalid(f"cannot read {value!r}: {error.strerror}") from None
-        return path
-
-    return parse
-
-
-def _optional(parse: Parse) -> Parse:
-    return lambda value: None if value is None else parse(value)
-
-
-def _path(base: Path) -> Parse:
-    def parse(value: Any) -> str:
-        if not isinstance(value, str) or not value:
-            raise _Invalid("expected a path")
-        return str((base / value).resolve())
-
-    return parse
-
-
-_listen = _list_of("addresses", _address(53, 0), if_empty="expected at least one address")
-_upstreams = _list_of("addresses", _upstream)
-
-
-_metrics_address = _address(9153, 0)
-
-
-def _metrics_listen(value: Any) -> Address:
-    if value is False:  # YAML reads a bare off or no as false
-        raise _Invalid("expected an address, or null to turn the endpoint off")
-    return _metrics_address(value)
-
-
-def _metrics_flag(value: str) -> Address | None:
-    return None if value == "off" else _metrics_address(value)
-
-
-# --- reading the YAML node tree --------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class _Report:
-    """Problems found in one file, kept with their line so they can be listed in file order."""
-
-    file: str
-    found: list[tuple[int, str]] = field(default_factory=list)
-
-    def add(self, node: yaml.Node, path: str, message: str) -> None:
-        line = line_of(node)
-        self.found.append((line, problem_text(f"{self.file}:{line}", path, message)))
-
-    def problems(self) -> list[str]:
-        return [problem for _, problem in sorted(self.found, key=lambda found: found[0])]
-
-
-_MISSING = object()
-ReadNode = Callable[[yaml.Node, str, _Report], Any]  # returns _MISSING after reporting
-
-
-def _read_mapping(
-    node: yaml.Node | None, path: str, readers: dict[str, ReadNode], report: _Report
-) -> dict[str, Any]:
-    """Read a mapping with known keys; unknown and duplicate keys are reported, bad values are
-    left out so the dataclass default stands in while the remaining keys are still checked."""
-    if node is None or node.tag == NULL:
-        return {}
-    if not isinstance(node, yaml.MappingNode):
-        report.add(node, path, "expected a mapping")
-        return {}
-    values = {
-        key: readers[key](value_node, key_path, report)
-        for key, key_path, value_node in known_keys(node, path, readers, report.add)
-    }
-    return {key: value for key, value in values.items() if value is not _MISSING}
-
-
-def _field(parse: Parse) -> ReadNode:
-    def read(node: yaml.Node, path: str, report: _Report) -> Any:
-        try:
-            return parse(_construct(node))
-        except _Invalid as error:
-            for index, message in error.elements:
-                report.add(node.value[index], f"{path}[{index}]", message)
-            if not error.elements:
-                report.add(node, path, str(error))
-            return _MISSING
-
-    return read
-
-
-def _construct(node: yaml.Node) -> Any:
-    try:
-        return yaml.constructor.SafeConstructor().construct_object(node, deep=True)
-    except yaml.YAMLError as error:
-        raise _Invalid(str(getattr(error, "problem", error))) from None
-
-
-Check = Callable[[Any], Iterable[tuple[str, str]]]  # yields (field, message)
-
-
-def _section(cls: type, parsers: dict[str, Parse], check: Check = lambda _: (),
-             nested: dict[str, ReadNode] | None = None) -> ReadNode:
-    """A section of plain values (parsers) and of nested structures read node by node, so
-    their problems carry their own line and dotted path (nested)."""
-    readers = {key: _field(parse) for key, parse in parsers.items()} | (nested or {})
-
-    def read(node: yaml.Node, path: str, report: _Report) -> Any:
-        problems = len(report.found)
-        section = cls(**_read_mapping(node, path, readers, report))
-        if len(report.found) == problems:  # no cross-check against a default for a bad value
-            for key, message in check(section):
-                report.add(_value_node(node, key), f"{path}.{key}", message)
-        return section
-
-    return read
-
-
-def _value_node(node: yaml.Node, key: str) -> yaml.Node:
-    """The node holding key's value, for a line number; the section itself if key is absent."""
-    if isinstance(node, yaml.MappingNode):
-        for key_node, value_node in node.value:
-            if key_node.value == key:
-                return value_node
-    return node
-
-
-def _check_upstream(section: UpstreamConfig) -> Iterable[tuple[str, str]]:
-    if section.deadline < section.timeout:
-        yield "deadline", f"expected seconds >= upstream.timeout ({section.timeout:g})"
-    if section.max_backoff < section.backoff:
-        yield "max_backoff", f"expected seconds >= upstream.backoff ({section.backoff:g})"
-
-
-def _has(node: yaml.MappingNode, key: str) -> bool:
-    return any(key_node.value == key for key_node, _ in node.value)
-
-
-def _server(base: Path) -> ReadNode:
-    """One upstream: an address string (see _upstream), or a mapping with per-server keys.
-    The default port depends on the protocol, so the address is parsed after the rest."""
-    readers = {
-        "address": _field(_text("an address such as '192.0.2.1' or '[2001:db8::1]:853'")),
-        "protocol": _field(_choice(*PROTOCOLS)),
-        "tls_name": _field(_name),
-        "ca_file": _field(_ca_file(base)),
-        "timeout": _field(_seconds),
-    }
-    string = _field(_upstream)
-
-    def read(node: yaml.Node, path: str, report: _Report) -> Any:
-        if not isinstance(node, yaml.MappingNode):
-            return string(node, path, report)
-        values = _read_mapping(node, path, readers, report)
-        if not _has(node, "address"):
-            report.add(node, f"{path}.address", "required")
-        if "address" not in values:
-            return _MISSING
-        if _has(node, "protocol") and "protocol" not in values:
-            return _MISSING  # reported; tls_name and ca_file depend on what it should be
-        tls = values.get("protocol") == "tls"
-        if tls and not _has(node, "tls_name"):
-            # Addresses are IP literals, so there is no host name to check the certificate by.
-            report.add(node, f"{path}.tls_name", "required with tls for an IP address")
-        for key in ("tls_name", "ca_file"):
-            if not tls and _has(node, key):
-                report.add(_value_node(node, key), f"{path}.{key}", "only with protocol tls")
-        try:
-            address = parse_address(values.pop("address"), TLS_PORT if tls else 53)
-        except ValueError as error:
-            report.add(_value_node(node, "address"), f"{path}.address", str(error))
-            return _MISSING
-        return UpstreamServer(address.host, address.port, **values)
-
-    return read
-
-
-def _servers(base: Path, *, required: bool) -> ReadNode:
-    """A list of upstreams; required: at least one (a conditional group has no fallback)."""
-    server = _server(base)
-
-    def read(node: yaml.Node, path: str, report: _Report) -> Any:
-        if node.tag == NULL and not required:  # `servers:` left empty, as `servers: []`
-            return ()
-        if not isinstance(node, yaml.SequenceNode):
-            report.add(node, path, "expected a list of servers")
-            return _MISSING
-        if required and not node.value:
-            report.add(node, path, "expected at least one server")
-            return _MISSING
-        servers = [server(item, f"{path}[{index}]", report)
-                   for index, item in enumerate(node.value)]
-        return _MISSING if _MISSING in servers else tuple(servers)
-
-    return read
-
-
-def _conditional(base: Path) -> ReadNode:
-    """Conditional forwarding groups. A domain in two groups is an error: which group wins
-    would otherwise depend on the order of the file."""
-    readers = {
-        "domains": _field(_list_of("domain names", _name,
-                                   if_empty="expected at least one domain")),
-        "servers": _servers(base, required=True),
-    }
-
-    def read(node: yaml.Node, path: str, report: _Report) -> Any:
-        if not isinstance(node, yaml.SequenceNode):
-            report.add(node, path, "expected a list of {domains, servers} mappings")
-            return _MISSING
-        groups, seen = [], {}
-        for index, item in enumerate(node.value):
-            where = f"{path}[{index}]"
-            if not isinstance(item, yaml.MappingNode):
-                report.add(item, where, "expected a mapping with domains and servers")
-                continue
-            values = _read_mapping(item, where, readers, report)
-            for key in readers:
-                if not _has(item, key):
-                    report.add(item, f"{where}.{key}", "required")
-            for position, domain in enumerate(values.get("domains", ())):
-                if domain in seen:
-                    report.add(_value_node(item, "domains").value[position],
-                               f"{where}.domains[{position}]",
-                               f"{domain!r} is already in {seen[domain]}")
-                seen.setdefault(domain, where)
-            if len(values) == len(readers):
-                groups.append(ConditionalForward(values["domains"], values["servers"]))
-        return tuple(groups)
-
-    return read
-
-
-def _fraction(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
-        raise _Invalid("expected a fraction from 0 up to (not including) 1")
-    return float(value)
-
-
-def _check_cache(section: CacheConfig) -> Iterable[tuple[str, str]]:
-    if section.min_ttl > section.max_ttl:
-        yield "min_ttl", f"expected at most cache.max_ttl ({section.max_ttl})"
-
-
-def _sections(base: Path) -> dict[str, ReadNode]:
-    """The file's schema; base is the config file's directory, for relative rule paths."""
-    return {
-        "server": _section(ServerConfig, {
-            "listen": _listen,
-            "tcp_idle_timeout": _seconds,
-            "tcp_max_connections": _integer(1),
-            "max_inflight": _integer(1, 65535),  # a DoT connection's IDs must not run out
-        }),
-        "upstream": _section(UpstreamConfig, {
-            "timeout": _seconds,
-            "deadline": _seconds,
-            "udp_size": _integer(512, 65535),
-            "strategy": _choice(*STRATEGIES),
-            "unhealthy_after": _integer(1),
-            "backoff": _seconds,
-            "max_backoff": _seconds,
-            "tls_idle_timeout": _seconds,
-        }, _check_upstream, {
-            "servers": _servers(base, required=False),
-            "conditional": _conditional(base),
-        }),
-        "blocking": _section(BlockingConfig, {
-            "rules": _list_of("paths", _path(base)),
-            "ttl": _integer(0, MAX_TTL),
-            "soa_mname": _name,
-            "soa_rname": _name,
-            "ede": _boolean,
-        }),
-        "cache": _section(CacheConfig, {
-            "max_entries": _integer(0),
-            "min_ttl": _integer(0, MAX_TTL),
-            "max_ttl": _integer(0, MAX_TTL),
-            "negative_ttl": _integer(0, MAX_TTL),
-            "servfail_ttl": _integer(0, MAX_TTL),
-            "max_bytes": _integer(0),
-            "prefetch": _boolean,
-            "prefetch_min_hits": _integer(1),
-            "prefetch_window": _fraction,
-            "serve_stale": _boolean,
-            "stale_window": _integer(0),
-            "stale_ttl": _integer(1, MAX_TTL),
-            "stale_client_timeout": _seconds,
-            "packet_entries": _integer(0),
-        }, _check_cache),
-        "metrics": _section(MetricsConfig, {"listen": _optional(_metrics_listen)}),
-    }
-
-
-# --- CLI overrides ---------------------------------------------------------------------------
-
-
-def _apply_overrides(config: Config, overrides: Overrides, problems: list[str]) -> Config:
-    """Validate each given flag like its YAML key, prefixed '--flag:', and replace the value."""
-    flags = (
-        ("--listen", overrides.listen, "server", "listen", _listen),
-        ("--upstream", overrides.upstreams, "upstream", "servers", _upstreams),
-        ("--rules", overrides.rules, "blocking", "rules", _list_of("paths", _path(Path.cwd()))),
-        ("--metrics", overrides.metrics, "metrics", "listen", _metrics_flag),
-    )
-    for flag, value, section, key, parse in flags:
-        if value is None or value == ():
-            continue
-        try:
-            parsed = parse(value)
-        except _Invalid as error:
-            problems.append(f"{flag}: {error}")
-            continue
-        config = replace(config, **{section: replace(getattr(config, section), **{key: parsed})})
-    return config

@@ -11,7 +11,8 @@ from prometheus_client import CollectorRegistry
 
 from resolver.message import constants
 from resolver.message import wire
-from resolver.stages.blocking import Blocker, CnameBlocker, ListAnswers
+from resolver.stages.blocking import Blocker, ListAnswers
+from resolver.stages.contract import PASS, Answered
 from resolver.stages.cache import Cache
 from resolver.ops.config import BlockingConfig, CacheConfig
 from resolver.ops.metrics import Metrics
@@ -67,9 +68,9 @@ def build(lst: RuleList, config: BlockingConfig, domain: str, packet: bytes,
     """What the Blocker answers for packet with lst blocking domain."""
     rules = RuleSet([lst], [(to_wire(domain), Rule(lst))])
     blocker = Blocker(rules, config, Metrics())
-    answer = blocker.answer(parse(packet, transport))
-    assert answer is not None
-    return answer
+    result = blocker.answer(parse(packet, transport))
+    assert isinstance(result, Answered) and result.outcome == "blocked"
+    return result.data
 
 
 QUERY_KINDS = [
@@ -182,17 +183,16 @@ def test_long_soa_answer_fits_the_client(config: BlockingConfig, kind: dict,
     assert got.authority == () if truncated else len(got.authority) == 1
 
 
-def test_chain_answer_fits_a_small_udp_buffer() -> None:
+def test_an_owned_answer_fits_a_small_udp_buffer() -> None:
     """The SOA owner of a CNAME-cloaking answer is the blocked domain written in full, so a
     long question and a long blocked domain can outgrow 512 bytes."""
     blocked = ".".join(["b" * 63, "c" * 63, "d" * 63, "example.org"])
-    blocker = Blocker(RuleSet([NXDOMAIN], [(to_wire(blocked), Rule(NXDOMAIN, "ads"))]), CONFIG,
-                      Metrics())
-    q = parse(query_packet(LONGEST))
-    cloak = blocker.check_chain((to_wire("a." + blocked),))
-    got = summary(blocker.answer_chain(q, cloak))
+    rule = Rule(NXDOMAIN, "ads")
+    blocker = Blocker(RuleSet([NXDOMAIN], [(to_wire(blocked), rule)]), CONFIG, Metrics())
+    got = summary(blocker.answer_owned(parse(query_packet(LONGEST)), rule, to_wire(blocked)))
     assert "TC" in got.flags and got.authority == ()
-    got = summary(blocker.answer_chain(parse(query_packet(LONGEST), "tcp"), cloak))
+    got = summary(blocker.answer_owned(parse(query_packet(LONGEST), "tcp"), rule,
+                                       to_wire(blocked)))
     assert "TC" not in got.flags and got.authority[0][0] == blocked + "."
 
 
@@ -223,8 +223,8 @@ def test_blocker_answers_only_blocked_names(qname: str, blocked: bool,
                                             tally: tuple[str, ...] | None) -> None:
     metrics = Metrics()
     blocker = Blocker(RULES, CONFIG, metrics)
-    answer = blocker.answer(parse(query_packet(qname)))
-    assert (answer is not None) == blocked
+    result = blocker.answer(parse(query_packet(qname)))
+    assert (result is not PASS) == blocked
     assert metrics.blocked.counts == ({tally: 1} if tally else {})
 
 
@@ -234,10 +234,11 @@ def test_blocker_install_swaps_rules_and_gauge_follows() -> None:
     blocker = Blocker(RULES, CONFIG, metrics)
     assert registry.get_sample_value("resolver_rules_domains") == 2
     q = parse(query_packet("www.example.org"))
-    assert blocker.answer(q) is not None
+    assert blocker.answer(q) is not PASS
     blocker.install(RuleSet([REFUSED], [(to_wire("other.test"), Rule(REFUSED))]))
-    assert blocker.answer(q) is None
-    assert summary(blocker.answer(parse(query_packet("other.test")))).rcode == constants.REFUSED
+    assert blocker.answer(q) is PASS
+    refused = blocker.answer(parse(query_packet("other.test")))
+    assert isinstance(refused, Answered) and summary(refused.data).rcode == constants.REFUSED
     assert registry.get_sample_value("resolver_rules_domains") == 1
 
 
@@ -251,49 +252,6 @@ def test_list_answers_build_is_independent_of_earlier_queries() -> None:
     assert summary(second).authority[0][0] == "example.org."
 
 
-# -- CNAME chains (CNAME cloaking) -----------------------------------------------------------
-
-CLOAKED = "www.cloaked.test"  # allowed itself; its answer's chain leads into ads.example.org
-CHAIN = (to_wire("cdn.example.net"), to_wire("x.ads.example.org"), to_wire("y.ads.example.org"))
-
-
-@pytest.mark.parametrize(("lst", "config", "qtype", "qclass", "rcode", "addresses"), ANSWERS)
-@pytest.mark.parametrize("kind", QUERY_KINDS)
-def test_chain_answer_equals_dnslib_answer_with_the_blocked_domain_as_soa_owner(
-        lst: RuleList, config: BlockingConfig, qtype: str, qclass: str, rcode: int,
-        addresses: tuple[str, ...] | None, kind: dict) -> None:
-    metrics = Metrics()
-    blocker = Blocker(RuleSet([lst], [(to_wire("ads.example.org"), Rule(lst, "ads"))]),
-                      config, metrics)
-    packet = query_packet(CLOAKED, qtype, qclass=qclass, qid=0x5A5A, **kind)
-    q = parse(packet)
-    assert blocker.answer(q) is None
-    cloak = blocker.check_chain(CHAIN)
-    assert cloak == (Rule(lst, "ads"), to_wire("ads.example.org"))
-    got = blocker.answer_chain(q, cloak)
-    want = expected_answer(packet, lst, config, "ads.example.org", rcode, addresses)
-    assert summary(got) == summary(want)
-    assert str(DNSRecord.parse(got)) == str(DNSRecord.parse(want))
-    assert metrics.blocked.counts == {(lst.name, "ads", lst.action): 1}
-
-
-@pytest.mark.parametrize(
-    ("chain", "found"),
-    [
-        ((), None),
-        ((to_wire("cdn.example.net"),), None),
-        ((to_wire("cdn.example.net"), to_wire("www.example.org")), "example.org"),
-        ((to_wire("a.bad.test"), to_wire("www.example.org")), "bad.test"),  # first block wins
-        ((to_wire("ok.example.org"),), None),  # allowed
-        ((to_wire("notexample.org"),), None),
-        ((b"\x00",), None),  # the root
-    ],
-)
-def test_check_chain(chain: tuple[bytes, ...], found: str | None) -> None:
-    cloak = Blocker(RULES, CONFIG, Metrics()).check_chain(chain)
-    assert (cloak[1] if cloak else None) == (to_wire(found) if found else None)
-
-
 def test_install_tells_listeners() -> None:
     blocker = Blocker(RULES, CONFIG, Metrics())
     calls = []
@@ -301,24 +259,3 @@ def test_install_tells_listeners() -> None:
     other = RuleSet([REFUSED], [(to_wire("other.test"), Rule(REFUSED))])
     blocker.install(other)
     assert calls == [other]
-
-
-def test_cname_blocker_answers_cached_cloaked_names_until_they_expire() -> None:
-    metrics, now = Metrics(), [1000.0]
-    blocker = Blocker(RULES, CONFIG, metrics)
-    cache = Cache(CacheConfig(), metrics, lambda: now[0], blocker.check_chain)
-    blocker.on_install(cache.recheck)
-    stage = CnameBlocker(blocker, cache)
-    chain = (f"{CLOAKED}. 300 IN CNAME www.example.org.", "www.example.org. 300 IN A 192.0.2.1")
-    q = parse(query_packet(CLOAKED, edns=True))
-    data = response(CLOAKED, answer=chain)
-    cache.put(q.cache_key, scan_reply(data, wire.skip_name(data, 12) + 4, TtlPolicy()))
-    got = summary(stage.answer(q))
-    assert got.rcode == constants.NXDOMAIN and got.authority[0][:4] == ("example.org.", 300, "IN", "SOA")
-    assert metrics.blocked.counts == {("ads", "acme", "nxdomain"): 1}
-
-    blocker.install(RuleSet([REFUSED], [(to_wire("other.test"), Rule(REFUSED))]))
-    assert stage.answer(q) is None  # the new rules let the chain through
-    blocker.install(RULES)
-    now[0] += 300
-    assert stage.answer(q) is None  # expired

@@ -11,34 +11,21 @@ from prometheus_client import CollectorRegistry
 
 from resolver.message import constants
 from resolver.message import wire
-from resolver.stages.cache import ENTRY_OVERHEAD, Cache, CacheLookup, StaleLookup
+from resolver.stages.cache import ENTRY_OVERHEAD, Cache, CacheLookup
+from resolver.stages.contract import FORWARD, PASS, Answered
+from resolver.stages.prefetch import Prefetch
+from resolver.stages.stale import ServeStale
 from resolver.ops.config import CacheConfig
 from resolver.ops.metrics import Metrics
-from resolver.message.query import FORWARD, Query
+from resolver.message.query import Query
 from resolver.message.reply import Reply, TtlPolicy, failure, scan_reply
 from resolver.rules.model import Rule, RuleList
+from tests.clock import START, FakeClock
 from tests.dnsmsg import query, response, summary
 
-START = 1000.0
 CONFIG = CacheConfig(max_entries=10)
 SOA = "example.org. 60 IN SOA ns.example.org. h.example.org. 1 2 3 4 60"
 CLOAK = (Rule(RuleList("tracking")), b"\x07example\x03org\x00")
-
-
-class FakeClock:
-    """Monotonic time that only moves when a test says so."""
-
-    def __init__(self) -> None:
-        self.now = [START]
-
-    def __call__(self) -> float:
-        return self.now[0]
-
-    def advance(self, seconds: float) -> None:
-        self.now[0] += seconds
-
-    def at(self, elapsed: float) -> None:
-        self.now[0] = START + elapsed
 
 
 def reply_for(name: str = "www.example.org", ttl: int = 300, **kwargs) -> Reply:
@@ -57,8 +44,13 @@ class Harness:
         self.clock, self.metrics = FakeClock(), Metrics(registry)
         self.cache = Cache(config, self.metrics, self.clock, inspect)
         self.prefetched: list[Query] = []
-        self.lookup = CacheLookup(self.cache, config, self.metrics, self.prefetched.append)
-        self.stale = StaleLookup(self.cache, config, self.metrics)
+        self.lookup = CacheLookup(self.cache, self.metrics,
+                                  Prefetch(config, self.metrics, self._refresh))
+        self.stale = ServeStale(self.cache, config, self.metrics)
+
+    def _refresh(self, q: Query) -> bool:
+        self.prefetched.append(q)
+        return True
 
     def put(self, name: str, reply: Reply | None = None, **client) -> Query:
         q = query(name, **client)
@@ -67,8 +59,8 @@ class Harness:
 
     def ask(self, name: str, **client) -> bytes | None:
         """The stage's answer, or None when it has none (passing on, or straight upstream)."""
-        answer = self.lookup.answer(query(name, **client))
-        return None if answer is FORWARD else answer
+        result = self.lookup.answer(query(name, **client))
+        return result.data if isinstance(result, Answered) else None
 
     @property
     def counts(self) -> dict:
@@ -124,7 +116,7 @@ def test_expired_entries_are_kept_only_for_the_stale_window(serve_stale: bool, s
     h.clock.advance(elapsed)
     assert h.ask("www.example.org") is None  # never a hit once expired
     assert len(h.cache) == int(kept)
-    assert (h.cache.stale(q.cache_key) is not None) == kept
+    assert (h.stale.fallback(q.cache_key) is not None) == kept
 
 
 @pytest.mark.parametrize(
@@ -224,7 +216,7 @@ def test_an_uncacheable_answer_replaces_the_kept_one() -> None:
     h.clock.advance(101)
     h.cache.put(q.cache_key, reply_for(authority=("example.org. 3600 IN NS ns.example.org.",)))
     assert len(h.cache) == 0 and h.cache.bytes == 0
-    assert h.cache.stale(q.cache_key) is None
+    assert h.stale.fallback(q.cache_key) is None
 
 
 def test_storing_again_restarts_the_age() -> None:
@@ -270,7 +262,7 @@ def test_only_a_question_the_cache_knows_nothing_of_goes_straight_upstream() -> 
     assert h.lookup.answer(query("a.example.org")) is FORWARD
     h.put("a.example.org", reply_for("a.example.org", ttl=60))
     h.clock.advance(60)
-    assert h.lookup.answer(query("a.example.org")) is None
+    assert h.lookup.answer(query("a.example.org")) is PASS
 
 
 def test_lookup_tallies_through_a_lifetime() -> None:
@@ -376,7 +368,7 @@ def test_failed_keeps_answers_and_caches_failures(stored: str | None, elapsed: f
     elif stored == "failure":
         h.put("www.example.org", failure(TtlPolicy(servfail_ttl=5)))
     h.clock.at(elapsed)
-    h.cache.failed(q.cache_key, failure(policy))
+    h.stale.failed(q.cache_key, failure(policy))
     entry = h.cache.entries.get(q.cache_key)
     if after == "nothing":
         assert entry is None
@@ -385,7 +377,7 @@ def test_failed_keeps_answers_and_caches_failures(stored: str | None, elapsed: f
         assert summary(h.ask("www.example.org")).rcode == constants.SERVFAIL
     else:
         assert entry.reply.rcode == constants.NOERROR
-        assert (h.stale.answer(q) is not None) == (after == "stale")
+        assert (h.stale.answer(q) is not PASS) == (after == "stale")
 
 
 @pytest.mark.parametrize(
@@ -399,16 +391,18 @@ def test_stale_lookup_answers_while_the_refresh_keeps_failing(client: dict, edns
              "edge.example.net. 300 IN A 192.0.2.7")
     q = h.put("www.example.org", reply_for(answer=cname), **client)
     h.clock.at(400)
-    assert h.stale.answer(q) is None  # expired, but no failure yet: ask upstream first
-    h.cache.failed(q.cache_key, failure(TtlPolicy()))
+    assert h.stale.answer(q) is PASS  # expired, but no failure yet: ask upstream first
+    h.stale.failed(q.cache_key, failure(TtlPolicy()))
     h.clock.at(404.9)
-    got = summary(h.stale.answer(q))
+    stale = h.stale.answer(q)
+    assert isinstance(stale, Answered) and stale.replay is None
+    got = summary(stale.data)
     assert got.rcode == constants.NOERROR and got.id == 0x1234
     assert got.answer == (("edge.example.net.", 30, "IN", "A", "192.0.2.7"),
                           ("www.example.org.", 30, "IN", "CNAME", "edge.example.net."))
     assert got.edns == edns  # Extended DNS Error 3, Stale Answer (RFC 8914)
     h.clock.at(405)  # the failure recheck is over: upstream gets asked again
-    assert h.stale.answer(q) is None
+    assert h.stale.answer(q) is PASS
     assert h.counts[("stale",)] == 1
 
 
@@ -427,7 +421,7 @@ def test_what_may_be_served_stale(kind: str, servable: bool) -> None:
     }[kind]
     q = h.put("www.example.org", reply)
     h.clock.at(reply.ttl)
-    assert (h.cache.stale(q.cache_key) is not None) == servable
+    assert (h.stale.fallback(q.cache_key) is not None) == servable
 
 
 # -- CNAME verdicts -----------------------------------------------------------------------------

@@ -13,7 +13,9 @@ import dns.rcode
 import pytest
 
 from resolver.ops.metrics import Metrics
-from resolver.stages.packetcache import MAX_ANSWER, MAX_QUERY, PacketCache
+from resolver.server.packetcache import MAX_ANSWER, MAX_QUERY, PacketCache
+from resolver.stages.contract import DROP, FORWARD, Answered, Drop, Forward
+from tests.clock import FakeClock
 from tests.conftest import RULES_YAML
 from tests.e2e import make_query, raw_tcp_exchange, raw_udp_exchange
 from tests.servers import ZONE
@@ -21,12 +23,35 @@ from tests.servers import ZONE
 NEVER = float("inf")
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
+class Inner:
+    """The pipeline behind the packet cache: answers each query with the next result given,
+    and records what reached it."""
 
-    def __call__(self) -> float:
-        return self.now
+    def __init__(self, *results: Answered | Forward | Drop):
+        self.results = list(results)
+        self.seen: list[bytes] = []
+
+    def handle(self, data: bytes, client: tuple[str, int], sink: object
+               ) -> Answered | Forward | Drop:
+        self.seen.append(data)
+        return self.results.pop(0)
+
+
+class Udp:
+    name = "udp"
+
+    def deliver(self, answer: bytes, client: tuple[str, int]) -> None:
+        raise AssertionError("nothing is delivered later here")
+
+
+def layer(max_entries: int, *results: Answered | Forward | Drop
+          ) -> tuple[PacketCache, Inner]:
+    inner = Inner(*results)
+    return PacketCache(inner, max_entries, FakeClock(), Metrics().queries), inner
+
+
+def ask(packets: PacketCache, data: bytes) -> bytes | None:
+    return packets.handle(data, ("127.0.0.1", 5300), Udp())
 
 
 def query_bytes(qid: int, name: str = "www.example.org", edns: int | None = None,
@@ -37,40 +62,56 @@ def query_bytes(qid: int, name: str = "www.example.org", edns: int | None = None
 # -- the cache alone ---------------------------------------------------------------------------
 
 def test_a_remembered_answer_comes_back_with_the_new_id_and_counts():
-    metrics, clock = Metrics(), Clock()
-    packets = PacketCache(10, clock, metrics.queries)
-    answer = b"\x12\x34" + b"answer"
-    packets.remember(b"\x12\x34query", answer, "blocked", (NEVER, metrics.blocked, ("l", "", "a")))
-    assert packets.answer(b"\xab\xcdquery") == b"\xab\xcd" + b"answer"
-    assert packets.answer(b"\xab\xcdother") is None
-    assert metrics.queries.counts == {("udp", "blocked"): 1}
+    metrics = Metrics()
+    replay = (NEVER, metrics.blocked, ("l", "", "a"))
+    inner = Inner(Answered(b"\x12\x34answer", "blocked", replay), FORWARD)
+    packets = PacketCache(inner, 10, FakeClock(), metrics.queries)
+    assert ask(packets, b"\x12\x34query") == b"\x12\x34answer"  # from the pipeline
+    assert ask(packets, b"\xab\xcdquery") == b"\xab\xcd" + b"answer"  # replayed
+    assert ask(packets, b"\xab\xcdother") is None  # FORWARD: the answer comes later
+    assert inner.seen == [b"\x12\x34query", b"\xab\xcdother"]
+    assert metrics.queries.counts == {("udp", "blocked"): 1}  # the pipeline counts its own
     assert metrics.blocked.counts == {("l", "", "a"): 1}
 
 
 @pytest.mark.parametrize(("now", "replayed"), [(104.9, True), (105.0, False), (200.0, False)])
-def test_an_answer_holds_until_its_memo_time(now, replayed):
-    metrics, clock = Metrics(), Clock()
-    packets = PacketCache(10, clock, metrics.queries)
-    packets.remember(b"\x00\x01q", b"\x00\x01a", "cached", (105.0, metrics.cache, ("hit",)))
+def test_an_answer_holds_until_its_replay_time(now, replayed):
+    metrics, clock = Metrics(), FakeClock(start=100.0)
+    inner = Inner(Answered(b"\x00\x01a", "cached", (105.0, metrics.cache, ("hit",))),
+                  Answered(b"\x00\x02b", "cached"))
+    packets = PacketCache(inner, 10, clock, metrics.queries)
+    ask(packets, b"\x00\x01q")
     clock.now = now
-    assert (packets.answer(b"\x00\x02q") is not None) == replayed
+    assert ask(packets, b"\x00\x02q") == (b"\x00\x02a" if replayed else b"\x00\x02b")
+
+
+@pytest.mark.parametrize("result", [Answered(b"idA", "cached"), FORWARD, DROP],
+                         ids=["no-replay", "forward", "drop"])
+def test_only_answers_that_say_how_long_they_hold_are_kept(result):
+    packets, inner = layer(10, result, Answered(b"idB", "cached"))
+    ask(packets, b"idq")
+    assert len(packets) == 0
+    assert ask(packets, b"xxq") == b"idB" and len(inner.seen) == 2
 
 
 def test_the_oldest_goes_first_and_clear_forgets_all():
     metrics = Metrics()
-    packets = PacketCache(2, Clock(), metrics.queries)
-    memo = (NEVER, metrics.cache, ("hit",))
+    replay = (NEVER, metrics.cache, ("hit",))
+    inner = Inner(*(Answered(b"id" + name.upper(), "cached", replay) for name in (b"a", b"b", b"c")))
+    packets = PacketCache(inner, 2, FakeClock(), metrics.queries)
     for name in (b"a", b"b", b"c"):
-        packets.remember(b"id" + name, b"id" + name.upper(), "cached", memo)
-    assert [packets.answer(b"xx" + n) for n in (b"a", b"b", b"c")] == [None, b"xxB", b"xxC"]
+        ask(packets, b"id" + name)
+    assert len(packets) == 2
+    inner.results = [FORWARD]
+    assert [ask(packets, b"xx" + n) for n in (b"a", b"b", b"c")] == [None, b"xxB", b"xxC"]
     packets.clear()
-    assert len(packets) == 0 and packets.answer(b"xxb") is None
+    assert len(packets) == 0
 
 
 def test_zero_entries_remembers_nothing():
     metrics = Metrics()
-    packets = PacketCache(0, Clock(), metrics.queries)
-    packets.remember(b"idq", b"ida", "cached", (NEVER, metrics.cache, ("hit",)))
+    packets, _ = layer(0, Answered(b"ida", "cached", (NEVER, metrics.cache, ("hit",))))
+    ask(packets, b"idq")
     assert len(packets) == 0
 
 
@@ -82,9 +123,9 @@ def test_only_the_usual_sizes_are_kept(query_size: int, answer_size: int, kept: 
     """Whatever a client pads its queries with or however large a buffer it offers, an
     entry stays a couple of kilobytes at most."""
     metrics = Metrics()
-    packets = PacketCache(10, Clock(), metrics.queries)
-    query, answer = b"id" + b"q" * (query_size - 2), b"id" + b"a" * (answer_size - 2)
-    packets.remember(query, answer, "cached", (NEVER, metrics.cache, ("hit",)))
+    answer = b"id" + b"a" * (answer_size - 2)
+    packets, _ = layer(10, Answered(answer, "cached", (NEVER, metrics.cache, ("hit",))))
+    ask(packets, b"id" + b"q" * (query_size - 2))
     assert len(packets) == int(kept)
 
 
@@ -98,10 +139,10 @@ NAMES = ["www.example.org", "WwW.ExAmPlE.oRg", "sink.test", ZONE.www.upper()]
 @pytest.mark.parametrize("name", NAMES)
 async def test_a_replayed_answer_is_the_full_paths_answer(start_server, nsd_upstream, name,
                                                           shape):
-    server = await start_server(nsd_upstream, clock=Clock())  # TTLs never tick mid-test
+    server = await start_server(nsd_upstream, clock=FakeClock())  # TTLs never tick mid-test
     await raw_udp_exchange(server, query_bytes(1, name, **shape))  # may go upstream
     full = await raw_udp_exchange(server, query_bytes(2, name, **shape))  # answered locally
-    assert server.pipeline.packets.answer(query_bytes(3, name, **shape)) is not None
+    assert len(server.chain.packets) == 1  # remembered
     replayed = await raw_udp_exchange(server, query_bytes(4, name, **shape))
     over_tcp = await raw_tcp_exchange(server, query_bytes(5, name, **shape))  # never replayed
     assert replayed[:2] == b"\x00\x04"
@@ -131,4 +172,4 @@ async def test_it_can_be_switched_off(start_server, nsd_upstream):
     for qid in range(3):
         answer = await raw_udp_exchange(server, query_bytes(qid))
         assert answer[3] & 0xF == dns.rcode.NXDOMAIN
-    assert len(server.pipeline.packets) == 0
+    assert len(server.chain.packets) == 0

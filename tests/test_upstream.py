@@ -15,6 +15,7 @@ from dnslib import DNSRecord
 from prometheus_client import CollectorRegistry
 
 from resolver.upstream import pool as upstream_module
+from resolver.upstream import udp as udp_module
 from resolver.message import wire
 from resolver.ops.config import ConditionalForward, UpstreamConfig, UpstreamServer
 from resolver.ops.metrics import Metrics
@@ -176,9 +177,9 @@ async def test_source_ports_keep_changing(fault_upstream):
     attacker faces ports that move, not a fixed set, on top of the random ID."""
     a = fault_upstream("answer")
     ports: set[int] = set()
-    total = upstream_module.SOCKETS_PER_UPSTREAM * upstream_module.SOCKET_QUERIES * 3
+    total = udp_module.SOCKETS_PER_UPSTREAM * udp_module.SOCKET_QUERIES * 3
     async with open_pool(server(a)) as (pool, _):
-        sockets = pool.upstreams[0]._sockets
+        sockets = pool.upstreams[0].udp._sockets
         for index in range(total):
             if index % 100 == 0:
                 ports.update(s.transport.get_extra_info("sockname")[1] for s in sockets)
@@ -186,7 +187,7 @@ async def test_source_ports_keep_changing(fault_upstream):
         await asyncio.sleep(0.05)  # let the last renewals land
         ports.update(s.transport.get_extra_info("sockname")[1] for s in sockets)
     assert len(sockets) == 0  # closed with the pool
-    assert len(ports) >= 3 * upstream_module.SOCKETS_PER_UPSTREAM
+    assert len(ports) >= 3 * udp_module.SOCKETS_PER_UPSTREAM
     assert a.count() == total
 
 
@@ -202,7 +203,7 @@ async def test_a_failing_timeout_handler_stops_neither_the_sweep_nor_other_queri
 
     async with open_pool(server(silent), timeout=0.1, deadline=0.1) as (pool, _):
         broken = Broken(query("broken.example.org"), pool)
-        broken.start()
+        broken.start(time.monotonic())
         later = asyncio.ensure_future(pool.query(query("later.example.org")))
         with pytest.raises(UpstreamError):
             await asyncio.wait_for(later, 2)

@@ -1,4 +1,4 @@
-"""The types every pipeline stage shares: the decoded query and the outcome labels.
+"""The decoded query every stage reads, and the outcome labels answers are counted under.
 
 A Query is built once per packet by `wire.parse_query` and then only read. It keeps the raw
 bytes next to the few decoded fields the stages need, so answers can be made by patching bytes
@@ -6,20 +6,6 @@ instead of parsing and re-packing whole messages.
 """
 
 from __future__ import annotations
-
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from resolver.ops.metrics import Tally  # noqa: F401 (named in the Memo alias below)
-
-# A stage's offer to the packet cache for its last answer: (valid until, by the clock;
-# the tally a replay bumps; its key). See packetcache.py.
-Memo = tuple[float, "Tally", tuple[str, ...]]
-# What a stage returns when it knows no later stage can answer: go upstream now. (The cache
-# stage returns it when it holds nothing at all for the question, so the stages that only
-# look at cache entries are skipped.)
-FORWARD = b"forward"
-
 
 class Outcome:
     """How a query was answered: the values of the `outcome` label of resolver_queries_total.

@@ -18,22 +18,26 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry
 
-from resolver.stages.blocking import Blocker, CnameBlocker
 from resolver.message.constants import Clock
-from resolver.stages.cache import Cache, CacheLookup, StaleLookup
-from resolver.ops.config import Address, Config
-from resolver.stages.forward import Forwarder
-from resolver.ops.metrics import Endpoint, Metrics
-from resolver.server.outbox import Outbox
-from resolver.stages.packetcache import PacketCache
-from resolver.server.pipeline import Pipeline
 from resolver.message.query import Outcome
 from resolver.message.reply import TtlPolicy
+from resolver.ops.config import Address, Config
 from resolver.ops.errors import ConfigError
+from resolver.ops.metrics import Endpoint, Metrics
 from resolver.rules.loader import load_rules
 from resolver.rules.matcher import RuleSet
+from resolver.server.outbox import Outbox
+from resolver.server.packetcache import PacketCache
+from resolver.server.pipeline import Delivery, Pipeline
 from resolver.server.tcp import TcpConnection, TcpLimits
 from resolver.server.udp import UdpServer
+from resolver.stages.blocking import Blocker
+from resolver.stages.cache import Cache, CacheLookup
+from resolver.stages.cname import CnameBlocker, CnameCheck
+from resolver.stages.contract import Stage
+from resolver.stages.forward import Forwarder, Schedule
+from resolver.stages.prefetch import Prefetch
+from resolver.stages.stale import ServeStale
 from resolver.upstream.pool import UpstreamPool
 
 log = logging.getLogger(__name__)
@@ -42,54 +46,75 @@ UDP_RECEIVE_BUFFER = 4 * 1024 * 1024  # bytes asked for; the kernel may grant le
 BIND_ATTEMPTS = 20  # port 0: retry when the TCP port's UDP twin is taken
 
 
+@dataclass(frozen=True)
+class Chain:
+    """What build_pipeline made: the pipeline, the packet cache in front of it (UDP), and the
+    parts the server drives from outside (rule installs, shutdown, in-flight counts)."""
+
+    pipeline: Pipeline
+    packets: PacketCache
+    blocker: Blocker
+    forwarder: Forwarder
+
+
 def build_pipeline(config: Config, rules: RuleSet, metrics: Metrics, upstreams: UpstreamPool,
-                   clock: Clock) -> Pipeline:
+                   clock: Clock, schedule: Schedule) -> Chain:
     """The chain, in order, and why:
 
-    0. the packet cache (UDP only, before decoding): answers identical to ones a stage below
-       gave and said still hold; cleared whenever the rules change;
+    0. the packet cache (UDP only, before decoding; server/packetcache.py): answers that a
+       stage below gave and said still hold, replayed for identical query bytes; cleared
+       whenever the rules change;
     1. blocking: policy first, so a blocked name is never answered from the cache or
        upstream, even just after a rule change;
     2. cache lookup: everything still allowed and recently seen is answered synchronously
-       (and a popular answer about to expire is refreshed in the background);
+       (a popular answer about to expire is refreshed in the background: prefetch.py); when
+       the cache holds nothing at all for the question it says FORWARD, skipping 3 and 4,
+       which only read its entries;
     3. CNAME blocking: a cached answer whose CNAME chain leads into a blocked domain is
-       answered as blocked; after the cache, since only such entries get this far;
-    4. stale: while upstreams keep failing for an expired answer, it is served stale at once;
-       last, since it only matters when nothing fresher exists;
-    5. forwarding (not a synchronous stage): answers later, from callbacks; coalesces,
+       answered as blocked (cname.py); after the cache, since only such entries get this far;
+    4. stale: while upstreams keep failing for an expired answer, it is served stale at once
+       (stale.py); last, since it only matters when nothing fresher exists;
+    5. forwarding (not a synchronous stage): answers later, through `Delivery`; coalesces,
        checks CNAME chains, and falls back on stale answers when upstreams fail.
     """
     blocker = Blocker(rules, config.blocking, metrics)
-    cache = Cache(config.cache, metrics, clock, inspect=blocker.check_chain)
+    cname = CnameCheck(blocker)
+    cache = Cache(config.cache, metrics, clock, inspect=cname.verdict)
     blocker.on_install(cache.recheck)
+    stale = ServeStale(cache, config.cache, metrics)
     policy = TtlPolicy(config.cache.min_ttl, config.cache.max_ttl, config.cache.negative_ttl,
                        config.cache.servfail_ttl)
-    forwarder = Forwarder(upstreams, cache, policy, blocker, config.cache, metrics,
-                          config.server.max_inflight)
-    stages = [blocker, CacheLookup(cache, config.cache, metrics, forwarder.prefetch),
-              CnameBlocker(blocker, cache), StaleLookup(cache, config.cache, metrics)]
+    forwarder = Forwarder(upstreams, cache, policy, stale, cname, Delivery(metrics).deliver,
+                          schedule, clock, metrics, config.server.max_inflight)
+    stages: list[Stage] = [
+        blocker,
+        CacheLookup(cache, metrics, Prefetch(config.cache, metrics, forwarder.refresh)),
+        CnameBlocker(cname, cache),
+        stale,
+    ]
     metrics.queries.expect((sink.name, outcome) for sink in (UdpServer, TcpConnection)
                            for outcome in Outcome.ALL)
-    packets = PacketCache(config.cache.packet_entries, clock, metrics.queries)
+    pipeline = Pipeline(stages, forwarder, metrics, config.server.max_inflight)
+    packets = PacketCache(pipeline, config.cache.packet_entries, clock, metrics.queries)
     blocker.on_install(packets.clear)
     metrics.gauge("packet_cache_entries", "Whole UDP answers kept by query bytes.", (),
                   lambda: {(): len(packets)})
-    return Pipeline(stages, forwarder, metrics, config.server.max_inflight, packets)
+    return Chain(pipeline, packets, blocker, forwarder)
 
 
 @dataclass
 class RunningServer:
-    """What a started server exposes: its bound addresses, pipeline and metrics."""
+    """What a started server exposes: its bound addresses, its chain and metrics."""
 
     addresses: list[tuple[str, int]]
-    pipeline: Pipeline
+    chain: Chain
     metrics: Metrics
     metrics_address: tuple[str, int] | None
     config: Config
 
     @property
     def blocker(self) -> Blocker:
-        return self.pipeline.stages[0]
+        return self.chain.blocker
 
     async def reload_rules(self) -> bool:
         """Load the rule files again and swap them in; on any problem keep the old rules.
@@ -125,26 +150,28 @@ async def running_server(config: Config, rules: RuleSet, clock: Clock | None = N
     registry = CollectorRegistry()
     metrics = Metrics(registry)
     outbox = Outbox()
-    upstreams = UpstreamPool(config.upstream, metrics, outbox=outbox)
-    pipeline = build_pipeline(config, rules, metrics, upstreams, clock or time.monotonic)
+    clock = clock or time.monotonic
+    upstreams = UpstreamPool(config.upstream, metrics, outbox=outbox, clock=clock)
+    chain = build_pipeline(config, rules, metrics, upstreams, clock,
+                           asyncio.get_running_loop().call_later)
     limits = TcpLimits(config.server.tcp_idle_timeout, config.server.tcp_max_connections)
     closers: list = []
     endpoint = None
     try:
         await upstreams.open()  # in here: a failure part-way still closes what it opened
-        addresses = [await _bind(address, pipeline, outbox, limits, closers, reuse_port)
+        addresses = [await _bind(address, chain, outbox, limits, closers, reuse_port)
                      for address in config.server.listen]
         listen = config.metrics.listen
         if serve_metrics and listen is not None:
             endpoint = Endpoint(listen.host, listen.port, registry)
-        yield RunningServer(addresses, pipeline, metrics,
+        yield RunningServer(addresses, chain, metrics,
                             endpoint.address if endpoint else None, config)
     finally:
         for close in reversed(closers):
             close()
         for connection in list(limits.open):
             connection.transport.close()
-        pipeline.drain()
+        chain.forwarder.drain()
         upstreams.close()
         if endpoint is not None:
             await asyncio.to_thread(endpoint.stop)
@@ -182,18 +209,18 @@ def bound_socket(host: str, port: int, kind: socket.SocketKind, reuse_port: bool
     return sock
 
 
-async def _bind(address: Address, pipeline: Pipeline, outbox: Outbox, limits: TcpLimits,
-                closers: list, reuse_port: bool) -> tuple[str, int]:
+async def _bind(address: Address, chain: Chain, outbox: Outbox, limits: TcpLimits,
+                closers: list[Callable[[], None]], reuse_port: bool) -> tuple[str, int]:
     """Bind TCP, then UDP on the port TCP got; return the (host, port) bound."""
     loop = asyncio.get_running_loop()
     for attempt in range(BIND_ATTEMPTS):
-        tcp = await loop.create_server(lambda: TcpConnection(pipeline, limits),
+        tcp = await loop.create_server(lambda: TcpConnection(chain.pipeline, limits),
                                        address.host, address.port, reuse_address=True,
                                        reuse_port=reuse_port)
         port = tcp.sockets[0].getsockname()[1]
         try:
             udp, _ = await loop.create_datagram_endpoint(
-                lambda: UdpServer(pipeline, outbox),
+                lambda: UdpServer(chain.packets, outbox),
                 sock=bound_socket(address.host, port, socket.SOCK_DGRAM, reuse_port))
         except OSError:
             tcp.close()

@@ -7,6 +7,7 @@ import asyncio
 
 from resolver.message import wire
 from resolver.server.pipeline import Pipeline
+from resolver.stages.contract import FORWARD, Answered
 
 
 class TcpLimits:
@@ -52,10 +53,10 @@ class TcpConnection(asyncio.Protocol):
         self._buffer += data
         messages = wire.unframe(self._buffer)
         for message in messages:
-            answer = self._pipeline.handle(message, self.peer, self)
-            if answer:
-                self._write(answer)
-            elif answer is not None:
+            result = self._pipeline.handle(message, self.peer, self)
+            if isinstance(result, Answered):
+                self._write(result.data)
+            elif result is FORWARD:
                 self._waiting += 1
         if messages:  # a byte now and then of a frame never finished keeps no one's slot
             self._arm_idle()

@@ -8,36 +8,31 @@ import functools
 import logging
 
 from resolver.server.outbox import Outbox
-from resolver.server.pipeline import Pipeline
+from resolver.server.packetcache import PacketCache
 
 log = logging.getLogger(__name__)
 
 
 class UdpServer(asyncio.DatagramProtocol):
-    """One listening UDP socket feeding the pipeline."""
+    """One listening UDP socket feeding the packet cache and the pipeline behind it."""
 
     name = "udp"
 
-    def __init__(self, pipeline: Pipeline, outbox: Outbox):
-        self._replay = pipeline.packets.answer  # bound once: these run for every datagram
-        self._handle = pipeline.handle
+    def __init__(self, packets: PacketCache, outbox: Outbox):
+        self._handle = packets.handle  # bound once: this runs for every datagram
         self._send_later = outbox.send
         self.transport: asyncio.DatagramTransport | None = None
 
-    def connection_made(self, transport) -> None:
+    def connection_made(self, transport: asyncio.DatagramTransport) -> None:  # type: ignore[override]
         self.transport = transport
         self._sendto = transport.sendto
         # A forwarded answer (Sink.deliver): sent with the others of this loop pass (see
         # outbox.py), through no method of ours.
         self.deliver = functools.partial(self._send_later, transport)
 
-    def datagram_received(self, data: bytes, addr) -> None:
-        """First the packet cache, which needs no decoding; then the whole pipeline, whose
-        local answers may be remembered for the next identical datagram."""
-        answer = self._replay(data)
-        if answer is None:
-            answer = self._handle(data, addr, self, True)
-        if answer:  # None is a drop, PENDING comes later through deliver()
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        answer = self._handle(data, addr, self)
+        if answer is not None:  # None: dropped, or coming later through deliver()
             self._sendto(answer, addr)
 
     def error_received(self, exc: Exception) -> None:

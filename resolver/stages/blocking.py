@@ -5,9 +5,8 @@ packed once per rule set. A blocked answer is then a header, the client's own qu
 those pieces: the SOA's owner is a compression pointer to the matched suffix inside the
 question, so nothing depends on the query name except one two-byte pointer.
 
-A name can also be blocked by where it leads: an allowed name whose upstream answer's CNAME
-chain enters a blocked domain (CNAME cloaking) gets that domain's blocked answer, with the SOA
-owned by the blocked domain, written out in full since it is not in the question.
+A name blocked by where its CNAME chain leads is stages/cname.py's; it answers with these
+same pieces, the SOA then owned by the blocked domain, written out in full.
 """
 
 from __future__ import annotations
@@ -18,13 +17,13 @@ from collections.abc import Callable
 
 from resolver.message import wire
 from resolver.message.constants import NEVER
-from resolver.stages.cache import Cache, Cloak
 from resolver.ops.config import BlockingConfig
 from resolver.ops.metrics import Metrics
-from resolver.message.names import label_offsets, to_wire
-from resolver.message.query import Memo, Outcome, Query
+from resolver.stages.contract import PASS, Answered, Result
+from resolver.message.names import to_wire
+from resolver.message.query import Outcome, Query
 from resolver.rules.matcher import RuleSet
-from resolver.rules.model import RuleList
+from resolver.rules.model import Rule, RuleList
 from resolver.message.constants import CLASSIC_UDP, CLASS_IN, MAX_NAME, NOERROR, NXDOMAIN, REFUSED, TYPE_A, TYPE_AAAA, TYPE_SOA
 
 EDE_BLOCKED = 15  # RFC 8914 "Blocked"
@@ -94,9 +93,6 @@ class Blocker:
     is still in the cache.
     """
 
-    outcome = Outcome.BLOCKED
-    memo: Memo | None = None
-
     def __init__(self, rules: RuleSet, config: BlockingConfig, metrics: Metrics):
         self._metrics = metrics
         self._config = config
@@ -113,60 +109,27 @@ class Blocker:
             listener()
 
     def on_install(self, listener: Callable[[], None]) -> None:
-        """Call listener after every rule swap (the cache checks its CNAME chains again)."""
+        """Call listener after every rule swap (caches drop or recheck what the rules shaped)."""
         self._listeners.append(listener)
 
     @property
     def rules(self) -> RuleSet:
         return self._state[0]
 
-    def answer(self, q: Query) -> bytes | None:
+    def answer(self, q: Query) -> Result:
         rules, answers = self._state
         hit = rules.lookup(q.name, q.offsets)
         if hit is None:
-            return None
+            return PASS
         rule, offset = hit
         blocked = self._metrics.blocked
         blocked.inc(rule.labels)
-        self.memo = (NEVER, blocked, rule.labels)  # holds until the rules change (install)
-        return answers[rule.list.name].build(q, offset)
+        # replayable until the rules change (install clears the packet cache)
+        return Answered(answers[rule.list.name].build(q, offset), Outcome.BLOCKED,
+                        (NEVER, blocked, rule.labels))
 
-    def check_chain(self, targets: tuple[bytes, ...]) -> Cloak | None:
-        """The first block among an answer's CNAME targets (lowercase wire names): the rule and
-        the blocked domain, or None when the live rules let the whole chain through."""
-        rules = self._state[0]
-        for target in targets:
-            hit = rules.lookup(target, label_offsets(target))
-            if hit is not None:
-                return hit[0], target[hit[1]:]
-        return None
-
-    def answer_chain(self, q: Query, cloak: Cloak) -> bytes:
-        """The blocked answer for q, whose CNAME chain leads into a blocked domain (CNAME
-        cloaking, blocked as Pi-hole, Blocky and AdGuard Home do): the list's answer with the
-        SOA owned by that domain, counted like any other block."""
-        rule, domain = cloak
+    def answer_owned(self, q: Query, rule: Rule, owner: bytes) -> bytes:
+        """The rule's blocked answer for q with the SOA owned by `owner`, a blocked domain that
+        is not in the question (where a CNAME chain led), counted like any other block."""
         self._metrics.blocked.inc(rule.labels)
-        return self._state[1][rule.list.name].build(q, 0, owner=domain)
-
-
-class CnameBlocker:
-    """Pipeline stage: a cached answer whose CNAME chain leads into a blocked domain is
-    answered as blocked, from the cache, without asking upstream again.
-
-    The cache keeps the verdict on the entry (and recomputes it when the rules change), so a
-    plain cache hit pays nothing for this; only such entries reach this stage.
-    """
-
-    outcome = Outcome.BLOCKED
-    memo: Memo | None = None  # never offered: the cache entry may change under it
-
-    def __init__(self, blocker: Blocker, cache: Cache):
-        self._blocker = blocker
-        self._cache = cache
-
-    def answer(self, q: Query) -> bytes | None:
-        entry = self._cache.fresh(q.cache_key)
-        if entry is None or entry.cloak is None:
-            return None
-        return self._blocker.answer_chain(q, entry.cloak)
+        return self._state[1][rule.list.name].build(q, 0, owner=owner)

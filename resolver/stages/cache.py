@@ -1,15 +1,15 @@
-"""The answer cache and the stages that answer from it.
+"""The answer cache and the stage that answers from it.
 
-Replies are kept as wire bytes (see reply.py), bounded in entries and in bytes, least recently
-used out first. A hit is answered synchronously, in the datagram callback, by `reply.render`:
-a copy with the client's ID and question and TTLs counted down.
+Replies are kept as wire bytes (see message/reply.py), bounded in entries and in bytes, least
+recently used out first. A hit is answered synchronously, in the datagram callback, by
+`reply.render`: a copy with the client's ID and question and TTLs counted down.
 
 Everything that makes a hit more than a copy happens near the end of an entry's life or not
 at all, so it hides behind one comparison with `Entry.check_at`: the prefetch of a popular
-answer about to expire, expiry itself (an expired answer is kept `stale_window` seconds for
-serve-stale, RFC 8767, but never served as a hit), and an answer whose CNAME chain leads into
-a blocked domain (answered as blocked by blocking.CnameBlocker, never as a hit). Time comes
-from an injected clock so tests can step it.
+answer about to expire (stages/prefetch.py), expiry itself (an expired answer is kept
+`stale_window` seconds for serve-stale, stages/stale.py, but never served as a hit), and an
+answer whose CNAME chain leads into a blocked domain (stages/cname.py). Time comes from the
+injected clock so tests can step it.
 """
 
 from __future__ import annotations
@@ -17,24 +17,26 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from resolver.message import wire
+from resolver.message.constants import ALWAYS, SERVFAIL, Clock
+from resolver.message.query import Outcome, Query
+from resolver.message.reply import Reply, render
 from resolver.ops.config import CacheConfig
 from resolver.ops.metrics import Metrics
-from resolver.message.constants import ALWAYS, Clock
-from resolver.message.query import FORWARD, Memo, Outcome, Query
-from resolver.message.reply import Reply, render, render_stale
-from resolver.rules.model import Rule
-from resolver.message.constants import SERVFAIL
+from resolver.stages.contract import FORWARD, PASS, Answered, Result
 
-Cloak = tuple[Rule, bytes]  # the rule, and the blocked domain (wire form) a CNAME chain reaches
-Inspect = Callable[[tuple[bytes, ...]], Cloak | None]  # CNAME targets -> the block, if any
+if TYPE_CHECKING:
+    from resolver.stages.cname import Cloak
+    from resolver.stages.prefetch import Prefetch
+
+Inspect = Callable[[tuple[bytes, ...]], "Cloak | None"]  # CNAME targets -> the block, if any
 
 # What an entry costs beyond its answer bytes: key, Entry, Reply, TTL table and dict node.
 # bench/memory.py measured the process growing about 1,086 bytes per one-record answer on
 # CPython 3.11 (tracemalloc sees ~680 of them), so max_bytes bounds real memory.
 ENTRY_OVERHEAD = 1050
-_HIT, _MISS, _EXPIRED, _STALE = ("hit",), ("miss",), ("expired",), ("stale",)
+_HIT, _MISS, _EXPIRED, _STALE = ("hit",), ("miss",), ("expired",), ("stale",)  # results
 _STORED, _EVICTED = ("stored",), ("evicted",)
 
 
@@ -78,8 +80,9 @@ class Entry:
 class Cache:
     """Replies by question key, least recently used first.
 
-    inspect: checks an answer's CNAME targets against the live rules (blocking.Blocker
-    .check_chain); `recheck` runs it again over the cache when the rules change.
+    inspect: judges an answer's CNAME targets against the live rules (cname.CnameCheck
+    .verdict); `recheck` runs it again over the cache when the rules change.
+    stale_window: seconds an expired entry is kept for serve-stale (0: none).
     """
 
     def __init__(self, config: CacheConfig, metrics: Metrics, clock: Clock = time.monotonic,
@@ -89,7 +92,7 @@ class Cache:
         self.clock = clock
         self._max_entries, self._max_bytes = config.max_entries, config.max_bytes
         self._window = config.prefetch_window if config.prefetch else 0.0
-        self._stale_window = config.stale_window if config.serve_stale else 0
+        self.stale_window = config.stale_window if config.serve_stale else 0
         self._inspect = inspect
         self._tally = metrics.cache
         self._counts = metrics.cache.counts  # counted inline on the hot path: no call
@@ -139,35 +142,12 @@ class Cache:
         entry = self.entries.get(key)
         return entry if entry is not None and self.clock() < entry.expires else None
 
-    def stale(self, key: tuple) -> Entry | None:
-        """The expired entry for key if it may still be served stale (RFC 8767): within
-        stale_window of expiry, an answer rather than a cached failure, its chain not blocked."""
-        entry = self.entries.get(key)
-        if entry is None or entry.cloak is not None or entry.reply.rcode == SERVFAIL:
-            return None
-        return entry if entry.expires <= self.clock() < entry.expires + self._stale_window else None
-
     def expired(self, key: tuple, entry: Entry, now: float) -> None:
         """A lookup found entry expired: drop it unless it is kept for serve-stale."""
         self._tally.inc(_EXPIRED)
-        if now >= entry.expires + self._stale_window:
+        if now >= entry.expires + self.stale_window:
             del self.entries[key]
             self.bytes -= entry.size
-
-    def failed(self, key: tuple, failure: Reply) -> None:
-        """Upstreams failed for key. A fresh answer stays as it is (a failed prefetch); an
-        answer that may be served stale is marked to be, straight from the cache, for the next
-        failure.ttl seconds (RFC 8767's failure recheck); otherwise the failure itself is
-        cached (RFC 9520), so the next clients do not wait on the same dead upstreams."""
-        entry = self.entries.get(key)
-        if entry is not None and entry.reply.rcode != SERVFAIL:
-            now = self.clock()
-            if now < entry.expires:
-                return
-            if self.stale(key) is entry:
-                entry.failed_until = now + (failure.ttl or 0)
-                return
-        self.put(key, failure)
 
     def recheck(self) -> None:
         """Check every cached CNAME chain again: the rules changed (a reload)."""
@@ -177,26 +157,17 @@ class Cache:
 
 
 class CacheLookup:
-    """Pipeline stage: answer from the cache when a live reply is there.
+    """Stage: answer from the cache when a live reply is there."""
 
-    prefetch: called (with the hitting query) once for a popular answer hit in the last
-    prefetch_window of its TTL; Forwarder.prefetch refreshes it in the background.
-    """
-
-    outcome = Outcome.CACHED
-    memo: Memo | None = None
-
-    def __init__(self, cache: Cache, config: CacheConfig, metrics: Metrics,
-                 prefetch: Callable[[Query], None]):
+    def __init__(self, cache: Cache, metrics: Metrics, prefetch: Prefetch):
         self._cache = cache
         self._entries = cache.entries
         self._clock = cache.clock
         self._tally = metrics.cache
         self._counts = metrics.cache.counts  # counted inline on the hot path: no call
-        self._min_hits = config.prefetch_min_hits
         self._prefetch = prefetch
 
-    def answer(self, q: Query) -> bytes | None:
+    def answer(self, q: Query) -> Result:
         key = q.cache_key
         entry = self._entries.get(key)
         if entry is None:  # nothing, not even a stale or CNAME-blocked entry: go upstream
@@ -212,43 +183,20 @@ class CacheLookup:
         counts[_HIT] = counts.get(_HIT, 0) + 1
         age = int(now - entry.stored)
         # The same bytes hold until the TTLs tick down, and never into the prefetch window.
-        self.memo = (min(entry.stored + age + 1, entry.check_at), self._tally, _HIT)
-        return render(q, entry.reply, age)
+        return Answered(render(q, entry.reply, age), Outcome.CACHED,
+                        (min(entry.stored + age + 1, entry.check_at), self._tally, _HIT))
 
-    def _closer_look(self, q: Query, key: tuple, entry: Entry, now: float) -> bytes | None:
-        """Expired (a miss), CNAME chain blocked (left to blocking.CnameBlocker), or a hit in
-        the prefetch window (which refreshes a popular answer, once)."""
+    def _closer_look(self, q: Query, key: tuple, entry: Entry, now: float) -> Result:
+        """Expired (a miss), CNAME chain blocked (left to cname.CnameBlocker), or a hit in
+        the prefetch window (which may refresh a popular answer). Never replayed."""
         if now >= entry.expires:
             self._cache.expired(key, entry, now)
             self._tally.inc(_MISS)
-            return None
+            return PASS
         if entry.cloak is not None:
-            return None
+            return PASS
         entry.hits += 1
-        if entry.hits >= self._min_hits and not entry.prefetched:
-            entry.prefetched = True
-            self._prefetch(q)
+        self._prefetch.consider(q, entry)
         self._entries.move_to_end(key)
         self._tally.inc(_HIT)
-        return render(q, entry.reply, int(now - entry.stored))
-
-
-class StaleLookup:
-    """Pipeline stage: while the refresh of an expired answer keeps failing, answer with the
-    expired answer at once (RFC 8767), TTL stale_ttl, instead of making every client wait
-    for upstreams that are down. The first failure is met in forward.py."""
-
-    outcome = Outcome.STALE
-    memo: Memo | None = None  # never offered: stale answers are for a failure's duration
-
-    def __init__(self, cache: Cache, config: CacheConfig, metrics: Metrics):
-        self._cache = cache
-        self._ttl = config.stale_ttl
-        self._tally = metrics.cache
-
-    def answer(self, q: Query) -> bytes | None:
-        entry = self._cache.stale(q.cache_key)
-        if entry is None or self._cache.clock() >= entry.failed_until:
-            return None
-        self._tally.inc(_STALE)
-        return render_stale(q, entry.reply, self._ttl)
+        return Answered(render(q, entry.reply, int(now - entry.stored)), Outcome.CACHED)

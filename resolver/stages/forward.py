@@ -1,47 +1,53 @@
-"""The last stage: ask upstream, once per distinct question in flight, cache the reply, and
-answer each waiting client: from the reply, blocked (CNAME cloaking), or stale (RFC 8767).
+"""The last stage: ask upstream once per distinct question in flight, cache the reply, and
+answer each waiting client, from the reply, blocked (CNAME cloaking), or stale.
 
-Each distinct question in flight is one Flight, kept in `_inflight` by cache key, with the
-clients waiting for it; an expiring popular name costs the upstream one query, not a
-stampede. Nothing here is a task: a Flight is the upstream Exchange itself and calls `landed`
-when it ends, and a timer serves stale answers to clients that should not wait longer (RFC
-8767's client response timer). A prefetch is a flight with nobody waiting.
+Each distinct question in flight is one Flight, kept by cache key with the clients waiting
+for it, so an expiring popular name costs the upstream one query, not a stampede. A Flight is
+the upstream attempts.Exchange itself and lands here when it ends; answers go to the one
+`deliver` callback given at construction. A prefetch (`refresh`) is a flight nobody waits for.
+
+No sockets, no loop, no clock of its own: time comes from the injected clock, the RFC 8767
+client response timer from the injected `schedule` (loop.call_later in the server), so
+coalescing, stale fallbacks and prefetch flights are table tests with a fake clock.
 """
 
 from __future__ import annotations
 
-import asyncio
+import logging
 import struct
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from resolver.message import wire
-from resolver.stages.blocking import Blocker
-from resolver.stages.cache import Cache, Entry
-from resolver.ops.config import CacheConfig
-from resolver.ops.metrics import Metrics
+from resolver.message.constants import HEADER_SIZE, SERVFAIL, Clock
 from resolver.message.query import Outcome, Query
-from resolver.message.reply import Reply, TtlPolicy, failure, render, render_stale, scan_reply
-from resolver.upstream.pool import MOVE_ON, Exchange, UpstreamError, UpstreamPool
-from resolver.message.constants import SERVFAIL
+from resolver.message.reply import Reply, TtlPolicy, failure, render, scan_reply
+from resolver.ops.metrics import Metrics
+from resolver.stages.cache import Cache, Entry
+from resolver.stages.cname import CnameCheck
+from resolver.stages.contract import Answered, Deliver, Sink, servfail
+from resolver.stages.stale import ServeStale
+from resolver.upstream.attempts import MOVE_ON, Cancellable, Exchange, Plan
 
-if TYPE_CHECKING:
-    from resolver.server.pipeline import Sink  # noqa: F401 (annotations only: pipeline imports this module)
+log = logging.getLogger(__name__)
 
-Respond = Callable[..., None]  # Pipeline.respond(q, sink, reply, stale)
-_PREFETCH = ("prefetch",)  # the cache_total result a refresh counts
+
+class Schedule(Protocol):
+    """Run callback(flight) after delay seconds, unless cancelled (loop.call_later)."""
+
+    def __call__(self, delay: float, callback: Callable[[Flight], None], flight: Flight, /
+                 ) -> Cancellable: ...
 
 
 class Flight(Exchange):
-    """One question on its way upstream, and the clients waiting for it: the exchange itself,
-    so a forward costs one object. The first client is the exchange's own query (`sink` is
-    where its answer goes; None for a prefetch, which nobody waits for); clients asking the
-    same question meanwhile queue in `more`."""
+    """One question on its way upstream, and the clients waiting for it. The first client is
+    the exchange's own query (`sink` is where its answer goes; None for a prefetch); clients
+    asking the same question meanwhile queue in `more`."""
 
     more: list[tuple[Query, Sink]] | None = None
     stale: Entry | None = None  # the expired answer to fall back on, if any
     stale_due = False  # the client response timer fired: serve stale at once
-    stale_timer: asyncio.TimerHandle | None = None
+    stale_timer: Cancellable | None = None
 
     def __init__(self, q: Query, sink: Sink | None, forwarder: Forwarder):
         Exchange.__init__(self, q, forwarder.upstreams)  # not super(): a hot path
@@ -66,44 +72,66 @@ class Flight(Exchange):
 
 
 class Forwarder:
-    """Resolves queries through the upstream pool, coalescing identical questions."""
+    """Resolves queries through the upstreams, coalescing identical questions."""
 
-    def __init__(self, upstreams: UpstreamPool, cache: Cache, policy: TtlPolicy,
-                 blocker: Blocker, config: CacheConfig, metrics: Metrics, max_inflight: int):
+    def __init__(self, upstreams: Plan, cache: Cache, policy: TtlPolicy, stale: ServeStale,
+                 cname: CnameCheck, deliver: Deliver, schedule: Schedule, clock: Clock,
+                 metrics: Metrics, max_inflight: int):
         self.upstreams = upstreams
         self._cache = cache
         self._policy = policy
-        self._blocker = blocker
-        self._stale_ttl = config.stale_ttl
-        self._stale_timeout = config.stale_client_timeout
-        self._tally = metrics.cache
-        self._tally.expect([_PREFETCH])
+        self._stale = stale
+        self._cname = cname
+        self._deliver = deliver
+        self._schedule = schedule
+        self._clock = clock
         self._max_inflight = max_inflight
         self._inflight: dict[tuple, Flight] = {}
         self.waiting = 0  # clients waiting on a flight
-        self.respond: Respond = _unwired
+        metrics.gauge("inflight", "Queries waiting for an upstream answer.", (),
+                      lambda: {(): self.waiting})
+
+    @property
+    def flights(self) -> int:
+        """Distinct questions in flight (prefetches included)."""
+        return len(self._inflight)
 
     def submit(self, q: Query, sink: Sink) -> None:
-        """Answer q later, through respond(), once its question has been asked upstream."""
+        """Answer q later, through deliver, once its question has been asked upstream."""
         flight = self._inflight.get(q.cache_key)
         if flight is None:
             self.waiting += 1
-            self._open(q, sink).start()  # may end at once: the flight knows its client
+            flight = self._open(q, sink)
+            try:
+                flight.start(self._clock())  # may end at once: the flight knows its client
+            except BaseException:  # the pipeline's guard answers; nothing stays in flight
+                self._abandon(flight)
+                raise
         elif flight.stale_due:
-            self.respond(q, sink, None, flight.stale)
+            self._respond(q, sink, None, flight.stale)
         else:
             self.waiting += 1
             flight.join(q, sink)
             if flight.stale is None and q.cache_key in self._cache.entries:
                 self._arm_stale(flight)  # a prefetch began before the answer expired
 
-    def prefetch(self, q: Query) -> None:
-        """Refresh q's cached answer in the background (a popular answer about to expire),
-        unless a fetch for it is already in flight or too many are."""
+    def refresh(self, q: Query) -> bool:
+        """Refresh q's cached answer in the background (a prefetch), unless a fetch for it is
+        already in flight or too many are; whether one was started."""
         if q.cache_key in self._inflight or len(self._inflight) >= self._max_inflight:
-            return
-        self._open(q, None).start()
-        self._tally.inc(_PREFETCH)
+            return False
+        self._open(q, None).start(self._clock())
+        return True
+
+    def _abandon(self, flight: Flight) -> None:
+        if self._inflight.get(flight.q.cache_key) is flight:
+            del self._inflight[flight.q.cache_key]
+        flight.cancel()
+        if flight.stale_timer is not None:
+            flight.stale_timer.cancel()
+        if flight.sink is not None:
+            flight.sink = None
+            self.waiting -= 1
 
     def drain(self) -> None:
         """Abandon the flights still in the air (at shutdown)."""
@@ -125,10 +153,10 @@ class Forwarder:
     def _arm_stale(self, flight: Flight) -> None:
         """If the cache holds an expired answer that may be served stale, keep it on the
         flight and start RFC 8767's client response timer."""
-        stale = flight.stale = self._cache.stale(flight.q.cache_key)
+        stale = flight.stale = self._stale.fallback(flight.q.cache_key)
         if stale is not None:
-            flight.stale_timer = self.upstreams.loop.call_later(
-                self._stale_timeout, self._stale_due, flight)
+            flight.stale_timer = self._schedule(self._stale.client_timeout, self._stale_due,
+                                                flight)
 
     def landed(self, flight: Flight, data: bytes | None) -> None:
         """The exchange ended: cache what came back (answer or failure), answer the waiters."""
@@ -138,26 +166,37 @@ class Forwarder:
             del self._inflight[key]
         if flight.stale_timer is not None:
             flight.stale_timer.cancel()
+        try:
+            reply = self._store(key, data, HEADER_SIZE + len(q.question))
+        except Exception:  # a bug in caching: the waiters are still answered, as if no reply
+            log.exception("unexpected error while caching an upstream reply")
+            reply = None
+        if flight.more is None:  # the usual case: one client, or a prefetch with none
+            sink = flight.sink
+            if sink is not None:
+                self.waiting -= 1
+                self._respond(q, sink, reply, flight.stale)
+            return
+        for waiter, sink in flight.take_waiters():
+            self.waiting -= 1
+            self._respond(waiter, sink, reply, flight.stale)
+
+    def _store(self, key: tuple, data: bytes | None, qend: int) -> Reply | None:
+        """Read the upstream's reply and keep it (or the failure) in the cache; None when no
+        usable reply came (a malformed one counts as none)."""
         reply = None
         if data is not None:
             try:
-                reply = scan_reply(data, 12 + len(q.question), self._policy)
+                reply = scan_reply(data, qend, self._policy)
             except (ValueError, IndexError, struct.error):
-                pass  # a malformed reply counts as no reply
+                pass
         if reply is None:
-            self._cache.failed(key, failure(self._policy))
+            self._stale.failed(key, failure(self._policy))
         elif reply.rcode in MOVE_ON:  # SERVFAIL is cached briefly, REFUSED not at all
-            self._cache.failed(key, reply)
+            self._stale.failed(key, reply)
         else:
             self._cache.put(key, reply)
-        if flight.more is None:  # the usual case: one client, or a prefetch with none
-            if flight.sink is not None:
-                self.waiting -= 1
-                self.respond(q, flight.sink, reply, flight.stale)
-            return
-        for q, sink in flight.take_waiters():
-            self.waiting -= 1
-            self.respond(q, sink, reply, flight.stale)
+        return reply
 
     def _stale_due(self, flight: Flight) -> None:
         """RFC 8767 client response timer: the waiters get the stale answer now; the flight
@@ -166,28 +205,28 @@ class Forwarder:
         flight.stale_due = True
         for q, sink in flight.take_waiters():
             self.waiting -= 1
-            self.respond(q, sink, None, flight.stale)
+            self._respond(q, sink, None, flight.stale)
 
-    def answer(self, q: Query, reply: Reply | None, stale: Entry | None) -> tuple[bytes, str]:
-        """What one waiting client gets: from the reply (None: no usable reply came, or
-        none is waited for), else the stale answer, else SERVFAIL (by raising)."""
+    def _respond(self, q: Query, sink: Sink, reply: Reply | None, stale: Entry | None) -> None:
+        """Deliver one waiter's answer; if making it raises, SERVFAIL (contract.servfail)."""
+        try:
+            answered = self.answer(q, reply, stale)
+        except Exception as error:
+            answered = servfail(q, error)
+        self._deliver(q, sink, answered.data, answered.outcome)
+
+    def answer(self, q: Query, reply: Reply | None, stale: Entry | None) -> Answered:
+        """What one waiting client gets: from the reply (None: no usable reply came, or none
+        is waited for), else the stale answer, else SERVFAIL."""
         if reply is None or reply.rcode in MOVE_ON:  # failures to refresh (RFC 8767 4)
             if stale is not None:
-                return self._stale(q, stale.reply)
+                return self._stale.serve(q, stale)
             if reply is None:
-                raise UpstreamError("no usable answer from any upstream")
+                return Answered(wire.error_answer(q, SERVFAIL), Outcome.SERVFAIL)
             if reply.rcode == SERVFAIL:
-                return render(q, reply, 0), Outcome.SERVFAIL
+                return Answered(render(q, reply, 0), Outcome.SERVFAIL)
         if reply.cnames:
-            cloak = self._blocker.check_chain(reply.cnames)
+            cloak = self._cname.verdict(reply.cnames)
             if cloak is not None:
-                return self._blocker.answer_chain(q, cloak), Outcome.BLOCKED
-        return render(q, reply, 0), Outcome.FORWARDED
-
-    def _stale(self, q: Query, reply: Reply) -> tuple[bytes, str]:
-        self._tally.inc(("stale",))
-        return render_stale(q, reply, self._stale_ttl), Outcome.STALE
-
-
-def _unwired(*args) -> None:
-    raise RuntimeError("Forwarder.respond is set by the Pipeline that owns it")
+                return self._cname.answer(q, cloak)
+        return Answered(render(q, reply, 0), Outcome.FORWARDED)

@@ -1,0 +1,90 @@
+"""The packet cache: a layer around the pipeline that replays whole UDP answers by the bytes
+of the query after its ID.
+
+Most DNS traffic is the same few questions asked the same way. For those, decoding the
+question, walking the rules and rendering the answer are all repeats of work already done, so
+an answer the pipeline made is remembered under the query's bytes after its two-byte ID
+(flags, question, EDNS record: everything that shaped the answer), and the next identical
+query is answered with its own ID and the remembered rest, before any decoding. PowerDNS
+Recursor's packet cache works this way, and caches policy answers too.
+
+What keeps it correct:
+- only an answer that says how long it holds (`contract.Replay`) is remembered: a blocked
+  answer until the rules change (the cache is cleared on every rule install), a cache hit
+  until the next whole second, when its TTLs count down, and never past the cache's prefetch
+  window; an answer that holds for one client only carries none (see stages/contract.py);
+- each remembered answer carries the counters it must bump, so a hit here counts exactly as
+  the full path would have;
+- UDP only (TCP answers are not truncated, so they could differ), and bounded: the oldest
+  entry goes first when `cache.packet_entries` is reached, and a query or answer longer
+  than the usual shapes (MAX_QUERY, MAX_ANSWER) is not kept, so an entry is at most a couple
+  of kilobytes whatever a client sends (padding, junk after the records, a 64 KiB buffer).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Protocol
+
+from resolver.message.constants import NEVER, Clock
+from resolver.ops.metrics import Tally
+from resolver.stages.contract import Answered, Drop, Forward, Replay, Sink
+
+MAX_QUERY = 512  # bytes: a longest name with EDNS and a cookie fits in well under this
+MAX_ANSWER = 1232  # bytes: the EDNS size that avoids fragmentation (larger answers are rare)
+
+_Kept = tuple[bytes, float, tuple[str, str], Tally, tuple[str, ...]]  # answer after its ID,
+# until when, the queries_total key, and the counter and key the replay bumps
+
+
+class Handler(Protocol):
+    """What the packet cache wraps (server.pipeline.Pipeline)."""
+
+    def handle(self, data: bytes, client: tuple[str, int], sink: Sink
+               ) -> Answered | Forward | Drop: ...
+
+
+class PacketCache:
+    """Answers by query bytes (ID excluded), oldest out first, in front of a Handler."""
+
+    def __init__(self, inner: Handler, max_entries: int, clock: Clock, queries: Tally):
+        self._inner = inner.handle
+        self._entries: OrderedDict[bytes, _Kept] = OrderedDict()
+        self._max = max_entries
+        self._clock = clock
+        self._queries = queries.counts
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def handle(self, data: bytes, client: tuple[str, int], sink: Sink) -> bytes | None:
+        """The answer to send now, replayed or from the pipeline; None when there is none
+        (dropped, or coming later through sink.deliver)."""
+        found = self._entries.get(data[2:])
+        if found is not None:
+            tail, until, outcome, tally, key = found
+            if until == NEVER or self._clock() < until:  # blocked answers need no clock
+                counts = self._queries
+                counts[outcome] = counts.get(outcome, 0) + 1
+                counts = tally.counts
+                counts[key] = counts.get(key, 0) + 1
+                return data[:2] + tail
+        result = self._inner(data, client, sink)
+        if not isinstance(result, Answered):
+            return None
+        answer, replay = result.data, result.replay
+        if (replay is not None and self._max > 0 and len(data) <= MAX_QUERY
+                and len(answer) <= MAX_ANSWER):
+            self._remember(data, answer, result.outcome, replay)
+        return answer
+
+    def _remember(self, data: bytes, answer: bytes, outcome: str, replay: Replay) -> None:
+        until, tally, key = replay
+        entries = self._entries
+        entries[data[2:]] = (answer[2:], until, ("udp", outcome), tally, key)
+        if len(entries) > self._max:
+            entries.popitem(last=False)
+
+    def clear(self) -> None:
+        """Forget everything (the rules changed)."""
+        self._entries.clear()

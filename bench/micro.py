@@ -34,9 +34,12 @@ from resolver.ops.metrics import Metrics  # noqa: E402
 from resolver.server.outbox import Outbox  # noqa: E402
 from resolver.message.reply import TtlPolicy, render, scan_reply  # noqa: E402
 from resolver.rules.loader import load_rules  # noqa: E402
-from resolver.upstream import pool as upstream  # noqa: E402
+from resolver.server.packetcache import PacketCache  # noqa: E402
 from resolver.server.udp import UdpServer  # noqa: E402
-from resolver.upstream.pool import UpstreamPool, _UdpSocket  # noqa: E402
+from resolver.stages.cache import CacheLookup  # noqa: E402
+from resolver.stages.prefetch import Prefetch  # noqa: E402
+from resolver.upstream import udp as upstream_udp  # noqa: E402
+from resolver.upstream.pool import UpstreamPool  # noqa: E402
 
 CLIENT = ("127.0.0.1", 40000)
 
@@ -46,7 +49,7 @@ class NullSink:
 
     name = "udp"
 
-    def deliver(self, answer: bytes, client: tuple) -> None:
+    def deliver(self, answer: bytes, client: tuple[str, int]) -> None:
         raise AssertionError("a benchmarked query went upstream")
 
 
@@ -79,9 +82,9 @@ class CountingTransport:
         return False
 
 
-def udp_server(pipeline, outbox: Outbox) -> tuple[UdpServer, CountingTransport]:
+def udp_server(packets: PacketCache, outbox: Outbox) -> tuple[UdpServer, CountingTransport]:
     """The real UDP entry point (packet cache, then the pipeline) on a counting transport."""
-    server, transport = UdpServer(pipeline, outbox), CountingTransport()
+    server, transport = UdpServer(packets, outbox), CountingTransport()
     server.connection_made(transport)
     return server, transport
 
@@ -103,17 +106,15 @@ async def forward_round_trip(config: Config, rules, number: int) -> tuple[float,
     metrics = Metrics()
     outbox = Outbox()
     pool = UpstreamPool(config.upstream, metrics, outbox=outbox)
-    pool.loop = asyncio.get_running_loop()
-    pool.upstreams[0]._loop = pool.loop
-    sockets = []
-    for _ in range(8):
-        sock = _UdpSocket()
+    await pool.open()  # real sockets (to the discard port), whose transports are then swapped
+    sockets = pool.upstreams[0].udp._sockets  # type: ignore[union-attr]  # a bench may pry
+    for sock in sockets:
+        sock.transport.close()
         sock.transport = CapturingTransport()
-        sockets.append(sock)
-    pool.upstreams[0]._sockets = sockets
-    upstream.SOCKET_QUERIES = 1 << 62  # the capturing sockets are never swapped for real ones
-    pipeline = build_pipeline(config, rules, metrics, pool, time.monotonic)
-    server, client_side = udp_server(pipeline, outbox)
+    upstream_udp.SOCKET_QUERIES = 1 << 62  # the capturing sockets are never swapped
+    loop = asyncio.get_running_loop()
+    chain = build_pipeline(config, rules, metrics, pool, time.monotonic, loop.call_later)
+    server, client_side = udp_server(chain.packets, outbox)
     queries = [packet(f"n{i}.cold.example", False) for i in range(number)]
     out = back = 0.0
     for start in range(0, number, 100):
@@ -174,25 +175,28 @@ def main() -> None:
     config = Config(upstream=UpstreamConfig(servers=(UpstreamServer("127.0.0.1", 9),)))
     metrics = Metrics()
     rules = load_rules(config.blocking.rules)
-    pipeline = build_pipeline(config, rules, metrics, UpstreamPool(config.upstream, metrics),
-                              clock=lambda: 1000.0)
-    blocker, cache_stage = pipeline.stages[:2]
+    chain = build_pipeline(config, rules, metrics, UpstreamPool(config.upstream, metrics),
+                           lambda: 1000.0, asyncio.new_event_loop().call_later)
+    pipeline, blocker, cache = chain.pipeline, chain.blocker, chain.cache
+    cache_stage = CacheLookup(cache, metrics, Prefetch(config.cache, metrics, lambda q: False))
     settle_memory()  # the server's garbage-collector settings, which the numbers depend on
     sink = NullSink()
-    udp, _ = udp_server(pipeline, Outbox())
+    udp, _ = udp_server(chain.packets, Outbox())
 
     blocked = packet("www.binance.com", args.edns)
     allowed = packet("www.example.org", args.edns)
     q_blocked = wire.parse_query(blocked, CLIENT, "udp")
     q_allowed = wire.parse_query(allowed, CLIENT, "udp")
     reply = scan_reply(upstream_reply(allowed), 12 + len(q_allowed.question), TtlPolicy())
-    cache_stage._cache.put(q_allowed.cache_key, reply)
+    cache.put(q_allowed.cache_key, reply)
 
     rows = [
         ("decode (parse_query)", lambda: wire.parse_query(blocked, CLIENT, "udp")),
         ("policy: blocked (lookup + count + build)", lambda: blocker.answer(q_blocked)),
         ("policy: pass (lookup miss)", lambda: blocker.answer(q_allowed)),
         ("cache hit (lookup + render)", lambda: cache_stage.answer(q_allowed)),
+        # the fenced shortcut: a miss says FORWARD, skipping the stages that read entries
+        ("cache miss (lookup, FORWARD)", lambda: cache_stage.answer(q_blocked)),
         ("encode cached reply (render, aged)", lambda: render(q_allowed, reply, 7)),
         ("whole handle(): blocked", lambda: pipeline.handle(blocked, CLIENT, sink)),
         ("whole handle(): cache hit", lambda: pipeline.handle(allowed, CLIENT, sink)),

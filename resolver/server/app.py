@@ -54,6 +54,7 @@ class Chain:
     pipeline: Pipeline
     packets: PacketCache
     blocker: Blocker
+    cache: Cache
     forwarder: Forwarder
 
 
@@ -99,7 +100,7 @@ def build_pipeline(config: Config, rules: RuleSet, metrics: Metrics, upstreams: 
     blocker.on_install(packets.clear)
     metrics.gauge("packet_cache_entries", "Whole UDP answers kept by query bytes.", (),
                   lambda: {(): len(packets)})
-    return Chain(pipeline, packets, blocker, forwarder)
+    return Chain(pipeline, packets, blocker, cache, forwarder)
 
 
 @dataclass

@@ -448,7 +448,7 @@ def test_cname_verdict_is_kept_and_rechecked_when_the_rules_change() -> None:
     blocked.add(b"\x01t\x07tracker\x07example\x00")  # a reload blocks the target
     h.cache.recheck()
     assert len(seen) == 2, "only entries with a CNAME chain are checked again"
-    assert h.ask("www.example.test") is None  # left to blocking.CnameBlocker
+    assert h.ask("www.example.test") is None  # left to cname.CnameBlocker
     assert h.cache.fresh(query("www.example.test").cache_key).cloak == CLOAK
     assert h.ask("plain.example.test") is not None
 

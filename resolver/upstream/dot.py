@@ -8,7 +8,7 @@ one; a connection with nothing in flight for `idle_timeout` seconds is closed, s
 is not held open for nothing.
 
 This module moves bytes and matches IDs; what a query and an acceptable reply are is the
-caller's business (upstream.py). Failures surface as the standard exceptions: ssl.SSLError
+caller's business (upstream/stream.py). Failures surface as the standard exceptions: ssl.SSLError
 for a failed handshake or certificate check, TimeoutError, and OSError for the network.
 """
 

@@ -1,0 +1,260 @@
+"""Table tests of server/pipeline.py: how the stage results flow (PASS on, Answered stops,
+FORWARD skips to the forwarder, DROP), what is counted under which labels, per-client passes
+kept out of the packet cache, the one SERVFAIL guard, load shedding, malformed packets, and
+the Delivery of later answers. The stages and the forwarder are small fakes that record what
+reached them; no socket, no loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+
+import pytest
+
+from resolver.message.constants import FORMERR, NOTIMP, SERVFAIL, BADVERS
+from resolver.message.query import Query
+from resolver.ops.metrics import Metrics
+from resolver.server.packetcache import PacketCache
+from resolver.server.pipeline import Delivery, Pipeline
+from resolver.stages.contract import (DROP, FORWARD, PASS, PASS_PER_CLIENT, Answered, Drop,
+                                      Forward, Result)
+from tests.clock import FakeClock
+from tests.dnsmsg import CLIENT, dnslib_rcode, query, query_packet, summary
+
+NEVER = float("inf")
+
+
+class Sink:
+    """A transport: its name is the `protocol` label; `deliver` records later answers."""
+
+    def __init__(self, name: str = "udp"):
+        self.name = name
+        self.delivered: list[tuple[bytes, tuple[str, int]]] = []
+
+    def deliver(self, answer: bytes, client: tuple[str, int]) -> None:
+        self.delivered.append((answer, client))
+
+
+class Stage:
+    """A stage that gives `result` for every query (raises it, if it is an exception) and
+    records the queries it saw."""
+
+    def __init__(self, result: Result | Exception):
+        self.result = result
+        self.seen: list[Query] = []
+
+    def answer(self, q: Query) -> Result:
+        self.seen.append(q)
+        if isinstance(self.result, Exception):
+            raise self.result
+        return self.result
+
+
+class Forwarder:
+    """What the pipeline reads of the forwarder: `waiting`, and `submit`."""
+
+    def __init__(self, waiting: int = 0, error: Exception | None = None):
+        self.waiting = waiting
+        self.error = error
+        self.submitted: list[tuple[Query, Sink]] = []
+
+    def submit(self, q: Query, sink: Sink) -> None:
+        if self.error is not None:
+            raise self.error
+        self.submitted.append((q, sink))
+
+
+class Chain:
+    """A Pipeline over Stages giving `results` in order, and its counts."""
+
+    def __init__(self, *results: Result | Exception, waiting: int = 0, max_inflight: int = 10,
+                 forward_error: Exception | None = None):
+        self.metrics = Metrics()
+        self.stages = [Stage(result) for result in results]
+        self.forwarder = Forwarder(waiting, forward_error)
+        self.pipeline = Pipeline(self.stages, self.forwarder,  # type: ignore[arg-type]
+                                 self.metrics, max_inflight)
+
+    def handle(self, data: bytes = b"", transport: str = "udp") -> Answered | Forward | Drop:
+        return self.pipeline.handle(data or query_packet("www.example.org"), CLIENT,
+                                    Sink(transport))
+
+    @property
+    def counts(self) -> dict[tuple[str, ...], int]:
+        return self.metrics.queries.counts
+
+    def reached(self) -> list[int]:
+        """How many queries each stage saw."""
+        return [len(stage.seen) for stage in self.stages]
+
+
+def answered(outcome: str = "cached", replay: bool = False) -> Answered:
+    tally = Metrics().cache
+    return Answered(b"\x12\x34" + outcome.encode(), outcome,
+                    (NEVER, tally, ("hit",)) if replay else None)
+
+
+CACHED = answered("cached")
+BLOCKED = answered("blocked", replay=True)
+
+
+# -- results in order -------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("results", "returned", "reached", "counts", "submitted"), [
+    pytest.param([PASS, PASS], FORWARD, [1, 1], {}, 1,
+                 id="nobody answers: forwarded, counted when delivered"),
+    pytest.param([CACHED, PASS], CACHED, [1, 0], {("udp", "cached"): 1}, 0,
+                 id="Answered stops the chain and is counted"),
+    pytest.param([PASS, BLOCKED, CACHED], BLOCKED, [1, 1, 0], {("udp", "blocked"): 1}, 0,
+                 id="the first Answered wins, replay and all"),
+    pytest.param([PASS, FORWARD, CACHED], FORWARD, [1, 1, 0], {}, 1,
+                 id="FORWARD skips the rest"),
+    pytest.param([DROP, CACHED], DROP, [1, 0], {("udp", "dropped"): 1}, 0,
+                 id="DROP is counted dropped"),
+    pytest.param([PASS_PER_CLIENT, PASS], FORWARD, [1, 1], {}, 1,
+                 id="a per-client pass is still a pass"),
+    pytest.param([], FORWARD, [], {}, 1, id="no stages"),
+])
+def test_results_flow_in_order(results: list[Result], returned: Answered | Forward | Drop,
+                               reached: list[int], counts: dict, submitted: int) -> None:
+    chain = Chain(*results)
+    assert chain.handle() is returned
+    assert chain.reached() == reached
+    assert chain.counts == counts
+    assert len(chain.forwarder.submitted) == submitted
+
+
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+def test_counts_are_by_transport_and_outcome(transport: str) -> None:
+    chain = Chain(BLOCKED)
+    chain.handle(transport=transport)
+    chain.handle(transport=transport)
+    assert chain.counts == {(transport, "blocked"): 2}
+
+
+def test_the_forwarder_gets_the_decoded_query_and_its_sink() -> None:
+    chain = Chain(PASS)
+    sink = Sink("tcp")
+    packet = query_packet("WWW.Example.org", "AAAA", qid=0x4321, edns=True)
+    assert chain.pipeline.handle(packet, CLIENT, sink) is FORWARD
+    [(q, given)] = chain.forwarder.submitted
+    assert given is sink
+    assert (q.data, q.client, q.transport, q.edns) == (packet, CLIENT, "tcp", True)
+    assert chain.stages[0].seen == [q], "decoded once, the same Query for every stage"
+
+
+# -- per-client answers and the packet cache --------------------------------------------------
+
+@pytest.mark.parametrize(("results", "replayed"), [
+    pytest.param([BLOCKED], True, id="an answer that holds for everyone is replayed"),
+    pytest.param([PASS, BLOCKED], True, id="after a plain pass too"),
+    pytest.param([PASS_PER_CLIENT, BLOCKED], False,
+                 id="after a per-client pass: the answer loses its replay"),
+    pytest.param([PASS_PER_CLIENT, PASS, BLOCKED], False, id="however far down"),
+    pytest.param([CACHED], False, id="an answer without a replay is never kept"),
+])
+def test_per_client_answers_are_kept_out_of_the_packet_cache(results: list[Result],
+                                                             replayed: bool) -> None:
+    chain = Chain(*results)
+    last = results[-1]
+    assert isinstance(last, Answered)
+    first = chain.handle()
+    assert isinstance(first, Answered)
+    assert first.data == last.data and first.outcome == last.outcome
+    assert (first.replay is not None) == replayed
+    packets = PacketCache(chain.pipeline, 10, FakeClock(), chain.metrics.queries)
+    sent = [packets.handle(query_packet("www.example.org", qid=qid), CLIENT, Sink()) or b""
+            for qid in (1, 2)]
+    assert [answer[2:] for answer in sent] == [last.data[2:]] * 2
+    assert len(packets) == int(replayed)
+    if replayed:
+        assert sent[1][:2] == b"\x00\x02", "replayed with the new query's ID"
+    # the stage answered handle() above, the packet cache's first query, and its second
+    # unless that was replayed
+    assert chain.reached()[-1] == 2 + (not replayed)
+
+
+# -- the guard, shedding, malformed input ----------------------------------------------------
+
+@pytest.mark.parametrize(("results", "forward_error", "reached"), [
+    pytest.param([RuntimeError("a bug in a stage"), CACHED], None, [1, 0], id="a stage"),
+    pytest.param([PASS, KeyError("a bug in a later stage")], None, [1, 1], id="a later one"),
+    pytest.param([PASS], OSError("the socket is closed"), [1], id="the forwarder's submit"),
+])
+def test_an_exception_becomes_a_counted_servfail(
+        results: list, forward_error: Exception | None, reached: list[int],
+        caplog: pytest.LogCaptureFixture) -> None:
+    chain = Chain(*results, forward_error=forward_error)
+    with caplog.at_level(logging.ERROR):
+        got = chain.handle(query_packet("www.example.org", qid=0x0BAD, edns=True))
+    assert isinstance(got, Answered) and got.outcome == "servfail" and got.replay is None
+    message = summary(got.data)
+    assert (message.id, message.rcode, message.question) == (
+        0x0BAD, SERVFAIL, (("www.example.org.", "A", "IN"),))
+    assert chain.reached() == reached
+    assert chain.counts == {("udp", "servfail"): 1}
+    [record] = caplog.records
+    assert record.getMessage() == "unexpected error while answering a query"
+    assert record.exc_info is not None, "logged with its traceback"
+
+
+@pytest.mark.parametrize(("waiting", "max_inflight", "returned", "counts"), [
+    (0, 3, FORWARD, {}),
+    (2, 3, FORWARD, {}),
+    (3, 3, DROP, {("udp", "dropped"): 1}),  # shed: no memory grows for it
+    (5, 3, DROP, {("udp", "dropped"): 1}),
+])
+def test_load_is_shed_at_max_inflight(waiting: int, max_inflight: int,
+                                      returned: Forward | Drop, counts: dict) -> None:
+    chain = Chain(PASS, waiting=waiting, max_inflight=max_inflight)
+    assert chain.handle() is returned
+    assert chain.counts == counts
+    assert len(chain.forwarder.submitted) == (returned is FORWARD)
+
+
+def header(flags: int = 0x0100, qd: int = 1, an: int = 0, ns: int = 0, ar: int = 0) -> bytes:
+    return struct.pack("!HHHHHH", 0x5151, flags, qd, an, ns, ar)
+
+
+QUESTION = b"\x07example\x03org\x00\x00\x01\x00\x01"
+
+
+@pytest.mark.parametrize(("packet", "rcode"), [
+    pytest.param(b"\x51\x51\x01", None, id="shorter than a header: dropped"),
+    pytest.param(header(flags=0x8180) + QUESTION, None, id="a response: dropped"),
+    pytest.param(header(qd=0), FORMERR, id="no question"),
+    pytest.param(header(qd=2) + QUESTION * 2, FORMERR, id="two questions"),
+    pytest.param(header() + QUESTION[:5], FORMERR, id="name cut short"),
+    pytest.param(header() + b"\xc0\x0c\x00\x01\x00\x01", FORMERR, id="compressed question"),
+    pytest.param(header(flags=0x2800) + QUESTION, NOTIMP, id="an UPDATE"),
+    pytest.param(query_packet("www.example.org", qid=0x5151, edns=True)[:-11]
+                 + b"\x00\x00\x29\x04\xd0\x00\x01\x00\x00\x00\x00", BADVERS,
+                 id="EDNS version 1"),
+])
+def test_malformed_packets_get_formerr_or_nothing(packet: bytes, rcode: int | None) -> None:
+    chain = Chain(CACHED)
+    got = chain.handle(packet)
+    assert chain.reached() == [0], "no stage sees a malformed packet"
+    if rcode is None:
+        assert got is DROP
+        assert chain.counts == {("udp", "dropped"): 1}
+    else:
+        assert isinstance(got, Answered) and got.outcome == "formerr"
+        assert dnslib_rcode(got.data) == (0x5151, rcode)
+        assert chain.counts == {("udp", "formerr"): 1}
+    assert chain.forwarder.submitted == []
+
+
+# -- later answers ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("transport", "outcome"), [
+    ("udp", "forwarded"), ("tcp", "stale"), ("udp", "servfail"), ("tcp", "blocked")])
+def test_delivery_counts_then_hands_the_answer_to_the_sink(transport: str,
+                                                           outcome: str) -> None:
+    metrics = Metrics()
+    sink = Sink(transport)
+    q = query("www.example.org", transport=transport)
+    Delivery(metrics).deliver(q, sink, b"answer", outcome)
+    assert sink.delivered == [(b"answer", CLIENT)]
+    assert metrics.queries.counts == {(transport, outcome): 1}

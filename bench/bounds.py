@@ -39,17 +39,19 @@ import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from resolver.message import constants
-from resolver.message import wire  # noqa: E402
-from resolver.server.app import UDP_RECEIVE_BUFFER  # noqa: E402
-from resolver.stages.cache import Cache  # noqa: E402
-from resolver.cli import settle_memory  # noqa: E402
-from resolver.ops.config import CacheConfig  # noqa: E402
-from resolver.upstream.ids import random_id  # noqa: E402
-from resolver.ops.metrics import Metrics  # noqa: E402
-from resolver.server.outbox import Outbox  # noqa: E402
-from resolver.message.reply import TtlPolicy, render, scan_reply  # noqa: E402
-from resolver.rules.loader import load_rules  # noqa: E402
+from resolver.cli import settle_memory
+from resolver.message import (
+    constants,
+    wire,
+)
+from resolver.message.reply import TtlPolicy, render, scan_reply
+from resolver.ops.config import CacheConfig
+from resolver.ops.metrics import Metrics
+from resolver.rules.loader import load_rules
+from resolver.server.app import UDP_RECEIVE_BUFFER
+from resolver.server.outbox import Outbox
+from resolver.stages.cache import Cache
+from resolver.upstream.ids import random_id
 
 SOCKETS = 4
 COUNTS = struct.Struct("!HHHHH")

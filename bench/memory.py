@@ -60,7 +60,7 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import HOST, ROOT, Processes, clean_up, free_port, revision  # noqa: E402
+from harness import HOST, ROOT, Processes, clean_up, free_port, revision
 
 RESOLVER = ROOT / ".venv" / "bin" / "resolver"
 FILL_ZONE = "fill.test"

@@ -26,20 +26,20 @@ import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from resolver.message import wire  # noqa: E402
-from resolver.server.app import build_pipeline  # noqa: E402
-from resolver.cli import settle_memory  # noqa: E402
-from resolver.ops.config import Config, UpstreamConfig, UpstreamServer  # noqa: E402
-from resolver.ops.metrics import Metrics  # noqa: E402
-from resolver.server.outbox import Outbox  # noqa: E402
-from resolver.message.reply import TtlPolicy, render, scan_reply  # noqa: E402
-from resolver.rules.loader import load_rules  # noqa: E402
-from resolver.server.packetcache import PacketCache  # noqa: E402
-from resolver.server.udp import UdpServer  # noqa: E402
-from resolver.stages.cache import CacheLookup  # noqa: E402
-from resolver.stages.prefetch import Prefetch  # noqa: E402
-from resolver.upstream import udp as upstream_udp  # noqa: E402
-from resolver.upstream.pool import UpstreamPool  # noqa: E402
+from resolver.cli import settle_memory
+from resolver.message import wire
+from resolver.message.reply import TtlPolicy, render, scan_reply
+from resolver.ops.config import Config, UpstreamConfig, UpstreamServer
+from resolver.ops.metrics import Metrics
+from resolver.rules.loader import load_rules
+from resolver.server.app import build_pipeline
+from resolver.server.outbox import Outbox
+from resolver.server.packetcache import PacketCache
+from resolver.server.udp import UdpServer
+from resolver.stages.cache import CacheLookup
+from resolver.stages.prefetch import Prefetch
+from resolver.upstream import udp as upstream_udp
+from resolver.upstream.pool import UpstreamPool
 
 CLIENT = ("127.0.0.1", 40000)
 

@@ -51,7 +51,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import HOST, ROOT, Processes, clean_up, free_port, revision  # noqa: E402
+from harness import HOST, ROOT, Processes, clean_up, free_port, revision
 
 SHARED = ROOT.parent / "shared" / "bench"
 RESOLVER = ROOT / ".venv" / "bin" / "resolver"
@@ -267,7 +267,7 @@ def main() -> int:
     for mix in mixes:
         for workers in counts:
             rs = results[(mix, workers)]
-            med = lambda key: statistics.median(r[key] for r in rs)  # noqa: E731
+            med = lambda key: statistics.median(r[key] for r in rs)
             runs = " ".join(f"{r['qps'] / 1000:.1f}" for r in rs)
             print(f"{mix:<8} {workers:>7} {med('qps'):>11,.0f} {runs:<20} "
                   f"{med('server_cpu'):>12.2f} {med('us_per_query'):>5.2f} "

@@ -18,11 +18,11 @@ import sys
 
 import uvloop
 
-from resolver.server.app import serve_until_signalled
 from resolver.ops.config import TLS_SCHEME, Config, Overrides, load_config
 from resolver.ops.errors import ConfigError
 from resolver.rules.loader import load_rules
 from resolver.rules.matcher import RuleSet
+from resolver.server.app import serve_until_signalled
 from resolver.server.supervisor import Supervisor, default_workers
 from resolver.upstream.pool import address_label
 

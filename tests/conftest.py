@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from resolver.server.app import RunningServer, running_server
 from resolver.message.constants import Clock
 from resolver.ops.config import Address, Config, UpstreamServer
 from resolver.rules.loader import load_rules
+from resolver.server.app import RunningServer, running_server
 from tests.servers import LOOPBACK, FaultUpstream, NsdServer, run_nsd
 from tests.tls import TlsFiles, UnboundDot, make_tls_files, run_unbound_dot
 

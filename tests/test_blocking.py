@@ -10,17 +10,14 @@ from dnslib import AAAA, CLASS, EDNS0, QTYPE, RR, SOA, A, DNSRecord, EDNSOption
 from prometheus_client import CollectorRegistry
 
 from resolver.message import constants
-from resolver.message import wire
-from resolver.stages.blocking import Blocker, ListAnswers
-from resolver.stages.contract import PASS, Answered
-from resolver.stages.cache import Cache
-from resolver.ops.config import BlockingConfig, CacheConfig
-from resolver.ops.metrics import Metrics
 from resolver.message.names import to_wire
-from resolver.message.reply import TtlPolicy, scan_reply
+from resolver.ops.config import BlockingConfig
+from resolver.ops.metrics import Metrics
 from resolver.rules.matcher import RuleSet
 from resolver.rules.model import Rule, RuleList
-from tests.dnsmsg import parse, query_packet, response, summary
+from resolver.stages.blocking import Blocker, ListAnswers
+from resolver.stages.contract import PASS, Answered
+from tests.dnsmsg import parse, query_packet, summary
 
 CONFIG = BlockingConfig(rules=())
 NO_EDE = BlockingConfig(rules=(), ede=False, ttl=120)

@@ -9,17 +9,16 @@ from dataclasses import replace
 import pytest
 from prometheus_client import CollectorRegistry
 
-from resolver.message import constants
-from resolver.message import wire
+from resolver.message import constants, wire
+from resolver.message.query import Query
+from resolver.message.reply import Reply, TtlPolicy, failure, scan_reply
+from resolver.ops.config import CacheConfig
+from resolver.ops.metrics import Metrics
+from resolver.rules.model import Rule, RuleList
 from resolver.stages.cache import ENTRY_OVERHEAD, Cache, CacheLookup
 from resolver.stages.contract import FORWARD, PASS, Answered
 from resolver.stages.prefetch import Prefetch
 from resolver.stages.stale import ServeStale
-from resolver.ops.config import CacheConfig
-from resolver.ops.metrics import Metrics
-from resolver.message.query import Query
-from resolver.message.reply import Reply, TtlPolicy, failure, scan_reply
-from resolver.rules.model import Rule, RuleList
 from tests.clock import START, FakeClock
 from tests.dnsmsg import query, response, summary
 

@@ -13,12 +13,18 @@ import dns.rcode
 import pytest
 from dnslib import QTYPE, DNSRecord
 
-from resolver.server.app import running_server
 from resolver.ops.config import (
-    Address, BlockingConfig, Config, MetricsConfig, ServerConfig, UpstreamConfig, UpstreamServer,
+    Address,
+    BlockingConfig,
+    Config,
+    MetricsConfig,
+    ServerConfig,
+    UpstreamConfig,
+    UpstreamServer,
 )
-from resolver.upstream.dot import Connection
 from resolver.rules.loader import load_rules
+from resolver.server.app import running_server
+from resolver.upstream.dot import Connection
 from resolver.upstream.pool import UpstreamError, UpstreamPool
 from tests.servers import LOOPBACK, ZONE
 from tests.test_upstream import open_pool, query

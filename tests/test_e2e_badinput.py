@@ -15,7 +15,15 @@ from hypothesis import strategies as st
 
 from tests.conftest import METRICS_ON
 from tests.e2e import (
-    ask, frame, make_query, metric, raw_udp, raw_udp_exchange, read_framed, scrape, where,
+    ask,
+    frame,
+    make_query,
+    metric,
+    raw_udp,
+    raw_udp_exchange,
+    read_framed,
+    scrape,
+    where,
 )
 from tests.servers import ZONE
 

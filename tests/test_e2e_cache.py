@@ -13,8 +13,8 @@ import dns.rcode
 import dns.rdatatype
 import pytest
 
-from tests.conftest import BLOCK_TTL, RULES_YAML
 from tests.clock import FakeClock
+from tests.conftest import BLOCK_TTL, RULES_YAML
 from tests.e2e import ask, ede, make_query, rrsets
 from tests.servers import FAULT_A, ZONE, FaultUpstream
 

@@ -4,7 +4,6 @@ upstream for what NSD won't do."""
 from __future__ import annotations
 
 import asyncio
-import time
 
 import dns.asyncquery
 import dns.flags
@@ -14,8 +13,8 @@ import dns.rcode
 import dns.rdatatype
 import pytest
 
-from tests.conftest import METRICS_ON
 from tests.clock import FakeClock
+from tests.conftest import METRICS_ON
 from tests.e2e import ask, make_query, metric, raw_udp, rrsets, scrape
 from tests.servers import FAULT_A, ZONE, free_port
 

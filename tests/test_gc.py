@@ -17,12 +17,12 @@ import dns.rcode
 import uvloop
 
 from resolver.message import wire
-from resolver.server.app import running_server
 from resolver.rules.loader import load_rules
+from resolver.server.app import running_server
 from tests.conftest import RULES_YAML, resolver_config
 from tests.e2e import ask, make_query, raw_udp, tcp
-from tests.tls import TLS_NAME
 from tests.servers import LOOPBACK, ZONE
+from tests.tls import TLS_NAME
 
 # Modules whose objects in a garbage cycle would mean our code made it.
 OURS = ("resolver", "asyncio", "uvloop")

@@ -11,8 +11,7 @@ from dnslib import EDNS0, DNSRecord
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from resolver.message import constants
-from resolver.message import wire
+from resolver.message import constants, wire
 from resolver.message.query import Query
 from resolver.message.reply import Reply, TtlPolicy, failure, render, render_stale, scan_reply
 from tests.dnsmsg import query, response, summary

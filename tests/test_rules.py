@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from resolver.message.names import to_wire
 from resolver.ops.errors import ConfigError
 from resolver.rules import loader as rules_module
-from resolver.message.names import to_wire
 from resolver.rules.loader import load_rules
 from resolver.rules.matcher import RuleSet
 from resolver.rules.model import Rule, RuleList

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from resolver.upstream.selection import EXPLORE, EWMA_WEIGHT, Backoff, Health, arrange
+from resolver.upstream.selection import EWMA_WEIGHT, EXPLORE, Backoff, Health, arrange
 
 BACKOFF = Backoff(after=2, initial=1.0, maximum=5.0)
 PROBE = 0.5  # the upstream's timeout

@@ -12,8 +12,7 @@ from dnslib import EDNS0, DNSQuestion, DNSRecord
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from resolver.message import constants
-from resolver.message import wire
+from resolver.message import constants, wire
 from tests.dnsmsg import CLIENT, dnslib_rcode, parse, query, query_packet, records, summary
 
 WWW = b"\x03www\x07example\x03org\x00"

@@ -7,6 +7,7 @@ instead of parsing and re-packing whole messages.
 
 from __future__ import annotations
 
+
 class Outcome:
     """How a query was answered: the values of the `outcome` label of resolver_queries_total.
 

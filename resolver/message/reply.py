@@ -14,8 +14,17 @@ from dataclasses import dataclass
 import dnslib
 
 from resolver.message import wire
+from resolver.message.constants import (
+    AD,
+    MAX_TTL,
+    NOERROR,
+    NXDOMAIN,
+    SERVFAIL,
+    TYPE_CNAME,
+    TYPE_OPT,
+    TYPE_SOA,
+)
 from resolver.message.query import Query
-from resolver.message.constants import AD, MAX_TTL, NOERROR, NXDOMAIN, SERVFAIL, TYPE_OPT, TYPE_SOA, TYPE_CNAME
 
 _TTL = struct.Struct("!I")
 _COUNTS = struct.Struct("!HHHHH")  # flags and the four section counts

@@ -9,11 +9,26 @@ from __future__ import annotations
 
 import struct
 
-from resolver.message.constants import (AD, BADVERS, CD, CLASSIC_UDP, FORMERR, MAX_MESSAGE,
-                                        MAX_NAME, NOERROR, NOTIMP, OPCODE, QR, RA, RD,
-                                        SERVFAIL, TC, TYPE_OPT, EDE_OPTION)
+from resolver.message.constants import (
+    AD,
+    BADVERS,
+    CD,
+    CLASSIC_UDP,
+    EDE_OPTION,
+    FORMERR,
+    MAX_MESSAGE,
+    MAX_NAME,
+    NOERROR,
+    NOTIMP,
+    OPCODE,
+    QR,
+    RA,
+    RD,
+    SERVFAIL,
+    TC,
+    TYPE_OPT,
+)
 from resolver.message.query import Query
-
 
 _HEADER = struct.Struct("!HHHHHH")
 _RR_FIXED = struct.Struct("!HHIH")  # type, class, ttl, rdlength

@@ -10,7 +10,6 @@ outcomes, upstream addresses from config. Never a query name or a client address
 from __future__ import annotations
 
 import operator
-
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 

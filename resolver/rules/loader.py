@@ -14,14 +14,30 @@ from pathlib import Path
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from resolver.ops.errors import ConfigError
 from resolver.message.constants import MAX_TTL
 from resolver.message.names import normalize, to_wire
+from resolver.ops.errors import ConfigError
+from resolver.ops.yamlnodes import (
+    INT,
+    NULL,
+    STR,
+    compose,
+    dotted,
+    kind_of,
+    known_keys,
+    line_of,
+    problem_text,
+)
 from resolver.rules.matcher import RuleSet
-from resolver.rules.model import (ACTIONS, ALLOW, DEFAULT_ACTION, DEFAULT_SINKHOLE_V4,
-                                  DEFAULT_SINKHOLE_V6, Rule, RuleList)
-from resolver.ops.yamlnodes import (INT, NULL, STR, compose, dotted, kind_of, known_keys,
-                                line_of, problem_text)
+from resolver.rules.model import (
+    ACTIONS,
+    ALLOW,
+    DEFAULT_ACTION,
+    DEFAULT_SINKHOLE_V4,
+    DEFAULT_SINKHOLE_V6,
+    Rule,
+    RuleList,
+)
 
 YAML_SUFFIXES = (".yaml", ".yml")
 TEXT_SUFFIXES = (".txt", ".list")

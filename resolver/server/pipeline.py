@@ -13,8 +13,18 @@ from collections.abc import Sequence
 from resolver.message import wire
 from resolver.message.query import Outcome, Query
 from resolver.ops.metrics import Metrics
-from resolver.stages.contract import (DROP, FORWARD, PASS, PASS_PER_CLIENT, Answered, Drop,
-                                      Forward, Sink, Stage, servfail)
+from resolver.stages.contract import (
+    DROP,
+    FORWARD,
+    PASS,
+    PASS_PER_CLIENT,
+    Answered,
+    Drop,
+    Forward,
+    Sink,
+    Stage,
+    servfail,
+)
 from resolver.stages.forward import Forwarder
 
 

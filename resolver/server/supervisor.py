@@ -29,12 +29,12 @@ import uvloop
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import Metric
 
-from resolver.server.app import bound_socket, serve_until_signalled
 from resolver.ops.config import Address, Config
-from resolver.ops.metrics import Endpoint, Sample, merge_samples
 from resolver.ops.errors import ConfigError
+from resolver.ops.metrics import Endpoint, Sample, merge_samples
 from resolver.rules.loader import load_rules
 from resolver.rules.matcher import RuleSet
+from resolver.server.app import bound_socket, serve_until_signalled
 
 log = logging.getLogger(__name__)
 

@@ -16,15 +16,25 @@ import struct
 from collections.abc import Callable
 
 from resolver.message import wire
-from resolver.message.constants import NEVER
-from resolver.ops.config import BlockingConfig
-from resolver.ops.metrics import Metrics
-from resolver.stages.contract import PASS, Answered, Result
+from resolver.message.constants import (
+    CLASS_IN,
+    CLASSIC_UDP,
+    MAX_NAME,
+    NEVER,
+    NOERROR,
+    NXDOMAIN,
+    REFUSED,
+    TYPE_A,
+    TYPE_AAAA,
+    TYPE_SOA,
+)
 from resolver.message.names import to_wire
 from resolver.message.query import Outcome, Query
+from resolver.ops.config import BlockingConfig
+from resolver.ops.metrics import Metrics
 from resolver.rules.matcher import RuleSet
 from resolver.rules.model import Rule, RuleList
-from resolver.message.constants import CLASSIC_UDP, CLASS_IN, MAX_NAME, NOERROR, NXDOMAIN, REFUSED, TYPE_A, TYPE_AAAA, TYPE_SOA
+from resolver.stages.contract import PASS, Answered, Result
 
 EDE_BLOCKED = 15  # RFC 8914 "Blocked"
 SOA_TIMERS = (1, 3600, 600, 86400)  # serial, refresh, retry, expire

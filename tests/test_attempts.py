@@ -51,7 +51,7 @@ class Sent:
     at: float
     timeout: float
 
-    def row(self) -> tuple[str, str, float, float]:
+    def row(self) -> Row:
         """For comparison with a table row: times rounded to the microsecond."""
         return self.upstream, self.via, round(self.at, 6), round(self.timeout, 6)
 
@@ -87,7 +87,7 @@ class Wire:
     def record(self, upstream: str, via: str, timeout: float) -> None:
         self.sent.append(Sent(upstream, via, self.clock() - START, timeout))
 
-    def rows(self) -> list[tuple[str, str, float, float]]:
+    def rows(self) -> list[Row]:
         return [sent.row() for sent in self.sent]
 
 
@@ -155,6 +155,7 @@ class Recorded(Exchange):
 
 # An upstream as a table row writes it: name -> (attempt timeout, "udp" or "tls").
 Spec = dict[str, tuple[float, str]]
+Row = tuple[str, str, float, float]  # a Sent as a table writes it: Sent.row()
 UDP2: Spec = {"a": (1.0, "udp"), "b": (1.0, "udp")}
 TLS2: Spec = {"a": (1.0, "tls"), "b": (1.0, "tls")}
 
@@ -267,7 +268,7 @@ def outcome(results: list[bytes | None]) -> list[str | None]:
                  "refused", id="and when the deadline ends it"),
 ])
 def test_failover(spec: Spec, deadline: float, events: list[str],
-                  sends: list[tuple], errors: list[tuple[str, str]], done: str | None) -> None:
+                  sends: list[Row], errors: list[tuple[str, str]], done: str | None) -> None:
     run = Run(spec, deadline)
     run.start()
     run.play(events)
@@ -366,7 +367,7 @@ def test_a_good_reply_measures_from_the_attempt_not_the_exchange() -> None:
                  [("a", "stream", 0, 1)] * 2, [("a", "rcode")] * 2, "servfail",
                  id="the last rcode over TLS is relayed"),
 ])
-def test_streams(spec: Spec, events: list[str], sends: list[tuple],
+def test_streams(spec: Spec, events: list[str], sends: list[Row],
                  errors: list[tuple[str, str]], done: str | None) -> None:
     run = Run(spec)
     run.start()

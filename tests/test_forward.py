@@ -17,11 +17,11 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
+from resolver.message import wire
 from resolver.message.constants import ALWAYS, NOERROR, NXDOMAIN, REFUSED, SERVFAIL
 from resolver.message.names import to_wire
 from resolver.message.query import Query
 from resolver.message.reply import TtlPolicy, scan_reply
-from resolver.message import wire
 from resolver.ops.config import BlockingConfig, CacheConfig
 from resolver.ops.metrics import Metrics
 from resolver.rules.matcher import RuleSet
@@ -246,7 +246,7 @@ def test_identical_questions_share_one_flight_and_one_reply() -> None:
     (NAME, "AAAA", {}, 2),
     ("other.example.org", "A", {}, 2),
 ])
-def test_what_makes_a_separate_flight(name: str, qtype: str, client: dict,
+def test_what_makes_a_separate_flight(name: str, qtype: str, client: dict[str, Any],
                                       flights: int) -> None:
     h = Harness()
     h.submit()
@@ -479,7 +479,7 @@ def test_a_bug_in_caching_still_answers_every_waiter(
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     h = Harness()
 
-    def broken(key: tuple, reply: object) -> None:
+    def broken(key: tuple[object, ...], reply: object) -> None:
         raise RuntimeError("a bug in the cache")
 
     monkeypatch.setattr(h.cache, "put", broken)

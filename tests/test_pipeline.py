@@ -12,17 +12,25 @@ import struct
 
 import pytest
 
-from resolver.message.constants import FORMERR, NOTIMP, SERVFAIL, BADVERS
+from resolver.message.constants import BADVERS, FORMERR, NEVER, NOTIMP, SERVFAIL
 from resolver.message.query import Query
 from resolver.ops.metrics import Metrics
 from resolver.server.packetcache import PacketCache
 from resolver.server.pipeline import Delivery, Pipeline
-from resolver.stages.contract import (DROP, FORWARD, PASS, PASS_PER_CLIENT, Answered, Drop,
-                                      Forward, Result)
+from resolver.stages.contract import (
+    DROP,
+    FORWARD,
+    PASS,
+    PASS_PER_CLIENT,
+    Answered,
+    Drop,
+    Forward,
+    Result,
+)
 from tests.clock import FakeClock
 from tests.dnsmsg import CLIENT, dnslib_rcode, query, query_packet, summary
 
-NEVER = float("inf")
+Counts = dict[tuple[str, str], int]  # resolver_queries_total: (protocol, outcome) -> count
 
 
 class Sink:
@@ -117,7 +125,7 @@ BLOCKED = answered("blocked", replay=True)
     pytest.param([], FORWARD, [], {}, 1, id="no stages"),
 ])
 def test_results_flow_in_order(results: list[Result], returned: Answered | Forward | Drop,
-                               reached: list[int], counts: dict, submitted: int) -> None:
+                               reached: list[int], counts: Counts, submitted: int) -> None:
     chain = Chain(*results)
     assert chain.handle() is returned
     assert chain.reached() == reached
@@ -183,7 +191,7 @@ def test_per_client_answers_are_kept_out_of_the_packet_cache(results: list[Resul
     pytest.param([PASS], OSError("the socket is closed"), [1], id="the forwarder's submit"),
 ])
 def test_an_exception_becomes_a_counted_servfail(
-        results: list, forward_error: Exception | None, reached: list[int],
+        results: list[Result | Exception], forward_error: Exception | None, reached: list[int],
         caplog: pytest.LogCaptureFixture) -> None:
     chain = Chain(*results, forward_error=forward_error)
     with caplog.at_level(logging.ERROR):
@@ -206,7 +214,7 @@ def test_an_exception_becomes_a_counted_servfail(
     (5, 3, DROP, {("udp", "dropped"): 1}),
 ])
 def test_load_is_shed_at_max_inflight(waiting: int, max_inflight: int,
-                                      returned: Forward | Drop, counts: dict) -> None:
+                                      returned: Forward | Drop, counts: Counts) -> None:
     chain = Chain(PASS, waiting=waiting, max_inflight=max_inflight)
     assert chain.handle() is returned
     assert chain.counts == counts

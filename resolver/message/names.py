@@ -78,7 +78,7 @@ def to_wire(name: str) -> bytes:
     """
     if not name:
         return b"\x00"
-    parts = []
+    parts: list[bytes] = []
     for label in name.encode("ascii").split(b"."):
         parts += (_LENGTH_OCTET[len(label)], label)  # a list and one join: 2x faster than +
     parts.append(b"\x00")
@@ -106,7 +106,7 @@ def label_offsets(wire: bytes) -> tuple[int, ...]:
     Raises ValueError for a truncated name, a compression pointer or bytes after the root
     label, so callers never slice garbage.
     """
-    offsets = []
+    offsets: list[int] = []
     offset = 0
     while offset < len(wire):
         length = wire[offset]

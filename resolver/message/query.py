@@ -46,7 +46,7 @@ class Query:
 
     def __init__(self, data: bytes, flags: int, question: bytes, name: bytes,
                  offsets: list[int], qtype: int, qclass: int, edns: bool, udp_size: int,
-                 do: bool, client: tuple, transport: str):
+                 do: bool, client: tuple[str, int], transport: str):
         self.data = data
         self.flags = flags
         self.question = question

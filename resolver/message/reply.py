@@ -135,6 +135,7 @@ def scan_reply(data: bytes, qend: int, policy: TtlPolicy) -> Reply:
         floor, ceiling, lifetime = 0, policy.servfail_ttl, policy.servfail_ttl or None
     else:
         floor, ceiling, lifetime = policy.min_ttl, policy.max_ttl, None
+    body: bytes | bytearray  # patched in place when a TTL is out of bounds
     body = data[qend:end]  # bytes past the counted records would be junk in every answer
     if not ttls:
         shortest = ceiling
@@ -183,6 +184,7 @@ def _scan_repacked(data: bytes, policy: TtlPolicy) -> Reply:
 
 def render(q: Query, reply: Reply, elapsed: int) -> bytes:
     """Reply to q with `reply` as it stands `elapsed` seconds after it was received."""
+    out: bytes | bytearray  # patched in place when the TTLs count down
     out = _header(q, reply) + q.question + reply.body
     if q.edns:
         out += wire.PLAIN_OPT[q.do]

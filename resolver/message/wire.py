@@ -46,7 +46,7 @@ class FormError(Exception):
         self.response = response
 
 
-def parse_query(data: bytes, client: tuple, transport: str) -> Query:
+def parse_query(data: bytes, client: tuple[str, int], transport: str) -> Query:
     """Decode header, question and EDNS; raise FormError for anything we won't answer.
 
     Written flat, with the common shapes first, because it runs for every packet.

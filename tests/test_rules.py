@@ -10,7 +10,7 @@ import yaml
 
 from resolver.message.names import to_wire
 from resolver.ops.errors import ConfigError
-from resolver.rules import loader as rules_module
+from resolver.ops.yamlnodes import YamlLoader
 from resolver.rules.loader import load_rules
 from resolver.rules.matcher import RuleSet
 from resolver.rules.model import Rule, RuleList
@@ -379,14 +379,11 @@ def test_several_paths_load_in_order(tmp_path: Path) -> None:
     ],
 )
 @pytest.mark.parametrize("loader", [yaml.SafeLoader, yaml.CSafeLoader], ids=["python", "libyaml"])
-def test_yaml_errors(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, loader: type, text: str, problems: list[str]
-) -> None:
+def test_yaml_errors(tmp_path: Path, loader: YamlLoader, text: str, problems: list[str]) -> None:
     """Both parsers give the same messages, so the checks hold with or without libyaml."""
-    monkeypatch.setattr(rules_module, "_LOADER", loader)
     path = write(tmp_path, "rules.yaml", text)
     with pytest.raises(ConfigError) as raised:
-        load_rules([str(path)])
+        load_rules([str(path)], yaml_loader=loader)
     assert raised.value.problems == [problem.format(path=path) for problem in problems]
 
 

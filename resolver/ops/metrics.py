@@ -148,7 +148,9 @@ class Endpoint:
 
     def __init__(self, host: str, port: int, registry: CollectorRegistry):
         self._server, self._thread = start_http_server(port, host, registry=registry)
-        self.address: tuple[str, int] = self._server.server_address[:2]
+        bound, bound_port = self._server.server_address[:2]
+        assert isinstance(bound, str)  # an IP socket's address (bytes: a Unix socket's)
+        self.address = (bound, bound_port)
 
     def stop(self) -> None:
         """Stop serving and close the socket. Blocks for up to the server's 0.5 s poll, so

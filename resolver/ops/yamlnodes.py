@@ -8,11 +8,15 @@ stays with each reader.
 """
 
 from collections.abc import Callable, Container, Iterator
+from typing import TypeAlias
 
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 Report = Callable[[Node, str, str], None]  # records (node for the line, dotted path, message)
+# A safe loader class: pure Python, or libyaml's (a string: PyYAML built without libyaml has
+# no CSafeLoader).
+YamlLoader: TypeAlias = "type[yaml.SafeLoader] | type[yaml.CSafeLoader]"
 
 STR = "tag:yaml.org,2002:str"
 INT = "tag:yaml.org,2002:int"
@@ -83,7 +87,7 @@ def known_keys(
             yield key, key_path, value_node
 
 
-def compose(path: str, text: str, loader: type = yaml.SafeLoader
+def compose(path: str, text: str, loader: YamlLoader = yaml.SafeLoader
             ) -> tuple[Node | None, str | None]:
     """The file's node tree (None for an empty file), or its syntax problem. The pure-Python
     loader words its syntax errors best; libyaml is several times faster on big files."""
@@ -98,8 +102,7 @@ def compose(path: str, text: str, loader: type = yaml.SafeLoader
 def syntax_problem(path: str, error: yaml.YAMLError) -> str:
     """'file:line: YAML syntax error: what', with the parser's context where it gives one
     ('while parsing a flow sequence, expected ...')."""
-    mark = getattr(error, "problem_mark", None)
-    if mark is None:
+    if not isinstance(error, yaml.MarkedYAMLError) or error.problem_mark is None:
         return f"{path}: YAML syntax error: {str(error).splitlines()[0]}"
-    problem = ", ".join(filter(None, (getattr(error, "context", None), error.problem)))
-    return f"{path}:{mark.line + 1}: YAML syntax error: {problem}"
+    problem = ", ".join(filter(None, (error.context, error.problem)))
+    return f"{path}:{error.problem_mark.line + 1}: YAML syntax error: {problem}"

@@ -21,6 +21,7 @@ from resolver.ops.yamlnodes import (
     INT,
     NULL,
     STR,
+    YamlLoader,
     compose,
     dotted,
     kind_of,
@@ -45,8 +46,9 @@ TEXT_SUFFIXES = (".txt", ".list")
 # List names and entry ids end up in logs and metric labels, so keep them plain tokens.
 _TOKEN = re.compile(r"[a-z0-9_.-]+")
 _TOKEN_RULE = "use only a-z 0-9 _ . -"
-# libyaml parses big lists several times faster; the pure-Python loader gives the same nodes.
-_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+# libyaml parses big lists several times faster; the pure-Python loader gives the same nodes
+# and so the same messages (tests/test_rules.py loads its error table through both).
+FAST_LOADER: YamlLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _TOP_KEYS = frozenset({"lists"})
 _LIST_KEYS = frozenset({"name", "action", "ttl", "sinkhole", "description", "entries", "domains"})
 _ENTRY_KEYS = frozenset({"id", "name", "domains"})
@@ -54,14 +56,15 @@ _Texts = tuple[str, ...]
 _Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
-def load_rules(paths: Sequence[str]) -> RuleSet:
+def load_rules(paths: Sequence[str], *, yaml_loader: YamlLoader = FAST_LOADER) -> RuleSet:
     """Load rule files and directories into one RuleSet, or raise ConfigError with all problems.
 
     A directory contributes its *.yaml, *.yml, *.txt and *.list files in sorted order, so the
     first-list-wins order is predictable. A .yaml/.yml file holds lists (see _YamlFile); any
-    other file is a plain list of domains named after the file.
+    other file is a plain list of domains named after the file. yaml_loader: the YAML loader
+    class, libyaml's where PyYAML has it.
     """
-    loader = _Loader()
+    loader = _Loader(yaml_loader)
     for path in _rule_files(paths, loader.problems):
         if path.suffix in YAML_SUFFIXES:
             loader.load_yaml(path)
@@ -93,7 +96,8 @@ def _rule_files(paths: Sequence[str], problems: list[str]) -> list[Path]:
 class _Loader:
     """Accumulates lists, (wire, rule) pairs and problems across all files of one load."""
 
-    def __init__(self) -> None:
+    def __init__(self, yaml_loader: YamlLoader) -> None:
+        self._yaml_loader = yaml_loader
         self.problems: list[str] = []
         self.lists: list[RuleList] = []
         self.domains: list[tuple[bytes, Rule]] = []
@@ -117,7 +121,7 @@ class _Loader:
         text = self._read(path)
         if text is None:
             return
-        root, problem = compose(str(path), text, _LOADER)
+        root, problem = compose(str(path), text, self._yaml_loader)
         if problem is not None:
             self.problems.append(problem)
             return
@@ -233,7 +237,9 @@ class _YamlFile:
 
     def _entry_id(self, node: Node | None, where: str, ids: dict[str, int]) -> str | None:
         """An entry id names the entry in logs, so it is a plain token unique in its list."""
-        entry_id = self._string(node, where) if node is not None else None
+        if node is None:
+            return None
+        entry_id = self._string(node, where)
         if entry_id is None:
             return None
         if not _TOKEN.fullmatch(entry_id):
@@ -329,14 +335,16 @@ class _YamlFile:
         if node is None or (isinstance(node, ScalarNode) and node.tag == NULL):
             return []
         if isinstance(node, SequenceNode):
-            return node.value
+            items: list[Node] = node.value
+            return items
         self._error(node, where, f"expected a list, got {kind_of(node)}")
         return []
 
     def _string(self, node: Node, where: str) -> str | None:
         """A string scalar; a quoted 'yes' or '300' is a string, a bare one is not."""
         if isinstance(node, ScalarNode) and node.tag == STR:
-            return node.value
+            value: str = node.value
+            return value
         self._error(node, where, f"expected a string, got {kind_of(node)}")
         return None
 

@@ -3,7 +3,7 @@
 A reload builds a new RuleSet and the server swaps one reference; nothing mutates one.
 """
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from resolver.message.names import from_wire, label_offsets, normalize, to_wire
 from resolver.rules.model import ALLOW, Rule, RuleList
@@ -29,6 +29,9 @@ class RuleSet:
 
     lists: tuple[RuleList, ...]
     domain_count: int
+    _get: Callable[[bytes], Rule | None]  # the table's dict.get, bound once
+    _windows: tuple[range, ...]
+    _example: bytes | None
 
     def __init__(self, lists: Sequence[RuleList], domains: Iterable[tuple[bytes, Rule]]):
         """Compile (wire name, rule) pairs given in load order; the first block rule wins."""

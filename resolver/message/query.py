@@ -7,6 +7,10 @@ instead of parsing and re-packing whole messages.
 
 from __future__ import annotations
 
+# What makes two questions share an answer: name (lowercase wire form), type, class, the DO
+# bit, and the CD bit (as it sits in the flags).
+CacheKey = tuple[bytes, int, int, bool, int]
+
 
 class Outcome:
     """How a query was answered: the values of the `outcome` label of resolver_queries_total.

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from resolver.message.constants import ALWAYS, SERVFAIL, Clock
-from resolver.message.query import Outcome, Query
+from resolver.message.query import CacheKey, Outcome, Query
 from resolver.message.reply import Reply, render
 from resolver.ops.config import CacheConfig
 from resolver.ops.metrics import Metrics
@@ -60,7 +60,9 @@ class Entry:
     def __init__(self, reply: Reply, stored: float, cloak: Cloak | None, window: float):
         """window: the prefetch window's share of the TTL (0: none)."""
         self.reply, self.stored = reply, stored
-        self.expires = stored + reply.ttl
+        ttl = reply.ttl
+        assert ttl is not None  # Cache.put keeps only replies with a lifetime
+        self.expires = stored + ttl
         self.hits, self.prefetched, self.failed_until = 0, False, ALWAYS
         self.size = len(reply.body) + ENTRY_OVERHEAD
         self.judge(cloak, window)
@@ -72,7 +74,9 @@ class Entry:
         if cloak is not None:
             self.check_at = ALWAYS
         elif window and self.reply.rcode != SERVFAIL:
-            self.check_at = self.expires - self.reply.ttl * window
+            ttl = self.reply.ttl
+            assert ttl is not None  # as in __init__
+            self.check_at = self.expires - ttl * window
         else:
             self.check_at = self.expires
 
@@ -87,7 +91,7 @@ class Cache:
 
     def __init__(self, config: CacheConfig, metrics: Metrics, clock: Clock = time.monotonic,
                  inspect: Inspect = lambda targets: None):
-        self.entries: OrderedDict[tuple, Entry] = OrderedDict()
+        self.entries: OrderedDict[CacheKey, Entry] = OrderedDict()
         self.bytes = 0
         self.clock = clock
         self._max_entries, self._max_bytes = config.max_entries, config.max_bytes
@@ -105,7 +109,7 @@ class Cache:
     def __len__(self) -> int:
         return len(self.entries)
 
-    def put(self, key: tuple, reply: Reply) -> None:
+    def put(self, key: CacheKey, reply: Reply) -> None:
         """Keep a reply that may be cached; evict the least recently used beyond the bounds.
         One that may not be (TTL 0, NODATA without an SOA) still replaces what was kept for
         key: the older answer must not be served stale after the upstream said otherwise."""
@@ -137,12 +141,12 @@ class Cache:
             self.bytes -= entries.popitem(last=False)[1].size
             self._tally.inc(_EVICTED)
 
-    def fresh(self, key: tuple) -> Entry | None:
+    def fresh(self, key: CacheKey) -> Entry | None:
         """The entry for key if it has not expired (no LRU update: for the slower stages)."""
         entry = self.entries.get(key)
         return entry if entry is not None and self.clock() < entry.expires else None
 
-    def expired(self, key: tuple, entry: Entry, now: float) -> None:
+    def expired(self, key: CacheKey, entry: Entry, now: float) -> None:
         """A lookup found entry expired: drop it unless it is kept for serve-stale."""
         self._tally.inc(_EXPIRED)
         if now >= entry.expires + self.stale_window:
@@ -186,7 +190,7 @@ class CacheLookup:
         return Answered(render(q, entry.reply, age), Outcome.CACHED,
                         (min(entry.stored + age + 1, entry.check_at), self._tally, _HIT))
 
-    def _closer_look(self, q: Query, key: tuple, entry: Entry, now: float) -> Result:
+    def _closer_look(self, q: Query, key: CacheKey, entry: Entry, now: float) -> Result:
         """Expired (a miss), CNAME chain blocked (left to cname.CnameBlocker), or a hit in
         the prefetch window (which may refresh a popular answer). Never replayed."""
         if now >= entry.expires:

@@ -20,7 +20,7 @@ from typing import Protocol
 
 from resolver.message import wire
 from resolver.message.constants import HEADER_SIZE, SERVFAIL, Clock
-from resolver.message.query import Outcome, Query
+from resolver.message.query import CacheKey, Outcome, Query
 from resolver.message.reply import Reply, TtlPolicy, failure, render, scan_reply
 from resolver.ops.metrics import Metrics
 from resolver.stages.cache import Cache, Entry
@@ -86,7 +86,7 @@ class Forwarder:
         self._schedule = schedule
         self._clock = clock
         self._max_inflight = max_inflight
-        self._inflight: dict[tuple, Flight] = {}
+        self._inflight: dict[CacheKey, Flight] = {}
         self.waiting = 0  # clients waiting on a flight
         metrics.gauge("inflight", "Queries waiting for an upstream answer.", (),
                       lambda: {(): self.waiting})
@@ -181,7 +181,7 @@ class Forwarder:
             self.waiting -= 1
             self._respond(waiter, sink, reply, flight.stale)
 
-    def _store(self, key: tuple, data: bytes | None, qend: int) -> Reply | None:
+    def _store(self, key: CacheKey, data: bytes | None, qend: int) -> Reply | None:
         """Read the upstream's reply and keep it (or the failure) in the cache; None when no
         usable reply came (a malformed one counts as none)."""
         reply = None

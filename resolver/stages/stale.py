@@ -15,7 +15,7 @@ Every decision about it lives here:
 from __future__ import annotations
 
 from resolver.message.constants import SERVFAIL
-from resolver.message.query import Outcome, Query
+from resolver.message.query import CacheKey, Outcome, Query
 from resolver.message.reply import Reply, render_stale
 from resolver.ops.config import CacheConfig
 from resolver.ops.metrics import Metrics
@@ -45,7 +45,7 @@ class ServeStale:
             return PASS
         return self.serve(q, entry)
 
-    def fallback(self, key: tuple) -> Entry | None:
+    def fallback(self, key: CacheKey) -> Entry | None:
         """The expired entry for key if it may still be served stale."""
         entry = self._cache.entries.get(key)
         if entry is None or entry.cloak is not None or entry.reply.rcode == SERVFAIL:
@@ -57,7 +57,7 @@ class ServeStale:
         self._tally.inc(_STALE)
         return Answered(render_stale(q, entry.reply, self._ttl), Outcome.STALE)
 
-    def failed(self, key: tuple, failure: Reply) -> None:
+    def failed(self, key: CacheKey, failure: Reply) -> None:
         """Upstreams failed for key. A fresh answer stays as it is (a failed prefetch); an
         answer that may be served stale is marked to be, straight from the cache, for the next
         failure.ttl seconds (the failure recheck); otherwise the failure itself is cached

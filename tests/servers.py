@@ -245,10 +245,12 @@ FAULT_A = "192.0.2.99"
 
 @dataclass(frozen=True, slots=True)
 class Received:
-    """One query as it arrived, kept raw so tests can check exactly what the resolver sent."""
+    """One query as it arrived, kept raw so tests can check exactly what the resolver sent,
+    and the source port it came from (so tests can watch the resolver's ports change)."""
 
     protocol: str  # 'udp' or 'tcp'
     wire: bytes
+    port: int  # the sender's source port
 
     @property
     def message(self) -> DNSRecord:
@@ -352,9 +354,9 @@ class FaultUpstream:
             reply.add_answer(RR(query.q.qname, QTYPE.A, rdata=A(FAULT_A), ttl=self.ttl))
         return reply
 
-    def _record(self, protocol: str, wire: bytes) -> list[bytes]:
+    def _record(self, protocol: str, wire: bytes, port: int) -> list[bytes]:
         with self._lock:
-            self.received.append(Received(protocol, wire))
+            self.received.append(Received(protocol, wire, port))
         return self.replies(wire, protocol)
 
     # -- I/O ------------------------------------------------------------------------------------
@@ -410,10 +412,11 @@ class FaultUpstream:
         raise OSError("no port free for both UDP and TCP")
 
     async def _tcp_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        port = writer.get_extra_info("peername")[1]
         try:
             while True:
                 (length,) = struct.unpack("!H", await reader.readexactly(2))
-                replies = self._record("tcp", await reader.readexactly(length))
+                replies = self._record("tcp", await reader.readexactly(length), port)
                 if self.mode == "slow":
                     await asyncio.sleep(self.delay)
                 for reply in replies:
@@ -434,7 +437,7 @@ class _Udp(asyncio.DatagramProtocol):
         self.transport = transport  # type: ignore[assignment]
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        replies = self.server._record("udp", data)
+        replies = self.server._record("udp", data, addr[1])
         if self.server.mode == "slow":
             asyncio.get_running_loop().call_later(self.server.delay, self._send, replies, addr)
         else:

@@ -158,7 +158,7 @@ class Exchange:
 
     def _stop_udp(self) -> None:
         if self.ticket is not None:
-            self._upstream.udp.forget(self.ticket)  # type: ignore[union-attr]
+            self._upstream.udp.forget(self.ticket)  # type: ignore[union-attr]  # went by UDP
             self.ticket = None
 
     def _failed(self, kind: str, now: float) -> None:

@@ -47,7 +47,7 @@ class DotClient:
         self._idle_timeout = idle_timeout
         self._on_connect = on_connect  # called once per connection made, for metrics
         self._current: Connection | None = None
-        self._connecting: asyncio.Task | None = None
+        self._connecting: asyncio.Task[Connection] | None = None
 
     async def exchange(self, build: Callable[[int], bytes], timeout: float) -> bytes:
         """Send build(id) and return the reply carrying that ID, within timeout seconds."""
@@ -81,7 +81,7 @@ class DotClient:
         self._on_connect()
         return connection
 
-    def _connect_done(self, task: asyncio.Task) -> None:
+    def _connect_done(self, task: asyncio.Task[Connection]) -> None:
         self._connecting = None
         if not task.cancelled():
             task.exception()  # seen: when every waiter timed out, nobody else looks at it
@@ -102,7 +102,7 @@ class Connection(asyncio.Protocol):
 
     def __init__(self, idle_timeout: float, lost: Callable[[Connection], None]):
         self.transport: asyncio.Transport | None = None
-        self._pending: dict[int, asyncio.Future] = {}
+        self._pending: dict[int, asyncio.Future[bytes]] = {}
         self._buffer = bytearray()
         self._idle_timeout = idle_timeout
         self._idle: asyncio.TimerHandle | None = None
@@ -114,7 +114,9 @@ class Connection(asyncio.Protocol):
         return self.transport is not None and not self.transport.is_closing()
 
     async def exchange(self, build: Callable[[int], bytes], timeout: float) -> bytes:
-        if not self.usable:  # lost while the query waited for it: nothing would ever answer
+        transport = self.transport  # self.usable, spelt out so that mypy sees it is set
+        if transport is None or transport.is_closing():
+            # lost while the query waited for it: nothing would ever answer
             raise ConnectionResetError("the connection to the upstream is closed")
         loop = asyncio.get_running_loop()
         if self._idle is not None:
@@ -122,16 +124,16 @@ class Connection(asyncio.Protocol):
             self._idle = None
         qid = self._new_id()
         packet = build(qid)
-        future = loop.create_future()
+        future: asyncio.Future[bytes] = loop.create_future()
         self._pending[qid] = future
         timer = loop.call_later(timeout, self._timed_out, future, time.monotonic())
         try:
-            self.transport.write(wire.framed(packet))
+            transport.write(wire.framed(packet))
             return await future
         finally:
             # A failed future holds the exception whose traceback holds this frame: break
             # that cycle, which the frozen-GC policy would never collect (see cli.py).
-            future = None
+            del future
             timer.cancel()
             del self._pending[qid]
             if not self._pending and self.usable:
@@ -146,7 +148,7 @@ class Connection(asyncio.Protocol):
                 return qid
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = transport  # type: ignore[assignment]  # a stream's: a Transport
         # Idle from the start: if every query that waited for the handshake gave up, no
         # exchange would ever arm the timer and the connection would stay open for good.
         self._idle = asyncio.get_running_loop().call_later(self._idle_timeout, self.close)
@@ -172,7 +174,7 @@ class Connection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
-    def _timed_out(self, future: asyncio.Future, sent: float) -> None:
+    def _timed_out(self, future: asyncio.Future[bytes], sent: float) -> None:
         """Fail the query; and if the upstream sent nothing at all since it was sent, the
         connection is wedged (a middlebox dropped its state, the server hung): close it, so
         the next query opens a new one instead of every query timing out on this one."""

@@ -121,7 +121,7 @@ class UpstreamPool:
                           keys[-1])
         self._drivers.append(streams)
         metrics.upstream_queries.expect(keys)
-        kinds = ERROR_KINDS + ("tls",) if tls is not None else ERROR_KINDS
+        kinds = (*ERROR_KINDS, "tls") if tls is not None else ERROR_KINDS
         metrics.upstream_errors.expect((name, kind) for kind in kinds)
         return Upstream(name, timeout, health, udp, streams)
 

@@ -21,7 +21,7 @@ upstream's timeout before the SERVFAIL is relayed.)
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
@@ -96,7 +96,12 @@ class HasHealth(Protocol):
 
 
 T = TypeVar("T", bound=HasHealth)
-Order = Callable[[list[T], random.Random], list[T]]
+
+
+class Order(Protocol):
+    """A strategy: the members to try, in order (it may reorder the list it is given)."""
+
+    def __call__(self, members: list[T], rng: random.Random, /) -> list[T]: ...
 
 
 def _failover(members: list[T], rng: random.Random) -> list[T]:

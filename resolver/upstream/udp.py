@@ -56,7 +56,7 @@ class _UdpSocket(asyncio.DatagramProtocol):
             self.transport.close()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = transport  # type: ignore[assignment]  # a datagram endpoint's
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         if len(data) < HEADER_SIZE:
@@ -103,7 +103,7 @@ class UdpSockets:
         self._renewals: set[asyncio.Task[_UdpSocket]] = set()
         self._turn = 0
         self._sweep: asyncio.TimerHandle | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop: asyncio.AbstractEventLoop  # the running loop, from open() on
 
     async def open(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -136,15 +136,17 @@ class UdpSockets:
         pending[qid] = exchange
         counts = self._counts
         counts[self._key] = counts.get(self._key, 0) + 1
-        self._outbox.send(sock.transport,  # type: ignore[arg-type]
+        self._outbox.send(sock.transport,  # type: ignore[arg-type]  # set once it is open
                           wire.upstream_query(exchange.q, qid, self._udp_size))
         if self._sweep is None:
-            self._sweep = self._loop.call_later(  # type: ignore[union-attr]
+            self._sweep = self._loop.call_later(
                 SWEEP_INTERVAL, self._expire)
         return sock, qid
 
     def forget(self, ticket: object) -> None:
-        sock, qid = ticket  # type: ignore[misc]
+        sock: _UdpSocket
+        qid: int
+        sock, qid = ticket  # type: ignore[misc]  # the Ticket send() gave: opaque to attempts
         sock.pending.pop(qid, None)
 
     def _expire(self) -> None:
@@ -156,17 +158,17 @@ class UdpSockets:
             if sock.pending:
                 fail_each([e for e in sock.pending.values() if e.due <= now], "timeout", now)
         busy = any(sock.pending for sock in sockets)
-        self._sweep = (self._loop.call_later(SWEEP_INTERVAL, self._expire)  # type: ignore[union-attr]
+        self._sweep = (self._loop.call_later(SWEEP_INTERVAL, self._expire)
                        if busy else None)
 
     async def _new_socket(self) -> _UdpSocket:
-        _, protocol = await self._loop.create_datagram_endpoint(  # type: ignore[union-attr]
+        _, protocol = await self._loop.create_datagram_endpoint(
             lambda: _UdpSocket(self._clock), remote_addr=self._address)
         return protocol
 
     def _renew(self, index: int, old: _UdpSocket) -> None:
         """Open a fresh socket (a new random port) to take `old`'s place in the pool."""
-        task = self._loop.create_task(self._new_socket())  # type: ignore[union-attr]
+        task = self._loop.create_task(self._new_socket())
         self._renewals.add(task)
         task.add_done_callback(functools.partial(self._swap, index, old))
 
@@ -181,7 +183,7 @@ class UdpSockets:
         if index < len(self._sockets) and self._sockets[index] is old:
             self._sockets[index] = fresh
             self._retiring.add(old)
-            self._loop.call_later(self._retire_after, self._retire, old)  # type: ignore[union-attr]
+            self._loop.call_later(self._retire_after, self._retire, old)
         else:  # the pool was closed meanwhile
             fresh.close()
 

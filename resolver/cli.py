@@ -37,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return args.run(args)
+    status: int = args.run(args)  # the command's function (set_defaults)
+    return status
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -144,7 +145,7 @@ def raise_open_files(tcp_connections: int) -> None:
                     tcp_connections)
 
 
-def _freeze_survivors(phase: str, info: dict) -> None:
+def _freeze_survivors(phase: str, info: dict[str, int]) -> None:
     if phase == "stop":
         gc.freeze()
 

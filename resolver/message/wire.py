@@ -68,8 +68,8 @@ def parse_query(data: bytes, client: tuple[str, int], transport: str) -> Query:
             offsets.append(pos - 12)
             pos += length + 1
             length = data[pos]
-    except IndexError:
-        raise FormError(_bare_error(data, flags, FORMERR), "question name runs past the end")
+    except IndexError:  # the name's end is past the packet's: the FormError says it all
+        raise FormError(_bare_error(data, flags, FORMERR), "question name runs past the end")  # noqa: B904
     end = pos + 1
     qend = end + 4
     if end - 12 > MAX_NAME or qend > size:
@@ -124,7 +124,8 @@ def _read_edns(data: bytes, flags: int, pos: int, skip: int, arcount: int
             if (ttl >> 16) & 0xFF:
                 raise FormError(_badvers(data, flags), "EDNS version not supported")
     except (ValueError, struct.error, IndexError) as exc:
-        raise FormError(_bare_error(data, flags, FORMERR), f"bad additional section: {exc}")
+        raise FormError(_bare_error(data, flags, FORMERR),
+                        f"bad additional section: {exc}") from None
     return found, udp_size, do
 
 

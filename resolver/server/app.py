@@ -156,7 +156,7 @@ async def running_server(config: Config, rules: RuleSet, clock: Clock | None = N
     chain = build_pipeline(config, rules, metrics, upstreams, clock,
                            asyncio.get_running_loop().call_later)
     limits = TcpLimits(config.server.tcp_idle_timeout, config.server.tcp_max_connections)
-    closers: list = []
+    closers: list[Callable[[], None]] = []
     endpoint = None
     try:
         await upstreams.open()  # in here: a failure part-way still closes what it opened
@@ -178,7 +178,7 @@ async def running_server(config: Config, rules: RuleSet, clock: Clock | None = N
             await asyncio.to_thread(endpoint.stop)
 
 
-def _grow_receive_buffer(sock) -> None:
+def _grow_receive_buffer(sock: socket.socket) -> None:
     """Ask for a deep UDP receive queue, so a burst waits instead of being dropped by the
     kernel; Linux caps it at net.core.rmem_max (raise that sysctl to get all of it)."""
     try:
@@ -245,7 +245,7 @@ async def serve_until_signalled(config: Config, rules: RuleSet,
         loop.add_signal_handler(signum, stop.set)
     async with running_server(config, rules, reuse_port=reuse_port,
                               serve_metrics=serve_metrics) as server:
-        reloads: set[asyncio.Task] = set()
+        reloads: set[asyncio.Task[None]] = set()
         one_at_a_time = asyncio.Lock()  # fair: reloads finish in the order they were asked
 
         async def reload_in_turn() -> None:

@@ -23,11 +23,11 @@ class Outbox:
     __slots__ = ("_queue", "_loop")
 
     def __init__(self) -> None:
-        self._queue: list[tuple[asyncio.DatagramTransport, bytes, tuple | None]] = []
+        self._queue: list[tuple[asyncio.DatagramTransport, bytes, tuple[str, int] | None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def send(self, transport: asyncio.DatagramTransport, data: bytes,
-             addr: tuple | None = None) -> None:
+             addr: tuple[str, int] | None = None) -> None:
         """Send data to addr (None: a connected socket's peer) before the next loop pass."""
         queue = self._queue
         queue.append((transport, data, addr))

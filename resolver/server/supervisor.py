@@ -22,8 +22,10 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from multiprocessing.connection import Connection, wait
+from multiprocessing.process import BaseProcess
+from types import FrameType
 
 import uvloop
 from prometheus_client import CollectorRegistry
@@ -31,10 +33,10 @@ from prometheus_client.core import Metric
 
 from resolver.ops.config import Address, Config
 from resolver.ops.errors import ConfigError
-from resolver.ops.metrics import Endpoint, Sample, merge_samples
+from resolver.ops.metrics import Endpoint, Metrics, Sample, merge_samples
 from resolver.rules.loader import load_rules
 from resolver.rules.matcher import RuleSet
-from resolver.server.app import bound_socket, serve_until_signalled
+from resolver.server.app import RunningServer, bound_socket, serve_until_signalled
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,10 @@ PR_SET_PDEATHSIG = 1
 RESTART_DELAY = 1.0  # pause before starting a worker that died, so a crash loop is slow
 
 
+# Called once every worker is up: (the addresses they serve, the metrics endpoint's or None).
+OnReady = Callable[[list[tuple[str, int]], tuple[str, int] | None], None]
+
+
 def default_workers() -> int:
     """One worker per core this process may run on."""
     return len(os.sched_getaffinity(0))
@@ -53,7 +59,7 @@ def default_workers() -> int:
 class Worker:
     """One worker process and the supervisor's end of its pipe."""
 
-    def __init__(self, index: int, process: multiprocessing.Process, conn: Connection):
+    def __init__(self, index: int, process: BaseProcess, conn: Connection):
         self.index, self.process, self.conn = index, process, conn
         self.last: list[Sample] = []  # its latest snapshot, kept for when it dies
 
@@ -77,7 +83,8 @@ class Worker:
             raise RuntimeError(f"worker {self.index} exited during startup") from None
         if message != "ready":
             raise RuntimeError(f"worker {self.index}: {payload}")
-        return payload
+        addresses: list[tuple[str, int]] = payload
+        return addresses
 
     def ask(self) -> None:
         """Ask for a snapshot of the counters (read with `answer`)."""
@@ -102,7 +109,7 @@ def _worker_main(config: Config, rules: RuleSet, conn: Connection) -> None:
     """Body of a worker process: serve with SO_REUSEPORT until told to stop."""
     _die_with_parent()
 
-    def on_ready(server) -> None:
+    def on_ready(server: RunningServer) -> None:
         loop = asyncio.get_running_loop()
         loop.add_reader(conn.fileno(), _answer_snapshot, conn, server.metrics)
         conn.send(("ready", server.addresses))
@@ -126,7 +133,7 @@ def _die_with_parent() -> None:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a reload before it does must not kill
 
 
-def _answer_snapshot(conn: Connection, metrics) -> None:
+def _answer_snapshot(conn: Connection, metrics: Metrics) -> None:
     try:
         conn.recv()
         conn.send(metrics.snapshot())
@@ -147,7 +154,7 @@ class Supervisor:
         self.stopping = False
         self.reload_requested = False
 
-    def run(self, on_ready) -> None:
+    def run(self, on_ready: OnReady) -> None:
         """Serve until SIGTERM/SIGINT; on_ready(addresses, metrics_address) once all are up."""
         signal.signal(signal.SIGTERM, self._stop)
         signal.signal(signal.SIGINT, self._stop)
@@ -156,7 +163,8 @@ class Supervisor:
         try:
             _check_free(self.config.server.listen)
             self.workers = [Worker.start(i, self.config, self.rules) for i in range(self.count)]
-            addresses = [worker.ready() for worker in self.workers][0]
+            started = [worker.ready() for worker in self.workers]  # wait for every one
+            addresses = started[0]  # they all serve the same
             listen = self.config.metrics.listen
             if listen is not None:
                 registry = CollectorRegistry()
@@ -175,8 +183,10 @@ class Supervisor:
             if self.reload_requested:
                 self.reload_requested = False
                 for worker in self.workers:
+                    pid = worker.process.pid
+                    assert pid is not None  # every worker was started
                     with contextlib.suppress(ProcessLookupError):  # died: restarted below
-                        os.kill(worker.process.pid, signal.SIGHUP)
+                        os.kill(pid, signal.SIGHUP)
                 self._load_rules()
             ended = wait([w.process.sentinel for w in self.workers], timeout=0.5)
             for worker in [w for w in self.workers if w.process.sentinel in ended]:
@@ -217,10 +227,10 @@ class Supervisor:
         except Exception:
             log.exception("loading the rules for workers started later failed")
 
-    def _stop(self, signum, frame) -> None:
+    def _stop(self, signum: int, frame: FrameType | None) -> None:
         self.stopping = True
 
-    def _reload(self, signum, frame) -> None:
+    def _reload(self, signum: int, frame: FrameType | None) -> None:
         self.reload_requested = True
 
     def _stop_all(self) -> None:
@@ -242,7 +252,7 @@ class Supervisor:
             deadline = time.monotonic() + SNAPSHOT_TIMEOUT
             snapshots = [worker.answer(deadline) for worker in self.workers]
             alive = sum(worker.process.is_alive() for worker in self.workers)
-        for sample in merge_samples(snapshots + [self.retired]):
+        for sample in merge_samples([*snapshots, self.retired]):
             yield sample.family()
         yield Sample("gauge", "workers", "Worker processes alive.", (), {(): alive}).family()
 
@@ -268,7 +278,7 @@ def free_port(host: str = "127.0.0.1") -> int:
     while True:
         with socket.socket(family, socket.SOCK_STREAM) as tcp:
             tcp.bind((host, 0))
-            port = tcp.getsockname()[1]
+            port: int = tcp.getsockname()[1]
             with socket.socket(family, socket.SOCK_DGRAM) as udp:
                 try:
                     udp.bind((host, port))

@@ -31,10 +31,12 @@ class TcpConnection(asyncio.Protocol):
         self._waiting = 0  # queries gone upstream whose answers are not yet written
         self._eof = False  # the client half-closed: close once every answer is written
         self._timer: asyncio.TimerHandle | None = None
-        self.transport: asyncio.Transport | None = None
-        self.peer: tuple = ()
+        self.transport: asyncio.Transport  # these two from connection_made on
+        self.peer: tuple[str, int]
 
-    def connection_made(self, transport) -> None:
+    # asyncio types the argument as a BaseTransport; a stream protocol gets a Transport (and
+    # uvloop's is no subclass of it that isinstance could check).
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self.transport = transport
         self._loop = asyncio.get_running_loop()  # once: each call costs a getpid() syscall
         if len(self._limits.open) >= self._limits.max_connections:
@@ -44,7 +46,7 @@ class TcpConnection(asyncio.Protocol):
         self._limits.open.add(self)
         self._arm_idle()
 
-    def connection_lost(self, exc) -> None:
+    def connection_lost(self, exc: Exception | None) -> None:
         self._limits.open.discard(self)
         if self._timer is not None:
             self._timer.cancel()
@@ -66,7 +68,7 @@ class TcpConnection(asyncio.Protocol):
         self._eof = True
         return self._waiting > 0  # True keeps our half open; False lets asyncio close
 
-    def deliver(self, answer: bytes, client: tuple) -> None:
+    def deliver(self, answer: bytes, client: tuple[str, int]) -> None:
         self._waiting -= 1
         if self.transport.is_closing():  # the client went away meanwhile
             return

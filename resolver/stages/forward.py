@@ -104,7 +104,8 @@ class Forwarder:
             flight = self._open(q, sink)
             try:
                 flight.start(self._clock())  # may end at once: the flight knows its client
-            except BaseException:  # the pipeline's guard answers; nothing stays in flight
+            except BaseException:  # a bug in the plan: the pipeline's guard answers, and
+                # nothing stays in flight (a driver that cannot send fails its attempt instead)
                 self._abandon(flight)
                 raise
         elif flight.stale_due:
@@ -120,7 +121,13 @@ class Forwarder:
         already in flight or too many are; whether one was started."""
         if q.cache_key in self._inflight or len(self._inflight) >= self._max_inflight:
             return False
-        self._open(q, None).start(self._clock())
+        flight = self._open(q, None)
+        try:
+            flight.start(self._clock())
+        except Exception:  # a bug in the plan costs the refresh, not the hit that asked
+            log.exception("unexpected error while starting a prefetch")
+            self._abandon(flight)
+            return False
         return True
 
     def _abandon(self, flight: Flight) -> None:

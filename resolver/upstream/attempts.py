@@ -15,11 +15,14 @@ asked again over a stream (TCP) within what is left of the attempt's timeout.
 
 from __future__ import annotations
 
+import logging
 from typing import Protocol
 
 from resolver.message.constants import REFUSED, SERVFAIL, TC
 from resolver.message.query import Query
 from resolver.upstream.selection import Health
+
+log = logging.getLogger(__name__)
 
 ROUNDS = 2  # times each upstream is tried for one query
 MOVE_ON = (SERVFAIL, REFUSED)  # rcodes after which another upstream is asked
@@ -150,11 +153,16 @@ class Exchange:
             timeout = remaining
         self._sent, self._timeout = now, timeout
         udp = upstream.udp
-        if udp is None:
-            self._stream = upstream.stream.send(self, timeout)
-        else:
-            self.due = now + timeout  # the driver fails the attempt then
-            self.ticket = udp.send(self)
+        try:
+            if udp is None:
+                self._stream = upstream.stream.send(self, timeout)
+            else:
+                self.due = now + timeout  # the driver fails the attempt then
+                self.ticket = udp.send(self)
+        except Exception:  # a driver that cannot send (closed at shutdown): a failed attempt,
+            # so the exchange still ends, and its waiters are answered
+            log.exception("could not send a query to upstream %s", upstream.name)
+            self._failed("network", now)
 
     def _stop_udp(self) -> None:
         if self.ticket is not None:

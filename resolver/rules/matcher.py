@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 from resolver.message.names import from_wire, label_offsets, normalize, to_wire
 from resolver.rules.model import ALLOW, Rule, RuleList
+from resolver.rules.version import version_of
 
 _MAX_LABELS = 127  # in a 255-octet wire name: 127 one-letter labels and the root
 
@@ -25,23 +26,30 @@ class RuleSet:
     precomputed per label count, since a range beats index arithmetic in the loop.
     """
 
-    __slots__ = ("lists", "domain_count", "_get", "_windows", "_example")
+    __slots__ = ("lists", "domain_count", "counts", "version", "_get", "_windows", "_example")
 
     lists: tuple[RuleList, ...]
-    domain_count: int
+    domain_count: int  # distinct blocked domains
+    counts: dict[str, int]  # domains each list names, by list name
+    version: str  # rules/version.py
     _get: Callable[[bytes], Rule | None]  # the table's dict.get, bound once
     _windows: tuple[range, ...]
     _example: bytes | None
 
     def __init__(self, lists: Sequence[RuleList], domains: Iterable[tuple[bytes, Rule]]):
         """Compile (wire name, rule) pairs given in load order; the first block rule wins."""
+        domains = domains if isinstance(domains, list) else list(domains)
         blocks: dict[bytes, Rule] = {}
         allows: dict[bytes, Rule] = {}
+        counts = dict.fromkeys((rule_list.name for rule_list in lists), 0)
         for wire, rule in domains:
             (allows if rule.list.action == ALLOW else blocks).setdefault(wire, rule)
+            counts[rule.list.name] = counts.get(rule.list.name, 0) + 1
         setter = object.__setattr__  # the only writes, before anyone can see the set
         setter(self, "lists", tuple(lists))
         setter(self, "domain_count", len(blocks))
+        setter(self, "counts", counts)
+        setter(self, "version", version_of(lists, domains))
         table = blocks
         if allows:  # skipped for pure block sets: checking parents costs ~1 s per 1M domains
             table = {wire: rule for wire, rule in blocks.items() if not _allowed(wire, allows)}

@@ -13,8 +13,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Protocol
 
 log = logging.getLogger(__name__)
+
+
+class Datagrams(Protocol):
+    """What datagrams leave through: an asyncio DatagramTransport (a benchmark's stand-in)."""
+
+    def sendto(self, data: bytes, addr: tuple[str, int] | None = None, /) -> None: ...
 
 
 class Outbox:
@@ -23,10 +30,10 @@ class Outbox:
     __slots__ = ("_queue", "_loop")
 
     def __init__(self) -> None:
-        self._queue: list[tuple[asyncio.DatagramTransport, bytes, tuple[str, int] | None]] = []
+        self._queue: list[tuple[Datagrams, bytes, tuple[str, int] | None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    def send(self, transport: asyncio.DatagramTransport, data: bytes,
+    def send(self, transport: Datagrams, data: bytes,
              addr: tuple[str, int] | None = None) -> None:
         """Send data to addr (None: a connected socket's peer) before the next loop pass."""
         queue = self._queue

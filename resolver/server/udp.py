@@ -7,7 +7,7 @@ import asyncio
 import functools
 import logging
 
-from resolver.server.outbox import Outbox
+from resolver.server.outbox import Datagrams, Outbox
 from resolver.server.packetcache import PacketCache
 
 log = logging.getLogger(__name__)
@@ -21,9 +21,11 @@ class UdpServer(asyncio.DatagramProtocol):
     def __init__(self, packets: PacketCache, outbox: Outbox):
         self._handle = packets.handle  # bound once: this runs for every datagram
         self._send_later = outbox.send
-        self.transport: asyncio.DatagramTransport | None = None
+        self.transport: Datagrams | None = None
 
-    def connection_made(self, transport: asyncio.DatagramTransport) -> None:  # type: ignore[override]
+    # asyncio types the argument as a BaseTransport; a datagram endpoint gets a
+    # DatagramTransport, and only its sendto is used.
+    def connection_made(self, transport: Datagrams) -> None:  # type: ignore[override]
         self.transport = transport
         self._sendto = transport.sendto
         # A forwarded answer (Sink.deliver): sent with the others of this loop pass (see

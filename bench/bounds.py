@@ -44,6 +44,7 @@ from resolver.message import (
     constants,
     wire,
 )
+from resolver.message.query import CacheKey, Query
 from resolver.message.reply import TtlPolicy, render, scan_reply
 from resolver.ops.config import CacheConfig
 from resolver.ops.metrics import Metrics
@@ -60,6 +61,11 @@ UPSTREAM_OPT = wire.opt_record(False, size=1232)
 NXDOMAIN_FLAGS = b"\x81\x83"  # QR RD RA, NXDOMAIN
 MAX_CACHED = 100_000
 
+Key = tuple[bytes, bytes, int]  # Minimal's cache key: name, type and class, CD
+# What Minimal keeps of a forwarded query: its header's first 4 bytes, question, name, key,
+# and who asked
+Waiting = tuple[bytes, bytes, bytes, Key, tuple[str, int], "Client"]
+
 
 class Minimal:
     """Per forward: bytes, one small object, tuples."""
@@ -67,8 +73,8 @@ class Minimal:
     def __init__(self, rules, outbox: Outbox):
         self.rules = rules._get  # the compiled suffix dict's get: lowercase wire name -> rule
         self.outbox = outbox
-        self.cache: OrderedDict[tuple, bytes] = OrderedDict()
-        self.inflight: dict[tuple, tuple] = {}
+        self.cache: OrderedDict[Key, bytes] = OrderedDict()
+        self.inflight: dict[Key, Waiting] = {}
 
     def query(self, data: bytes, addr, client, upstream) -> None:
         if len(data) < 12 or data[2] & 0xF8 or data[4:6] != b"\x00\x01":
@@ -144,7 +150,7 @@ class Helpers:
         metrics = Metrics()
         self.cache = Cache(CacheConfig(), metrics)
         self.policy = TtlPolicy()
-        self.inflight: dict[tuple, object] = {}
+        self.inflight: dict[CacheKey, tuple[Query, Client, float]] = {}
         self.counts = metrics.queries.counts
         self.srtt = 0.0
 

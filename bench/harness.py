@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
@@ -23,16 +24,16 @@ class Processes:
     """Every process this script started, each in its own session; stopped by PID."""
 
     def __init__(self) -> None:
-        self.live: dict[int, subprocess.Popen] = {}
+        self.live: dict[int, subprocess.Popen[bytes]] = {}
 
-    def start(self, argv: list[str], log: Path, **kw) -> subprocess.Popen:
+    def start(self, argv: list[str], log: Path, **kw: Any) -> subprocess.Popen[bytes]:
         with open(log, "ab") as out:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stderr=out,
                                     start_new_session=True, **kw)
         self.live[proc.pid] = proc
         return proc
 
-    def stop(self, proc: subprocess.Popen) -> None:
+    def stop(self, proc: subprocess.Popen[bytes]) -> None:
         """SIGTERM the session this script started for proc, SIGKILL after STOP_TIMEOUT."""
         self.live.pop(proc.pid, None)
         if proc.poll() is not None:

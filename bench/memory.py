@@ -58,9 +58,10 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import NoReturn, TypedDict
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import HOST, ROOT, Processes, clean_up, free_port, revision
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout
+from bench.harness import HOST, ROOT, Processes, clean_up, free_port, revision
 
 RESOLVER = ROOT / ".venv" / "bin" / "resolver"
 FILL_ZONE = "fill.test"
@@ -122,7 +123,17 @@ def ask(port: int, name: str, timeout: float = 1.0) -> int | None:
     return data[3] & 0x0F
 
 
-def udp_fill(port: int, names: list[str], window: int, deadline: float) -> dict:
+class Fill(TypedDict):
+    """How one fill went, from our client or from dnsperf."""
+
+    sent: int
+    answered: int
+    lost: int
+    rcodes: dict[int | str, int]  # by number; dnsperf's names for the rcodes it has no number of
+    seconds: float
+
+
+def udp_fill(port: int, names: list[str], window: int, deadline: float) -> Fill:
     """Send every name once with at most `window` queries unanswered; a query unanswered
     after 2 s counts as lost and frees its slot. Ends by `deadline` whatever happens."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -133,7 +144,7 @@ def udp_fill(port: int, names: list[str], window: int, deadline: float) -> dict:
     free_ids = list(range(65536))
     random.shuffle(free_ids)
     sent = answered = lost = 0
-    rcodes: dict[int, int] = {}
+    rcodes: dict[int | str, int] = {}
     start = time.monotonic()
     end = start + deadline
     sel = selectors.DefaultSelector()
@@ -167,11 +178,11 @@ def udp_fill(port: int, names: list[str], window: int, deadline: float) -> dict:
     sel.close()
     sock.close()
     lost += len(pending)
-    return dict(sent=sent, answered=answered, lost=lost, rcodes=rcodes,
+    return Fill(sent=sent, answered=answered, lost=lost, rcodes=rcodes,
                 seconds=time.monotonic() - start)
 
 
-def dnsperf_fill(port: int, names_file: Path, count: int, deadline: float, log: Path) -> dict:
+def dnsperf_fill(port: int, names_file: Path, count: int, deadline: float, log: Path) -> Fill:
     """dnsperf sends the file once (-n 1), bounded by -l."""
     cmd = ["dnsperf", "-s", HOST, "-p", str(port), "-d", str(names_file), "-n", "1",
            "-l", str(int(deadline)), "-c", "10", "-q", "200", "-t", "5"]
@@ -183,10 +194,10 @@ def dnsperf_fill(port: int, names_file: Path, count: int, deadline: float, log: 
         return float(m.group(1)) if m else 0.0
 
     codes = re.search(r"Response codes:\s+(.*)", out)
-    names = {"NOERROR": 0, "SERVFAIL": 2, "NXDOMAIN": 3, "REFUSED": 5}
+    names: dict[str, int | str] = {"NOERROR": 0, "SERVFAIL": 2, "NXDOMAIN": 3, "REFUSED": 5}
     rcodes = {names.get(c, c): int(n) for c, n in re.findall(r"(\w+) (\d+) \(", codes.group(1))} \
         if codes else {}
-    return dict(sent=int(number(r"Queries sent:\s+(\d+)")),
+    return Fill(sent=int(number(r"Queries sent:\s+(\d+)")),
                 answered=int(number(r"Queries completed:\s+(\d+)")),
                 lost=int(number(r"Queries lost:\s+(\d+)")), rcodes=rcodes,
                 seconds=number(r"Run time \(s\):\s+([\d.]+)"))
@@ -277,13 +288,15 @@ class Server:
         self.banner = line.strip()
 
     def _ready_line(self) -> str:
+        stdout = self.proc.stdout
+        assert stdout is not None  # a pipe, asked for
         sel = selectors.DefaultSelector()
-        sel.register(self.proc.stdout, selectors.EVENT_READ)
+        sel.register(stdout, selectors.EVENT_READ)
         deadline = time.monotonic() + READY_TIMEOUT
         try:
             while time.monotonic() < deadline:
                 if sel.select(0.5):
-                    line = self.proc.stdout.readline().decode()
+                    line = stdout.readline().decode()
                     if line:
                         return line
                 if self.proc.poll() is not None:
@@ -291,9 +304,8 @@ class Server:
             self.fail(f"not ready after {READY_TIMEOUT:g}s")
         finally:
             sel.close()
-        raise AssertionError("unreachable")
 
-    def fail(self, why: str) -> None:
+    def fail(self, why: str) -> NoReturn:
         self.procs.stop(self.proc)
         tail = self.log.read_text()[-2000:] if self.log.exists() else ""
         sys.exit(f"resolver: {why}\n{tail}")
@@ -329,11 +341,24 @@ class Server:
 
 # --------------------------------------------------------------------------- states
 
-def measure(server: Server, state: str, note: str = "") -> dict:
+class Row(TypedDict):
+    """One state's line of the table."""
+
+    state: str
+    rss: float  # MiB
+    peak: float  # MiB
+    entries: float | None  # the gauges, None when the endpoint did not show one
+    bytes: float | None
+    packets: float | None
+    load: float  # seconds from start to ready
+    note: str
+
+
+def measure(server: Server, state: str, note: str = "") -> Row:
     time.sleep(1.0)  # let the allocator and any background task settle
     mem = server.memory()
     gauges = server.gauges()
-    return dict(state=state, rss=mem["VmRSS"] / 1024, peak=mem["VmHWM"] / 1024,
+    return Row(state=state, rss=mem["VmRSS"] / 1024, peak=mem["VmHWM"] / 1024,
                 entries=gauges.get("resolver_cache_entries"),
                 bytes=gauges.get("resolver_cache_bytes"),
                 packets=gauges.get("resolver_packet_cache_entries"), load=server.load_seconds,
@@ -453,7 +478,7 @@ def main() -> int:
     finally:
         clean_up(procs, work, args.keep)
 
-    def num(value, fmt):
+    def num(value: float | None, fmt: str) -> str:
         return "-" if value is None else format(value, fmt)
 
     print()
@@ -472,11 +497,11 @@ def main() -> int:
         grew = (cached["rss"] - base["rss"]) * MIB / cached["entries"]
         counted = (cached["bytes"] or 0) / cached["entries"]
         print(f"per cache entry: RSS grew {grew:,.0f} bytes, the cache counted {counted:,.0f}")
-    small, packed = rows[3], rows[4]
-    added = (packed["packets"] or 0) - (small["packets"] or 0)
+    d, e = rows[3], rows[4]
+    added = (e["packets"] or 0) - (d["packets"] or 0)
     if added > 0:
         print(f"per packet cache entry (d to e): RSS grew "
-              f"{(packed['rss'] - small['rss']) * MIB / added:,.0f} bytes, not counted in "
+              f"{(e['rss'] - d['rss']) * MIB / added:,.0f} bytes, not counted in "
               f"cache bytes; bounded by cache.packet_entries only")
     print(f"load s: process start to ready line (Python start-up, rule compilation, binding); "
           f"b - a = {rows[1]['load'] - base['load']:.2f}s for {args.rules_count:,} domains")

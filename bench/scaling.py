@@ -49,18 +49,48 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Literal, TypedDict
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import HOST, ROOT, Processes, clean_up, free_port, revision
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout
+from bench.harness import HOST, ROOT, Processes, clean_up, free_port, revision
 
 SHARED = ROOT.parent / "shared" / "bench"
 RESOLVER = ROOT / ".venv" / "bin" / "resolver"
 HZ = os.sysconf("SC_CLK_TCK")
 READY_TIMEOUT = 60.0
+
+
+class Mix(TypedDict):
+    file: str  # the queries
+    warm: str | None  # queries sent once before, to fill the cache
+    expect: str  # the rcode every answer should have
+
+
 MIXES = {  # as in ../shared/bench/compare.py
-    "blocked": dict(file="q-blocked.txt", warm=None, expect="NXDOMAIN"),
-    "cached": dict(file="q-cached.txt", warm="q-cached-warm.txt", expect="NOERROR"),
+    "blocked": Mix(file="q-blocked.txt", warm=None, expect="NXDOMAIN"),
+    "cached": Mix(file="q-cached.txt", warm="q-cached-warm.txt", expect="NOERROR"),
 }
+
+
+class Run(TypedDict, total=False):
+    """One dnsperf run (dnsperf's numbers), and what `measure` adds about the processes."""
+
+    qps: float
+    completed: int
+    lost: int
+    runtime: float
+    rcodes: dict[str, int]
+    client_cpu: float
+    output: str
+    server_cpu: float
+    split: list[float]
+    nsd_cpu: float
+    idle: float
+    wrong: int
+    us_per_query: float
+
+
+Column = Literal["qps", "server_cpu", "us_per_query", "client_cpu", "idle"]
 
 
 # --------------------------------------------------------------------------- processes
@@ -89,19 +119,20 @@ def machine_ticks() -> tuple[int, int]:
 
 
 def machine() -> str:
-    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+    model = next((line.split(":", 1)[1].strip() for line in cpuinfo
                   if line.startswith("model name")), "?")
     version = subprocess.run(["dnsperf", "-h"], capture_output=True, text=True)
     dnsperf = re.search(r"Version (\S+)", version.stdout + version.stderr)
     return (f"machine: nproc {len(os.sched_getaffinity(0))} ({os.cpu_count()} CPUs), {model}; "
-            f"load average {open('/proc/loadavg').read().split()[0]}; "
+            f"load average {Path('/proc/loadavg').read_text().split()[0]}; "
             f"dnsperf {dnsperf.group(1) if dnsperf else '?'}")
 
 
 # --------------------------------------------------------------------------- dnsperf
 
 def dnsperf(port: int, datafile: Path, duration: int, once: bool = False,
-            clients: int = 10, outstanding: int = 100) -> dict:
+            clients: int = 10, outstanding: int = 100) -> Run:
     cmd = ["dnsperf", "-s", HOST, "-p", str(port), "-d", str(datafile), "-l", str(duration),
            "-c", str(clients), "-q", str(outstanding), "-t", "2"] + (["-n", "1"] if once else [])
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -116,7 +147,7 @@ def dnsperf(port: int, datafile: Path, duration: int, once: bool = False,
     if not runtime:
         raise RuntimeError(f"dnsperf gave no statistics:\n{out[-2000:]}")
     codes = re.search(r"Response codes:\s+(.*)", out)
-    return dict(qps=number(r"Queries per second:\s+([\d.]+)"),
+    return Run(qps=number(r"Queries per second:\s+([\d.]+)"),
                 completed=int(number(r"Queries completed:\s+(\d+)")),
                 lost=int(number(r"Queries lost:\s+(\d+)")), runtime=runtime,
                 rcodes=dict((c, int(n)) for c, n in re.findall(r"(\w+) (\d+) \(", codes.group(1)))
@@ -128,7 +159,7 @@ def dnsperf(port: int, datafile: Path, duration: int, once: bool = False,
 
 # --------------------------------------------------------------------------- servers
 
-def start_nsd(procs: Processes, work: Path, data: Path) -> tuple[int, subprocess.Popen]:
+def start_nsd(procs: Processes, work: Path, data: Path) -> tuple[int, subprocess.Popen[bytes]]:
     nsd = shutil.which("nsd") or shutil.which("nsd", path="/usr/sbin:/usr/local/sbin")
     if not nsd or not shutil.which("dnsperf"):
         sys.exit("scaling.py needs nsd and dnsperf (sudo make deps)")
@@ -154,19 +185,21 @@ def start_nsd(procs: Processes, work: Path, data: Path) -> tuple[int, subprocess
 
 
 def start_server(procs: Processes, work: Path, data: Path, upstream: int, workers: int,
-                 tag: str) -> tuple[subprocess.Popen, int]:
+                 tag: str) -> tuple[subprocess.Popen[bytes], int]:
     log = work / f"{tag}.log"
     argv = [str(RESOLVER), "serve", "--workers", str(workers), "--listen", f"{HOST}:0",
             "--upstream", f"{HOST}:{upstream}", "--rules", str(data / "rules.yaml"),
             "--metrics", f"{HOST}:0"]
     proc = procs.start(argv, log, stdout=subprocess.PIPE)
+    stdout = proc.stdout
+    assert stdout is not None  # a pipe, asked for
     sel = selectors.DefaultSelector()
-    sel.register(proc.stdout, selectors.EVENT_READ)
+    sel.register(stdout, selectors.EVENT_READ)
     deadline = time.monotonic() + READY_TIMEOUT
     line = ""
     while not line and time.monotonic() < deadline and proc.poll() is None:
         if sel.select(0.5):
-            line = proc.stdout.readline().decode()
+            line = stdout.readline().decode()
     sel.close()
     m = re.search(r"listening on 127\.0\.0\.1:(\d+)", line)
     if not m:
@@ -176,8 +209,8 @@ def start_server(procs: Processes, work: Path, data: Path, upstream: int, worker
     return proc, int(m.group(1))
 
 
-def measure(proc: subprocess.Popen, port: int, data: Path, mix: str, duration: int,
-            nsd: subprocess.Popen) -> dict:
+def measure(proc: subprocess.Popen[bytes], port: int, data: Path, mix: str, duration: int,
+            nsd: subprocess.Popen[bytes]) -> Run:
     spec = MIXES[mix]
     if spec["warm"]:
         warm = dnsperf(port, data / spec["warm"], 10, once=True, clients=1, outstanding=20)
@@ -194,10 +227,10 @@ def measure(proc: subprocess.Popen, port: int, data: Path, mix: str, duration: i
     workers = [v for pid, v in sorted(per_process.items()) if pid != proc.pid] \
         or [per_process.get(proc.pid, 0.0)]
     busy, total = busy1[0] - busy0[0], busy1[1] - busy0[1]
-    r.update(server_cpu=sum(per_process.values()), split=workers,
-             nsd_cpu=(sum(nsd1.values()) - sum(nsd0.values())) / HZ / runtime,
-             idle=(1 - busy / total) * len(os.sched_getaffinity(0)) if total else 0.0,
-             wrong=r["completed"] - r["rcodes"].get(spec["expect"], 0))
+    r.update(Run(server_cpu=sum(per_process.values()), split=workers,
+                 nsd_cpu=(sum(nsd1.values()) - sum(nsd0.values())) / HZ / runtime,
+                 idle=(1 - busy / total) * len(os.sched_getaffinity(0)) if total else 0.0,
+                 wrong=r["completed"] - r["rcodes"].get(spec["expect"], 0)))
     r["us_per_query"] = r["server_cpu"] * 1e6 / r["qps"] if r["qps"] else 0.0
     return r
 
@@ -230,7 +263,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="resolver-scaling-"))
     procs = Processes()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    results: dict[tuple[str, int], list[dict]] = {}
+    results: dict[tuple[str, int], list[Run]] = {}
     try:
         data = work / "data"
         subprocess.run([sys.executable, str(SHARED / "gen_data.py"), "--out", str(data),
@@ -267,7 +300,10 @@ def main() -> int:
     for mix in mixes:
         for workers in counts:
             rs = results[(mix, workers)]
-            med = lambda key: statistics.median(r[key] for r in rs)
+
+            def med(key: Column, rs: list[Run] = rs) -> float:
+                return statistics.median(r[key] for r in rs)
+
             runs = " ".join(f"{r['qps'] / 1000:.1f}" for r in rs)
             print(f"{mix:<8} {workers:>7} {med('qps'):>11,.0f} {runs:<20} "
                   f"{med('server_cpu'):>12.2f} {med('us_per_query'):>5.2f} "

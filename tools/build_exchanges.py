@@ -78,7 +78,7 @@ def paragraphs(lines: list[str]) -> list[str]:
 
 def comment(text: str) -> list[str]:
     """Wrap prose into '#' comment lines, keeping its blank-line paragraph breaks."""
-    out = []
+    out: list[str] = []
     for paragraph in text.split("\n\n"):
         out += ["#"] if out else []
         out += ["# " + line for line in textwrap.wrap(" ".join(paragraph.split()), WIDTH - 2)]

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Protocol, TypedDict, Unpack
 
 import pytest
 
@@ -38,11 +39,28 @@ def unbound_dot(tmp_path_factory: pytest.TempPathFactory, tls_files: TlsFiles,
         yield server
 
 
+class FaultSettings(TypedDict, total=False):
+    """How a FaultUpstream misbehaves, besides its mode (see tests.servers.FaultUpstream)."""
+
+    delay: float
+    ttl: int
+    then_answer: bool
+
+
+class StartFault(Protocol):
+    def __call__(self, mode: str, **settings: Unpack[FaultSettings]) -> FaultUpstream: ...
+
+
 @pytest.fixture
-def fault_upstream() -> Iterator[Callable[..., FaultUpstream]]:
-    """Factory: fault_upstream(mode, **kw) starts a FaultUpstream, stopped after the test."""
+def fault_upstream() -> Iterator[StartFault]:
+    """Factory: fault_upstream(mode, **settings) starts a FaultUpstream, stopped after the
+    test."""
     with contextlib.ExitStack() as stack:
-        yield lambda mode, **kw: stack.enter_context(FaultUpstream(mode, **kw))
+
+        def start(mode: str, **settings: Unpack[FaultSettings]) -> FaultUpstream:
+            return stack.enter_context(FaultUpstream(mode, **settings))
+
+        yield start
 
 
 # --------------------------------------------------------------------------------------------
@@ -84,7 +102,23 @@ lists:
 """
 
 
-def resolver_config(upstreams: Sequence[object], rules: Sequence[str], **sections: dict) -> Config:
+class Listening(Protocol):
+    """A test upstream: NsdServer, FaultUpstream, UnboundDot."""
+
+    @property
+    def host(self) -> str: ...
+
+    @property
+    def port(self) -> int: ...
+
+
+# A test upstream, or UpstreamServer's first fields: (host, port), or (host, port, protocol,
+# TLS name, CA file).
+Upstream = Listening | tuple[str, int] | tuple[str, int, str, str, str]
+
+
+def resolver_config(upstreams: Sequence[Upstream], rules: Sequence[str],
+                    **sections: Mapping[str, object]) -> Config:
     """A Config for tests: listen on 127.0.0.1:0, no metrics endpoint, forward only to the given
     loopback upstreams (anything with .host and .port, or (host, port)), short upstream
     timeouts; `sections` replaces fields per section, e.g. server={"tcp_idle_timeout": 0.5}."""
@@ -105,16 +139,21 @@ def resolver_config(upstreams: Sequence[object], rules: Sequence[str], **section
     return config
 
 
+class StartServer(Protocol):
+    def __call__(self, *upstreams: Upstream, rules: str = ..., clock: Clock | None = ...,
+                 **sections: Mapping[str, object]) -> Awaitable[RunningServer]: ...
+
+
 @pytest.fixture
-async def start_server(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[RunningServer]]]:
+async def start_server(tmp_path: Path) -> AsyncIterator[StartServer]:
     """Factory: `await start_server(*upstreams, rules=RULES_YAML, clock=None, **sections)`
     starts the resolver (see resolver_config) and returns its RunningServer; all are closed
     after the test."""
     async with contextlib.AsyncExitStack() as stack:
         count = 0
 
-        async def start(*upstreams: object, rules: str = RULES_YAML, clock: Clock | None = None,
-                        **sections: dict) -> RunningServer:
+        async def start(*upstreams: Upstream, rules: str = RULES_YAML, clock: Clock | None = None,
+                        **sections: Mapping[str, object]) -> RunningServer:
             nonlocal count
             count += 1
             path = tmp_path / f"rules-{count}.yaml"
@@ -127,8 +166,7 @@ async def start_server(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[
 
 
 @pytest.fixture
-async def server(start_server: Callable[..., Awaitable[RunningServer]],
-                 nsd_upstream: NsdServer) -> RunningServer:
+async def server(start_server: StartServer, nsd_upstream: NsdServer) -> RunningServer:
     """The resolver with RULES_YAML, forwarding to the NSD test zones."""
     return await start_server(nsd_upstream)
 

@@ -12,14 +12,19 @@ import dns.message
 import dns.query
 import dns.rcode
 import dns.rdatatype
+import dns.rrset
 import pytest
 
+from tests.conftest import FaultSettings, StartFault
 from tests.servers import FAULT_A, ZONE, FaultUpstream, NsdServer, require_tool
 
 FAULT_NAME = "fault.example.test."
 
 
-def rrs(section: list) -> set[tuple[str, str, int, str]]:
+Record = tuple[str, str, int, str]  # name, type, TTL, data
+
+
+def rrs(section: list[dns.rrset.RRset]) -> set[Record]:
     """A message section as comparable (name, type, ttl, rdata) tuples."""
     return {
         (rrset.name.to_text(), dns.rdatatype.to_text(rrset.rdtype), rrset.ttl, rdata.to_text())
@@ -60,7 +65,8 @@ SOA = (ZONE.origin, "SOA", ZONE.soa_minimum,
     ],
 )
 def test_nsd_answers_from_the_zone(
-    nsd_upstream: NsdServer, name: str, rdtype: str, rcode: str, answer: set, authority: set | None
+    nsd_upstream: NsdServer, name: str, rdtype: str, rcode: str, answer: set[Record],
+    authority: set[Record] | None
 ) -> None:
     reply = ask(nsd_upstream, name, rdtype)
     assert dns.rcode.to_text(reply.rcode()) == rcode
@@ -77,7 +83,8 @@ def test_nsd_follows_a_cname_into_its_other_zone(nsd_upstream: NsdServer) -> Non
 
 @pytest.mark.parametrize("payload", [None, 1232])  # None: no EDNS, the classic 512 bytes
 def test_nsd_big_txt_is_truncated_over_udp(nsd_upstream: NsdServer, payload: int | None) -> None:
-    query = dns.message.make_query(ZONE.big, "TXT", use_edns=payload is not None, payload=payload or 512)
+    query = dns.message.make_query(ZONE.big, "TXT", use_edns=payload is not None,
+                                   payload=payload or 512)
     reply = dns.query.udp(query, nsd_upstream.host, port=nsd_upstream.port, timeout=2)
     assert reply.flags & dns.flags.TC
     assert not reply.answer
@@ -176,7 +183,7 @@ def classify(query: dns.message.Message, wire: bytes) -> str:
     ],
 )
 def test_fault_upstream_modes(
-    fault_upstream, mode: str, kw: dict, protocol: str, expected: list[str]
+    fault_upstream: StartFault, mode: str, kw: FaultSettings, protocol: str, expected: list[str]
 ) -> None:
     server = fault_upstream(mode, **kw)
     query = dns.message.make_query(FAULT_NAME, "A")
@@ -219,7 +226,8 @@ def test_fault_upstream_address_and_unknown_mode() -> None:
         FaultUpstream("nonsense")
 
 
-@pytest.mark.parametrize("ci, outcome", [("", pytest.skip.Exception), ("true", pytest.fail.Exception)])
+@pytest.mark.parametrize("ci, outcome",
+                         [("", pytest.skip.Exception), ("true", pytest.fail.Exception)])
 def test_require_tool_skips_or_fails_in_ci(
     monkeypatch: pytest.MonkeyPatch, ci: str, outcome: type
 ) -> None:

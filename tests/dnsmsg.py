@@ -8,17 +8,50 @@ compression pointer here, record order there) does not fail a test but a wrong f
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypedDict, Unpack
 
 import dns.flags
 import dns.message
 import dns.rdataclass
 import dns.rdatatype
+import dns.rrset
 from dnslib import EDNS0, QTYPE, RR, DNSRecord
 
 from resolver.message import wire
 from resolver.message.query import Query
 
 CLIENT = ("127.0.0.1", 5353)
+
+
+class Shape(TypedDict, total=False):
+    """A query's flags and EDNS: query_packet's keywords besides the ID and class."""
+
+    edns: bool
+    udp: int
+    do: bool
+    rd: bool
+    cd: bool
+    ad: bool
+
+
+class Asked(Shape, total=False):
+    """How a client asks: query_packet's keywords, as the tables give them."""
+
+    qid: int
+    qclass: str
+
+
+class Said(TypedDict, total=False):
+    """What an upstream says: response's keywords, as the tables give them."""
+
+    qid: int
+    rcode: int
+    answer: tuple[str, ...]
+    authority: tuple[str, ...]
+    additional: tuple[str, ...]
+    opt: str | None
+    ad: bool
+    aa: bool
 
 
 def query_packet(name: str, qtype: str = "A", *, qid: int = 0x1234, qclass: str = "IN",
@@ -40,7 +73,7 @@ def parse(packet: bytes, transport: str = "udp") -> Query:
     return wire.parse_query(packet, CLIENT, transport)
 
 
-def query(name: str, qtype: str = "A", transport: str = "udp", **kw) -> Query:
+def query(name: str, qtype: str = "A", transport: str = "udp", **kw: Unpack[Asked]) -> Query:
     """parse(query_packet(...)) in one call."""
     return parse(query_packet(name, qtype, **kw), transport)
 
@@ -78,6 +111,7 @@ def response(name: str, qtype: str = "A", *, qid: int = 0x4242, rcode: int = 0,
 
 
 Section = tuple[tuple[str, int, str, str, str], ...]
+Edns = tuple[int, int, bool, tuple[tuple[int, bytes], ...]]  # version, payload, DO, options
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +127,7 @@ class Summary:
     answer: Section
     authority: Section
     additional: Section
-    edns: tuple[int, int, bool, tuple[tuple[int, bytes], ...]] | None  # version, payload, DO, options
+    edns: Edns | None
 
     def without_ttls(self) -> Summary:
         """The same summary with every TTL zeroed, for comparisons where TTLs are checked apart."""
@@ -109,7 +143,7 @@ class Summary:
 def summary(packet: bytes) -> Summary:
     """Decode packet with dnspython (which also proves it is well formed)."""
     msg = dns.message.from_wire(packet)
-    edns = None
+    edns: Edns | None = None
     if msg.edns >= 0:
         edns = (msg.edns, msg.payload, bool(msg.ednsflags & dns.flags.DO),
                 tuple((int(o.otype), o.to_wire()) for o in msg.options))
@@ -132,7 +166,7 @@ def _zero_ttls(section: Section) -> Section:
                         for name, _, rclass, rtype, rdata in section))
 
 
-def _section(rrsets: list) -> Section:
+def _section(rrsets: list[dns.rrset.RRset]) -> Section:
     return tuple(sorted(
         (rrset.name.to_text().lower(), rrset.ttl, dns.rdataclass.to_text(rrset.rdclass),
          dns.rdatatype.to_text(rrset.rdtype), rdata.to_text().lower())

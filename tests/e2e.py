@@ -12,11 +12,13 @@ import contextlib
 import socket
 import struct
 import urllib.request
+from collections.abc import AsyncIterator
 
 import dns.asyncquery
 import dns.edns
 import dns.message
 import dns.rdatatype
+import dns.rrset
 from prometheus_client.parser import text_string_to_metric_families
 
 from resolver.server.app import RunningServer
@@ -74,12 +76,12 @@ class RawUdp:
         loop = asyncio.get_running_loop()
         try:
             return await asyncio.wait_for(loop.sock_recv(self._sock, 65535), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return None
 
 
 @contextlib.asynccontextmanager
-async def raw_udp(server: RunningServer):
+async def raw_udp(server: RunningServer) -> AsyncIterator[RawUdp]:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.setblocking(False)
         sock.connect(where(server))
@@ -92,6 +94,13 @@ async def raw_udp_exchange(server: RunningServer, data: bytes, timeout: float = 
     async with raw_udp(server) as sock:
         sock.send(data)
         return await sock.receive(timeout)
+
+
+async def raw_udp_answer(server: RunningServer, data: bytes) -> bytes:
+    """raw_udp_exchange for a datagram that must be answered."""
+    reply = await raw_udp_exchange(server, data)
+    assert reply is not None, "no answer over UDP"
+    return reply
 
 
 def frame(data: bytes) -> bytes:
@@ -127,7 +136,7 @@ def question_bytes(wire: bytes) -> bytes:
     return wire[12:pos + 5]
 
 
-def rrsets(section: list) -> set[tuple[str, str, frozenset[str]]]:
+def rrsets(section: list[dns.rrset.RRset]) -> set[tuple[str, str, frozenset[str]]]:
     """A section as comparable (owner, type, rdata texts), TTLs left out."""
     return {(rrset.name.to_text().lower(), dns.rdatatype.to_text(rrset.rdtype),
              frozenset(r.to_text() for r in rrset)) for rrset in section}
@@ -136,6 +145,7 @@ def rrsets(section: list) -> set[tuple[str, str, frozenset[str]]]:
 # -- metrics ----------------------------------------------------------------------------------
 
 def scrape_sync(server: RunningServer) -> str:
+    assert server.metrics_address is not None, "started without metrics"
     host, port = server.metrics_address
     assert host == "127.0.0.1"
     with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=TIMEOUT) as response:

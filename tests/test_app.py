@@ -29,6 +29,6 @@ def test_an_ipv4_udp_socket_is_bound_where_asked() -> None:
 
 
 def test_a_taken_port_raises() -> None:
-    with bound_socket("127.0.0.1", 0, socket.SOCK_DGRAM, False) as taken:
-        with pytest.raises(OSError):
-            bound_socket("127.0.0.1", taken.getsockname()[1], socket.SOCK_DGRAM, False)
+    with (bound_socket("127.0.0.1", 0, socket.SOCK_DGRAM, False) as taken,
+          pytest.raises(OSError)):
+        bound_socket("127.0.0.1", taken.getsockname()[1], socket.SOCK_DGRAM, False)

@@ -17,7 +17,7 @@ from resolver.rules.matcher import RuleSet
 from resolver.rules.model import Rule, RuleList
 from resolver.stages.blocking import Blocker, ListAnswers
 from resolver.stages.contract import PASS, Answered
-from tests.dnsmsg import parse, query_packet, summary
+from tests.dnsmsg import Shape, parse, query_packet, summary
 
 CONFIG = BlockingConfig(rules=())
 NO_EDE = BlockingConfig(rules=(), ede=False, ttl=120)
@@ -113,7 +113,7 @@ NAMES = [  # (query name as the client wrote it, rule domain, matched suffix in 
 def test_blocked_answer_equals_dnslib_answer(lst: RuleList, config: BlockingConfig, qtype: str,
                                              qclass: str, rcode: int,
                                              addresses: tuple[str, ...] | None, qname: str,
-                                             domain: str, matched: str, kind: dict) -> None:
+                                             domain: str, matched: str, kind: Shape) -> None:
     packet = query_packet(qname, qtype, qclass=qclass, qid=0x5A5A, **kind)
     got = build(lst, config, domain, packet)
     want = expected_answer(packet, lst, config, matched, rcode, addresses)
@@ -130,8 +130,9 @@ def test_blocked_answer_ttl_and_soa(lst: RuleList, config: BlockingConfig, ttl: 
     assert got.authority == (("example.org.", ttl, "IN", "SOA",
                               f"{config.soa_mname}. {config.soa_rname}. 1 3600 600 86400 {ttl}"),)
     assert got.flags == {"QR", "RD", "RA"}
-    assert got.edns[3] == ((((15, b"\x00\x0f" + f"blocked by list {lst.name}".encode()),)
-                            if config.ede else ()))
+    assert got.edns is not None
+    assert got.edns[3] == (((15, b"\x00\x0f" + f"blocked by list {lst.name}".encode()),)
+                            if config.ede else ())
 
 
 BIG_SINKHOLE = RuleList("big", "sinkhole", sinkhole_v6=tuple(f"2001:db8::{n:x}" for n in range(20)))
@@ -147,7 +148,7 @@ LONG_NAME = ".".join(["x" * 60, "y" * 60, "example.org"])
         ("tcp", {}, False),
     ],
 )
-def test_large_sinkhole_answer_fits_the_client(transport: str, kind: dict,
+def test_large_sinkhole_answer_fits_the_client(transport: str, kind: Shape,
                                                truncated: bool) -> None:
     packet = query_packet(LONG_NAME, "AAAA", **kind)
     answer = build(BIG_SINKHOLE, CONFIG, "example.org", packet, transport)
@@ -172,7 +173,7 @@ LONGEST = ".".join(["x" * 63, "y" * 63, "z" * 63, "w" * 49, "example.org"])  # 2
         (CONFIG, {}, False),  # the shipped SOA names leave room for any name
     ],
 )
-def test_long_soa_answer_fits_the_client(config: BlockingConfig, kind: dict,
+def test_long_soa_answer_fits_the_client(config: BlockingConfig, kind: Shape,
                                          truncated: bool) -> None:
     answer = build(NXDOMAIN, config, "example.org", query_packet(LONGEST, **kind))
     got = summary(answer)

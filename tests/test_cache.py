@@ -5,6 +5,7 @@ stages' answers and tallies."""
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Unpack
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -15,19 +16,19 @@ from resolver.message.reply import Reply, TtlPolicy, failure, scan_reply
 from resolver.ops.config import CacheConfig
 from resolver.ops.metrics import Metrics
 from resolver.rules.model import Rule, RuleList
-from resolver.stages.cache import ENTRY_OVERHEAD, Cache, CacheLookup
+from resolver.stages.cache import ENTRY_OVERHEAD, Cache, CacheLookup, Inspect
 from resolver.stages.contract import FORWARD, PASS, Answered
 from resolver.stages.prefetch import Prefetch
 from resolver.stages.stale import ServeStale
 from tests.clock import START, FakeClock
-from tests.dnsmsg import query, response, summary
+from tests.dnsmsg import Asked, Edns, Said, query, response, summary
 
 CONFIG = CacheConfig(max_entries=10)
 SOA = "example.org. 60 IN SOA ns.example.org. h.example.org. 1 2 3 4 60"
 CLOAK = (Rule(RuleList("tracking")), b"\x07example\x03org\x00")
 
 
-def reply_for(name: str = "www.example.org", ttl: int = 300, **kwargs) -> Reply:
+def reply_for(name: str = "www.example.org", ttl: int = 300, **kwargs: Unpack[Said]) -> Reply:
     """A scanned upstream reply: one A record with `ttl`, or what kwargs describe."""
     if not kwargs:
         kwargs = {"answer": (f"{name}. {ttl} IN A 192.0.2.1",)}
@@ -38,7 +39,7 @@ def reply_for(name: str = "www.example.org", ttl: int = 300, **kwargs) -> Reply:
 class Harness:
     """A cache, its clock and tallies, the lookup stages, and the prefetches they asked for."""
 
-    def __init__(self, config: CacheConfig = CONFIG, inspect=lambda targets: None,
+    def __init__(self, config: CacheConfig = CONFIG, inspect: Inspect = lambda targets: None,
                  registry: CollectorRegistry | None = None):
         self.clock, self.metrics = FakeClock(), Metrics(registry)
         self.cache = Cache(config, self.metrics, self.clock, inspect)
@@ -51,22 +52,29 @@ class Harness:
         self.prefetched.append(q)
         return True
 
-    def put(self, name: str, reply: Reply | None = None, **client) -> Query:
+    def put(self, name: str, reply: Reply | None = None, **client: Unpack[Asked]) -> Query:
         q = query(name, **client)
         self.cache.put(q.cache_key, reply or reply_for(name))
         return q
 
-    def ask(self, name: str, **client) -> bytes | None:
+    def ask(self, name: str, **client: Unpack[Asked]) -> bytes | None:
         """The stage's answer, or None when it has none (passing on, or straight upstream)."""
         result = self.lookup.answer(query(name, **client))
         return result.data if isinstance(result, Answered) else None
 
+    def hit(self, name: str) -> bytes:
+        """The stage's answer, which there must be."""
+        answer = self.ask(name)
+        assert answer is not None, f"no answer for {name}"
+        return answer
+
     @property
-    def counts(self) -> dict:
+    def counts(self) -> dict[tuple[str, ...], int]:
         return self.metrics.cache.counts
 
 
-def answer_ttl(answer: bytes) -> int:
+def answer_ttl(answer: bytes | None) -> int:
+    assert answer is not None, "no answer"
     return summary(answer).ttls()[0]
 
 
@@ -167,7 +175,7 @@ def size(records: int) -> int:
 )
 def test_lru_eviction_by_bytes(records: list[int], budget: int, kept: str) -> None:
     h = Harness(replace(CONFIG, max_bytes=budget))
-    for key, count in zip("abc", records):
+    for key, count in zip("abc", records, strict=False):
         h.put(f"{key}.example.org", big_reply(f"{key}.example.org", count))
     assert "".join(key for key in "abc" if h.ask(f"{key}.example.org") is not None) == kept
     assert h.cache.bytes == sum(entry.size for entry in h.cache.entries.values()) <= budget
@@ -189,12 +197,13 @@ def test_storing_again_replaces_the_bytes_it_counted() -> None:
         (CONFIG, {"answer": ("www.example.org. 0 IN A 192.0.2.1",)}, None),  # ttl 0
         (CONFIG, {"rcode": constants.SERVFAIL}, 5),  # servfail_ttl
         (CONFIG, {"rcode": constants.REFUSED}, None),
-        (CONFIG, {"authority": ("example.org. 3600 IN NS ns.example.org.",)}, None),  # NODATA, no SOA
+        # NODATA without an SOA
+        (CONFIG, {"authority": ("example.org. 3600 IN NS ns.example.org.",)}, None),
         (CONFIG, {"rcode": constants.NXDOMAIN, "authority": (SOA,)}, 60),
         (CONFIG, {"authority": (SOA,)}, 60),  # NODATA
     ],
 )
-def test_put_stores_only_cacheable_replies(config: CacheConfig, kwargs: dict,
+def test_put_stores_only_cacheable_replies(config: CacheConfig, kwargs: Said,
                                            lifetime: int | None) -> None:
     h = Harness(config)
     h.put("www.example.org", reply_for(**kwargs))
@@ -239,7 +248,7 @@ def test_storing_again_restarts_the_age() -> None:
         ({"cd": True}, False),
     ],
 )
-def test_lookup_serves_other_clients_of_the_same_question(client: dict, hit: bool) -> None:
+def test_lookup_serves_other_clients_of_the_same_question(client: Asked, hit: bool) -> None:
     h = Harness()
     h.put("www.example.org")
     h.clock.advance(42.7)
@@ -247,6 +256,7 @@ def test_lookup_serves_other_clients_of_the_same_question(client: dict, hit: boo
     assert (answer is not None) == hit
     assert h.counts == {("stored",): 1, ("hit" if hit else "miss",): 1}
     if hit:
+        assert answer is not None
         got = summary(answer)
         assert got.id == client.get("qid", 0x1234)
         assert got.question == (("WWW.Example.org.", "A", "IN"),)
@@ -339,7 +349,7 @@ def test_failures_are_not_prefetched() -> None:
     h = Harness(replace(CONFIG, prefetch_min_hits=1, servfail_ttl=10))
     h.put("www.example.org", failure(TtlPolicy(servfail_ttl=10)))
     h.clock.at(9.5)
-    assert summary(h.ask("www.example.org")).rcode == constants.SERVFAIL
+    assert summary(h.hit("www.example.org")).rcode == constants.SERVFAIL
     assert h.prefetched == []
 
 
@@ -372,9 +382,11 @@ def test_failed_keeps_answers_and_caches_failures(stored: str | None, elapsed: f
     if after == "nothing":
         assert entry is None
     elif after == "failure":
+        assert entry is not None
         assert entry.reply.rcode == constants.SERVFAIL and entry.expires == START + elapsed + 5
-        assert summary(h.ask("www.example.org")).rcode == constants.SERVFAIL
+        assert summary(h.hit("www.example.org")).rcode == constants.SERVFAIL
     else:
+        assert entry is not None
         assert entry.reply.rcode == constants.NOERROR
         assert (h.stale.answer(q) is not PASS) == (after == "stale")
 
@@ -384,7 +396,8 @@ def test_failed_keeps_answers_and_caches_failures(stored: str | None, elapsed: f
     [({}, None), ({"edns": True}, (0, 1232, False, ((15, b"\x00\x03"),))),
      ({"edns": True, "do": True}, (0, 1232, True, ((15, b"\x00\x03"),)))],
 )
-def test_stale_lookup_answers_while_the_refresh_keeps_failing(client: dict, edns) -> None:
+def test_stale_lookup_answers_while_the_refresh_keeps_failing(client: Asked,
+                                                              edns: Edns | None) -> None:
     h = Harness(replace(CONFIG, stale_ttl=30, servfail_ttl=5))
     cname = ("www.example.org. 3600 IN CNAME edge.example.net.",
              "edge.example.net. 300 IN A 192.0.2.7")
@@ -419,6 +432,7 @@ def test_what_may_be_served_stale(kind: str, servable: bool) -> None:
                                      "t.example.org. 300 IN A 192.0.2.1")),
     }[kind]
     q = h.put("www.example.org", reply)
+    assert reply.ttl is not None
     h.clock.at(reply.ttl)
     assert (h.stale.fallback(q.cache_key) is not None) == servable
 
@@ -448,7 +462,8 @@ def test_cname_verdict_is_kept_and_rechecked_when_the_rules_change() -> None:
     h.cache.recheck()
     assert len(seen) == 2, "only entries with a CNAME chain are checked again"
     assert h.ask("www.example.test") is None  # left to cname.CnameBlocker
-    assert h.cache.fresh(query("www.example.test").cache_key).cloak == CLOAK
+    entry = h.cache.fresh(query("www.example.test").cache_key)
+    assert entry is not None and entry.cloak == CLOAK
     assert h.ask("plain.example.test") is not None
 
     blocked.clear()

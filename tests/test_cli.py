@@ -21,7 +21,8 @@ import dns.query
 import dns.rcode
 import pytest
 
-from tests.servers import ZONE, free_port
+from resolver.server.supervisor import free_port
+from tests.servers import ZONE
 
 ROOT = Path(__file__).resolve().parent.parent
 GOOD_RULES = """\
@@ -41,7 +42,7 @@ def resolver(*args: str) -> list[str]:
     return [sys.executable, "-m", "resolver", "serve", *args]
 
 
-def run(args: list[str]) -> subprocess.CompletedProcess:
+def run(args: list[str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=30,
                           stdin=subprocess.DEVNULL)
 
@@ -128,15 +129,19 @@ def test_workers_do_not_join_a_port_another_server_holds(tmp_path, nsd_upstream)
     the first one's port (and its traffic); the supervisor checks before it forks."""
     rules = write(tmp_path / "rules.yaml", GOOD_RULES)
     with serving(rules, nsd_upstream.address, workers="2") as first:
-        address = re.search(r"listening on (\S+)", read_line(first)).group(1)
+        banner = read_line(first)
+        match = re.search(r"listening on (\S+)", banner)
+        assert match, banner
+        address = match.group(1)
         second = run(resolver("--listen", address, "--upstream", nsd_upstream.address,
                               "--rules", rules, "--metrics", "off", "--workers", "2"))
     assert second.returncode == 2
     assert "cannot serve" in second.stderr and "in use" in second.stderr
 
 
-def read_line(process: subprocess.Popen, timeout: float = 15) -> str:
+def read_line(process: subprocess.Popen[str], timeout: float = 15) -> str:
     """The first line of stdout, without hanging the test when none comes."""
+    assert process.stdout is not None
     with selectors.DefaultSelector() as selector:
         selector.register(process.stdout, selectors.EVENT_READ)
         ready = selector.select(timeout)
@@ -151,13 +156,14 @@ def read_line(process: subprocess.Popen, timeout: float = 15) -> str:
 
 
 @contextlib.contextmanager
-def serving(rules: str, upstream: str, workers: str = "1") -> Iterator[subprocess.Popen]:
+def serving(rules: str, upstream: str, workers: str = "1") -> Iterator[subprocess.Popen[str]]:
     """`resolver serve` on a free port in a subprocess, killed if the test leaves it running."""
     process = subprocess.Popen(
         resolver("--listen", "127.0.0.1:0", "--upstream", upstream, "--rules", rules,
                  "--metrics", "off", "--workers", workers),
         cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True)
+    assert process.stdout is not None and process.stderr is not None
     try:
         yield process
     finally:
@@ -190,6 +196,7 @@ def test_starts_answers_and_stops_on_sigterm(tmp_path, nsd_upstream, workers):
 
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=10) == 0
+        assert process.stdout is not None
         assert process.stdout.read() == "", "one banner line, nothing more on stdout"
 
 
@@ -213,11 +220,13 @@ def test_the_open_files_limit_is_lifted_or_its_shortage_said(tmp_path, nsd_upstr
                  rules, "--metrics", "off", "--workers", "1"),
         cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, low))
+    assert process.stdout is not None and process.stderr is not None
     try:
         assert "listening on" in read_line(process)
         limits = Path(f"/proc/{process.pid}/limits").read_text()
-        soft = re.search(r"Max open files\s+(\d+)", limits).group(1)
-        assert int(soft) == (256 if hard_too else hard)
+        match = re.search(r"Max open files\s+(\d+)", limits)
+        assert match, limits
+        assert int(match.group(1)) == (256 if hard_too else hard)
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=10)

@@ -90,7 +90,8 @@ def problems_of(text: str, overrides: Overrides = Overrides()) -> list[str]:
      "c.yaml:2: server.tcp_max_connections: expected an integer >= 1"),
     ("server:\n  tcp_max_connections: 1.5\n",
      "c.yaml:2: server.tcp_max_connections: expected an integer >= 1"),
-    ("server:\n  max_inflight: '10'\n", "c.yaml:2: server.max_inflight: expected an integer from 1 to 65535"),
+    ("server:\n  max_inflight: '10'\n",
+     "c.yaml:2: server.max_inflight: expected an integer from 1 to 65535"),
     # upstream
     ("upstream:\n  servers: 192.0.2.1\n",
      "c.yaml:2: upstream.servers: expected a list of servers"),
@@ -128,7 +129,8 @@ def problems_of(text: str, overrides: Overrides = Overrides()) -> list[str]:
     ("server:\n  300: 2\n", "c.yaml:2: server: expected a string key, got a number (300)"),
     # cache
     ("cache:\n  max_entries: -1\n", "c.yaml:2: cache.max_entries: expected an integer >= 0"),
-    ("cache:\n  negative_ttl: 1h\n", "c.yaml:2: cache.negative_ttl: expected an integer from 0 to 2147483647"),
+    ("cache:\n  negative_ttl: 1h\n",
+     "c.yaml:2: cache.negative_ttl: expected an integer from 0 to 2147483647"),
     # TTLs go into answers as 32-bit fields; RFC 2181 caps them at 2^31 - 1.
     ("blocking:\n  ttl: 5000000000\n",
      "c.yaml:2: blocking.ttl: expected an integer from 0 to 2147483647"),
@@ -137,7 +139,8 @@ def problems_of(text: str, overrides: Overrides = Overrides()) -> list[str]:
     # one mistake, one message: no cross-check against the default standing in for it
     ("upstream:\n  timeout: 10\n  deadline: soon\n",
      "c.yaml:3: upstream.deadline: expected a number"),
-    ("cache:\n  servfail_ttl: -5\n", "c.yaml:2: cache.servfail_ttl: expected an integer from 0 to 2147483647"),
+    ("cache:\n  servfail_ttl: -5\n",
+     "c.yaml:2: cache.servfail_ttl: expected an integer from 0 to 2147483647"),
     ("cache:\n  max_ttl: 10\n  min_ttl: 60\n",
      "c.yaml:3: cache.min_ttl: expected at most cache.max_ttl (10)"),
     ("cache:\n  max_bytes: 64M\n", "c.yaml:2: cache.max_bytes: expected an integer >= 0"),
@@ -152,7 +155,8 @@ def problems_of(text: str, overrides: Overrides = Overrides()) -> list[str]:
      "c.yaml:2: cache.prefetch_window: expected a fraction from 0 up to (not including) 1"),
     ("cache:\n  serve_stale: 1\n", "c.yaml:2: cache.serve_stale: expected true or false"),
     ("cache:\n  stale_window: 1.5\n", "c.yaml:2: cache.stale_window: expected an integer >= 0"),
-    ("cache:\n  stale_ttl: 0\n", "c.yaml:2: cache.stale_ttl: expected an integer from 1 to 2147483647"),
+    ("cache:\n  stale_ttl: 0\n",
+     "c.yaml:2: cache.stale_ttl: expected an integer from 1 to 2147483647"),
     ("cache:\n  stale_client_timeout: 0\n",
      "c.yaml:2: cache.stale_client_timeout: expected seconds > 0"),
     ("cache:\n  stale_ttl: 30\n  stale: true\n", "c.yaml:3: cache.stale: unknown key"),

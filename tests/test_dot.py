@@ -12,6 +12,7 @@ import dns.message
 import dns.rcode
 import pytest
 from dnslib import QTYPE, DNSRecord
+from prometheus_client import CollectorRegistry
 
 from resolver.ops.config import (
     Address,
@@ -33,14 +34,14 @@ from tests.tls import IDLE_MS, TLS_NAME, UnboundDot
 # --- the connection, fed bytes by hand ---------------------------------------------------
 
 
-class FakeTransport:
+class FakeTransport(asyncio.Transport):
     """Records what the connection writes; closing it is what the idle timer does."""
 
     def __init__(self) -> None:
         self.written = bytearray()
         self.closed = False
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | bytearray | memoryview) -> None:
         self.written += data
 
     def is_closing(self) -> bool:
@@ -52,7 +53,7 @@ class FakeTransport:
 
 def frames(data: bytes) -> list[bytes]:
     """Split a stream of length-prefixed messages."""
-    out = []
+    out: list[bytes] = []
     while data:
         size = int.from_bytes(data[:2], "big")
         out.append(data[2:2 + size])
@@ -69,7 +70,8 @@ def reply_to(query: bytes, address: str) -> bytes:
     return record.replyZone(f"{record.q.qname} 60 A {address}").pack()
 
 
-def connection(idle_timeout: float = 10.0) -> tuple[Connection, FakeTransport, list]:
+def connection(idle_timeout: float = 10.0
+               ) -> tuple[Connection, FakeTransport, list[Connection]]:
     lost: list[Connection] = []
     conn = Connection(idle_timeout, lost.append)
     transport = FakeTransport()
@@ -77,7 +79,7 @@ def connection(idle_timeout: float = 10.0) -> tuple[Connection, FakeTransport, l
     return conn, transport, lost
 
 
-def ask(conn: Connection, name: str, timeout: float = 2.0) -> asyncio.Task:
+def ask(conn: Connection, name: str, timeout: float = 2.0) -> asyncio.Task[bytes]:
     packet = DNSRecord.question(name).pack()
     return asyncio.get_running_loop().create_task(
         conn.exchange(lambda qid: qid.to_bytes(2, "big") + packet[2:], timeout))
@@ -167,9 +169,12 @@ def over_tls(unbound: UnboundDot, ca: Path | None, tls_name: str = TLS_NAME) -> 
                           str(ca) if ca is not None else None)
 
 
-def sample(registry, name: str, unbound: UnboundDot, **labels: str) -> float | None:
+def sample(registry: CollectorRegistry, name: str, unbound: UnboundDot, **labels: str) -> float:
+    """A series the pool exports (from the start: never missing)."""
     labels["upstream"] = f"{unbound.host}:{unbound.port}"
-    return registry.get_sample_value(f"resolver_{name}", labels)
+    value = registry.get_sample_value(f"resolver_{name}", labels)
+    assert value is not None, f"no series resolver_{name}{labels}"
+    return value
 
 
 EXPECTED_A = {

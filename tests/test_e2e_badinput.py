@@ -36,8 +36,9 @@ def packet(qid: int = 0x1234, flags: int = 0x0100, qd: int = 1, an: int = 0, ns:
     return struct.pack("!HHHHHH", qid, flags, qd, an, ns, ar) + body
 
 
-def parse_reply(data: bytes) -> dns.message.Message:
+def parse_reply(data: bytes | None) -> dns.message.Message:
     """A reply parsed by dnspython: every reply we send must be a well-formed message."""
+    assert data is not None, "no reply"
     return dns.message.from_wire(data, ignore_trailing=False)
 
 

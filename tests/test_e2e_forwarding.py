@@ -13,10 +13,11 @@ import dns.rcode
 import dns.rdatatype
 import pytest
 
+from resolver.server.supervisor import free_port
 from tests.clock import FakeClock
 from tests.conftest import METRICS_ON
 from tests.e2e import ask, make_query, metric, raw_udp, rrsets, scrape
-from tests.servers import FAULT_A, ZONE, free_port
+from tests.servers import FAULT_A, ZONE
 
 PROTOCOLS = ("udp", "tcp")
 

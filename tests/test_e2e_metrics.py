@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import dns.rcode
 
+from resolver.server.supervisor import free_port
 from tests.conftest import METRICS_ON
 from tests.e2e import ask, make_query, metric, samples, scrape
-from tests.servers import ZONE, free_port
+from tests.servers import ZONE
 
 # Query names with a marker no list, entry or upstream label contains.
 SECRET_NAMES = ("www.zzsecret.example.org", "zzsecret.blocked.test",

@@ -20,7 +20,7 @@ async def closed_by_server(reader: asyncio.StreamReader, timeout: float = TIMEOU
         return await asyncio.wait_for(reader.read(1), timeout) == b""
     except ConnectionError:
         return True
-    except asyncio.TimeoutError:
+    except TimeoutError:
         return False
 
 

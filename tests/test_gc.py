@@ -17,12 +17,13 @@ import dns.rcode
 import uvloop
 
 from resolver.message import wire
+from resolver.ops.config import Config
 from resolver.rules.loader import load_rules
-from resolver.server.app import running_server
+from resolver.server.app import RunningServer, running_server
 from tests.conftest import RULES_YAML, resolver_config
 from tests.e2e import ask, make_query, raw_udp, tcp
 from tests.servers import LOOPBACK, ZONE
-from tests.tls import TLS_NAME
+from tests.tls import TLS_NAME, TlsFiles
 
 # Modules whose objects in a garbage cycle would mean our code made it.
 OURS = ("resolver", "asyncio", "uvloop")
@@ -48,7 +49,7 @@ def _ours(obj: object) -> bool:
     return code is not None and "/resolver/" in code.co_filename
 
 
-async def every_path(servers: dict, do: bool) -> None:
+async def every_path(servers: dict[str, RunningServer], do: bool) -> None:
     """Forwarded, then cached, blocked, negative, CNAME, truncated then TCP, TCP pipelined,
     malformed; a silent upstream timing out into SERVFAIL; a truncated reply whose TCP retry
     gets a wrong answer or no connection; DNS over TLS, TLS failing on a certificate that
@@ -84,8 +85,8 @@ class _Truncating(asyncio.DatagramProtocol):
         self.transport.sendto(data[:2] + bytes((data[2] | 0x82, 0x80)) + data[4:], addr)
 
 
-async def in_loop_faults(stack: contextlib.AsyncExitStack, configs: dict, rules: str,
-                         fast: dict, tls_files) -> None:
+async def in_loop_faults(stack: contextlib.AsyncExitStack, configs: dict[str, Config],
+                         rules: str, fast: dict[str, float], tls_files: TlsFiles) -> None:
     """Upstreams failing in ways nsd and unbound do not, in this loop (a fault upstream's
     own asyncio loop in a thread would leave cycles of its own): truncating UDP ports whose
     TCP retry gets an answer to another ID or no connection, and TLS servers that never

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import os
 
 from resolver.upstream import ids
 
@@ -19,7 +20,7 @@ def test_ids_cover_the_whole_16_bit_range_evenly():
 def test_each_batch_is_a_fresh_draw(monkeypatch):
     # Byte pairs that read the same in either byte order: the order is the machine's.
     draws = iter([b"\x01\x01" * (ids.BATCH // 2), b"\xab\xab" * (ids.BATCH // 2)])
-    monkeypatch.setattr(ids.os, "urandom", lambda size: next(draws))
+    monkeypatch.setattr(os, "urandom", lambda size: next(draws))  # what ids draws from
     source = ids.IdSource()
     first = [source.take() for _ in range(ids.BATCH // 2)]
     assert set(first) == {0x0101}

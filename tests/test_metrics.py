@@ -8,8 +8,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from resolver.ops.metrics import Metrics
 
+Labels = tuple[tuple[str, str], ...]  # (label name, value), sorted
 
-def scrape(registry: CollectorRegistry) -> dict[str, tuple[str, dict[tuple, float]]]:
+
+def scrape(registry: CollectorRegistry) -> dict[str, tuple[str, dict[Labels, float]]]:
     """Family name -> (type, {sorted label items: value}), read back from the text format."""
     text = generate_latest(registry).decode()
     return {family.name: (family.type, {tuple(sorted(s.labels.items())): s.value
@@ -35,8 +37,8 @@ def scrape(registry: CollectorRegistry) -> dict[str, tuple[str, dict[tuple, floa
           (("hit", 4.0), ("miss", 2.0), ("stored", 2.0), ("evicted", 1.0), ("expired", 1.0))}),
     ],
 )
-def test_tallies_export_as_counters(tally: str, counts: dict, family: str,
-                                    samples: dict) -> None:
+def test_tallies_export_as_counters(tally: str, counts: dict[tuple[str, ...], int], family: str,
+                                    samples: dict[Labels, float]) -> None:
     registry = CollectorRegistry()
     metrics = Metrics(registry)
     for key, count in counts.items():

@@ -18,12 +18,12 @@ NAME_253 = ".".join(["b" * 63, "c" * 63, "d" * 63, "e" * 61])  # 253 characters
         ("bücher.example", "xn--bcher-kva.example"),
         ("BÜCHER.Example.", "xn--bcher-kva.example"),
         ("xn--bcher-kva.example", "xn--bcher-kva.example"),
-        ("ｂücher。example", "xn--bcher-kva.example"),  # full-width letter and ideographic dot
+        ("ｂücher。example", "xn--bcher-kva.example"),  # full-width letter, ideographic dot  # noqa: RUF001
         ("bücher.example。", "xn--bcher-kva.example"),
         # IDNA2008 + UTS #46, non-transitional, as browsers ask: not IDNA2003's 'fass.de'
         ("faß.de", "xn--fa-hia.de"),
         ("ελλάς.gr", "xn--hxarsa0b.gr"),
-        ("ＡＢＣ.test", "abc.test"),  # full-width ASCII maps to ASCII
+        ("ＡＢＣ.test", "abc.test"),  # full-width ASCII maps to ASCII  # noqa: RUF001
         ("_sip._tcp.example.org", "_sip._tcp.example.org"),
         ("-edge-.test", "-edge-.test"),
         ("123.test", "123.test"),
@@ -47,7 +47,8 @@ def test_normalize(text: str, expected: str) -> None:
         ("*.example.org", "'*.example.org' is not a valid name: bad character '*'"),
         ("ex ample.org", "'ex ample.org' is not a valid name: bad character ' '"),
         ("example.org/x", "'example.org/x' is not a valid name: bad character '/'"),
-        (f"{LABEL_63}a.test", f"'{LABEL_63}a.test' is not a valid name: label longer than 63 characters"),
+        (f"{LABEL_63}a.test",
+         f"'{LABEL_63}a.test' is not a valid name: label longer than 63 characters"),
         (NAME_253 + "e", f"'{NAME_253}e' is not a valid name: longer than 253 characters"),
         ("\ufffd.test", "'\ufffd.test' is not a valid name: bad international label '\ufffd'"),
         # a joiner outside the scripts that use it: IDNA2003 dropped it, naming another domain

@@ -6,19 +6,21 @@ import asyncio
 
 from resolver.server.outbox import Outbox
 
+Address = tuple[str, int]
+
 
 class Recorder:
     """A transport that records what it is asked to send."""
 
-    def __init__(self, log: list) -> None:
+    def __init__(self, log: list[tuple[Recorder, bytes, Address | None]]) -> None:
         self.log = log
 
-    def sendto(self, data: bytes, addr=None) -> None:
+    def sendto(self, data: bytes, addr: Address | None = None) -> None:
         self.log.append((self, data, addr))
 
 
 async def test_sends_wait_for_the_end_of_the_pass_and_keep_their_order():
-    log: list = []
+    log: list[tuple[Recorder, bytes, Address | None]] = []
     client, upstream = Recorder(log), Recorder(log)
     outbox = Outbox()
     outbox.send(upstream, b"query")
@@ -45,7 +47,7 @@ class CountingOutbox(Outbox):
 
 
 async def test_one_flush_per_pass_and_a_new_one_for_the_next():
-    log: list = []
+    log: list[tuple[Recorder, bytes, Address | None]] = []
     transport = Recorder(log)
     outbox = CountingOutbox()
     for index in range(3):
@@ -58,12 +60,12 @@ async def test_one_flush_per_pass_and_a_new_one_for_the_next():
 
 
 class Broken:
-    def sendto(self, data: bytes, addr=None) -> None:
+    def sendto(self, data: bytes, addr: Address | None = None) -> None:
         raise ValueError("no route for this one")
 
 
 async def test_a_send_that_raises_costs_the_others_nothing(caplog):
-    log: list = []
+    log: list[tuple[Recorder, bytes, Address | None]] = []
     good = Recorder(log)
     outbox = Outbox()
     outbox.send(good, b"before")

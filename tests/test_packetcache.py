@@ -17,7 +17,7 @@ from resolver.server.packetcache import MAX_ANSWER, MAX_QUERY, PacketCache
 from resolver.stages.contract import DROP, FORWARD, Answered, Drop, Forward
 from tests.clock import FakeClock
 from tests.conftest import RULES_YAML
-from tests.e2e import make_query, raw_tcp_exchange, raw_udp_exchange
+from tests.e2e import make_query, raw_tcp_exchange, raw_udp_answer, raw_udp_exchange
 from tests.servers import ZONE
 
 NEVER = float("inf")
@@ -97,7 +97,8 @@ def test_only_answers_that_say_how_long_they_hold_are_kept(result):
 def test_the_oldest_goes_first_and_clear_forgets_all():
     metrics = Metrics()
     replay = (NEVER, metrics.cache, ("hit",))
-    inner = Inner(*(Answered(b"id" + name.upper(), "cached", replay) for name in (b"a", b"b", b"c")))
+    inner = Inner(*(Answered(b"id" + name.upper(), "cached", replay)
+                    for name in (b"a", b"b", b"c")))
     packets = PacketCache(inner, 2, FakeClock(), metrics.queries)
     for name in (b"a", b"b", b"c"):
         ask(packets, b"id" + name)
@@ -141,9 +142,9 @@ async def test_a_replayed_answer_is_the_full_paths_answer(start_server, nsd_upst
                                                           shape):
     server = await start_server(nsd_upstream, clock=FakeClock())  # TTLs never tick mid-test
     await raw_udp_exchange(server, query_bytes(1, name, **shape))  # may go upstream
-    full = await raw_udp_exchange(server, query_bytes(2, name, **shape))  # answered locally
+    full = await raw_udp_answer(server, query_bytes(2, name, **shape))  # answered locally
     assert len(server.chain.packets) == 1  # remembered
-    replayed = await raw_udp_exchange(server, query_bytes(4, name, **shape))
+    replayed = await raw_udp_answer(server, query_bytes(4, name, **shape))
     over_tcp = await raw_tcp_exchange(server, query_bytes(5, name, **shape))  # never replayed
     assert replayed[:2] == b"\x00\x04"
     assert full[2:] == replayed[2:] == over_tcp[2:]
@@ -159,17 +160,17 @@ async def test_replays_count_like_the_full_path(start_server, nsd_upstream):
 
 async def test_a_rule_change_is_seen_at_once(start_server, nsd_upstream, tmp_path: Path):
     server = await start_server(nsd_upstream)
-    blocked = await raw_udp_exchange(server, query_bytes(1, "www.blocked.test"))
+    blocked = await raw_udp_answer(server, query_bytes(1, "www.blocked.test"))
     assert blocked[3] & 0xF == dns.rcode.NXDOMAIN
     Path(server.config.blocking.rules[0]).write_text(RULES_YAML.replace("- blocked.test", ""))
     assert await server.reload_rules()
-    after = await raw_udp_exchange(server, query_bytes(2, "www.blocked.test"))
+    after = await raw_udp_answer(server, query_bytes(2, "www.blocked.test"))
     assert after[3] & 0xF != dns.rcode.NXDOMAIN  # forwarded now (NSD: not its zone)
 
 
 async def test_it_can_be_switched_off(start_server, nsd_upstream):
     server = await start_server(nsd_upstream, cache={"packet_entries": 0})
     for qid in range(3):
-        answer = await raw_udp_exchange(server, query_bytes(qid))
+        answer = await raw_udp_answer(server, query_bytes(qid))
         assert answer[3] & 0xF == dns.rcode.NXDOMAIN
     assert len(server.chain.packets) == 0

@@ -14,12 +14,15 @@ from hypothesis import strategies as st
 from resolver.message import constants, wire
 from resolver.message.query import Query
 from resolver.message.reply import Reply, TtlPolicy, failure, render, render_stale, scan_reply
-from tests.dnsmsg import query, response, summary
+from tests.dnsmsg import Asked, Edns, Said, Shape, query, response, summary
 
 POLICY = TtlPolicy()
-SOA_3600_300 = "example.org. 3600 IN SOA ns.example.org. hostmaster.example.org. 1 7200 900 1209600 300"
-SOA_100_300 = "example.org. 100 IN SOA ns.example.org. hostmaster.example.org. 1 7200 900 1209600 300"
-SOA_DAY = "example.org. 86400 IN SOA ns.example.org. hostmaster.example.org. 1 7200 900 1209600 86400"
+SOA_3600_300 = ("example.org. 3600 IN SOA ns.example.org. hostmaster.example.org. "
+                "1 7200 900 1209600 300")
+SOA_100_300 = ("example.org. 100 IN SOA ns.example.org. hostmaster.example.org. "
+               "1 7200 900 1209600 300")
+SOA_DAY = ("example.org. 86400 IN SOA ns.example.org. hostmaster.example.org. "
+           "1 7200 900 1209600 86400")
 NS = ("example.org. 3600 IN NS ns1.example.org.", "example.org. 3600 IN NS ns2.example.org.")
 GLUE = ("ns1.example.org. 3600 IN A 192.0.2.53", "ns2.example.org. 3600 IN AAAA 2001:db8::53")
 
@@ -31,7 +34,7 @@ def scan(data: bytes, policy: TtlPolicy = POLICY) -> Reply:
 
 
 # name, qtype, response() keyword arguments
-REPLIES = {
+REPLIES: dict[str, tuple[str, str, Said]] = {
     "a": ("www.example.org", "A", {"answer": ("www.example.org. 300 IN A 192.0.2.1",
                                               "www.example.org. 300 IN A 192.0.2.2")}),
     "cname-chain": ("www.example.org", "A", {"answer": (
@@ -41,7 +44,8 @@ REPLIES = {
     "referral-like": ("example.org", "MX", {
         "answer": ("example.org. 900 IN MX 10 mail.example.org.",),
         "authority": NS, "additional": GLUE}),  # names compress into each other
-    "nxdomain": ("nope.example.org", "A", {"rcode": constants.NXDOMAIN, "authority": (SOA_3600_300,)}),
+    "nxdomain": ("nope.example.org", "A", {"rcode": constants.NXDOMAIN,
+                                           "authority": (SOA_3600_300,)}),
     "nodata": ("www.example.org", "AAAA", {"authority": (SOA_3600_300,)}),
     "nodata-no-soa": ("www.example.org", "AAAA", {"authority": NS}),
     "servfail": ("www.example.org", "A", {"rcode": constants.SERVFAIL}),
@@ -88,7 +92,7 @@ def expected_flags(q: Query, upstream_flags: int) -> frozenset[str]:
 
 @pytest.mark.parametrize("case", REPLIES)
 @pytest.mark.parametrize("client", CLIENTS)
-def test_render_equals_upstream_reply(case: str, client: dict) -> None:
+def test_render_equals_upstream_reply(case: str, client: Asked) -> None:
     name, qtype, kwargs = REPLIES[case]
     data = response(name, qtype, **kwargs)
     reply = scan(data)
@@ -106,6 +110,12 @@ def test_render_equals_upstream_reply(case: str, client: dict) -> None:
     assert got_records.authority == upstream_records.authority
     assert got_records.additional == upstream_records.additional
     assert sorted(got.ttls()) == sorted(ttl for _, ttl in reply.ttls)
+
+
+class SaidTo(Said, total=False):
+    """response()'s keywords and the type of the question answered."""
+
+    qtype: str
 
 
 @pytest.mark.parametrize(
@@ -131,7 +141,8 @@ def test_render_equals_upstream_reply(case: str, client: dict) -> None:
          [60], 60),
         ({"rcode": constants.NXDOMAIN, "authority": (SOA_3600_300,)}, TtlPolicy(min_ttl=900),
          [300], 300),  # min_ttl is for positive answers only
-        ({"rcode": constants.NXDOMAIN, "answer": ("nope.example.org. 3600 IN CNAME gone.example.org.",),
+        ({"rcode": constants.NXDOMAIN,
+          "answer": ("nope.example.org. 3600 IN CNAME gone.example.org.",),
           "authority": (SOA_3600_300,)}, POLICY, [300, 300], 300),
         ({"authority": (SOA_3600_300,)}, POLICY, [300], 300),  # NODATA
         ({"authority": (SOA_3600_300,), "opt": "first",
@@ -160,7 +171,7 @@ def test_render_equals_upstream_reply(case: str, client: dict) -> None:
         ({"rcode": constants.NOTIMP, "opt": "last"}, POLICY, [], None),
     ],
 )
-def test_ttl_policy(kwargs: dict, policy: TtlPolicy, stored: list[int],
+def test_ttl_policy(kwargs: SaidTo, policy: TtlPolicy, stored: list[int],
                     lifetime: int | None) -> None:
     reply = scan(response("www.example.org", **kwargs), policy)
     assert [ttl for _, ttl in reply.ttls] == stored
@@ -169,7 +180,7 @@ def test_ttl_policy(kwargs: dict, policy: TtlPolicy, stored: list[int],
     assert sorted(got.ttls()) == sorted(stored)
 
 
-COUNTDOWN = {"answer": ("www.example.org. 3600 IN CNAME a.example.org.",
+COUNTDOWN: Said = {"answer": ("www.example.org. 3600 IN CNAME a.example.org.",
                         "a.example.org. 60 IN A 192.0.2.1"), "authority": NS}
 
 
@@ -186,7 +197,7 @@ COUNTDOWN = {"answer": ("www.example.org. 3600 IN CNAME a.example.org.",
     ],
 )
 @pytest.mark.parametrize("client", [{}, {"edns": True, "do": True}])
-def test_render_counts_ttls_down(elapsed: int, ttls: list[int], client: dict) -> None:
+def test_render_counts_ttls_down(elapsed: int, ttls: list[int], client: Asked) -> None:
     reply = scan(response("www.example.org", **COUNTDOWN))
     before = reply.body
     got = summary(render(query("www.example.org", **client), reply, elapsed))
@@ -196,7 +207,7 @@ def test_render_counts_ttls_down(elapsed: int, ttls: list[int], client: dict) ->
     assert reply.body == before  # a cached reply is never changed by serving it
 
 
-BIG = {"answer": tuple(f"www.example.org. 300 IN A 192.0.2.{n}" for n in range(1, 41))}
+BIG: Said = {"answer": tuple(f"www.example.org. 300 IN A 192.0.2.{n}" for n in range(1, 41))}
 
 
 @pytest.mark.parametrize(
@@ -210,7 +221,7 @@ BIG = {"answer": tuple(f"www.example.org. 300 IN A 192.0.2.{n}" for n in range(1
         ("tcp", {"edns": True, "udp": 512}, False),
     ],
 )
-def test_render_truncates_for_small_udp_buffers(transport: str, client: dict,
+def test_render_truncates_for_small_udp_buffers(transport: str, client: Shape,
                                                 truncated: bool) -> None:
     reply = scan(response("www.example.org", **BIG))
     q = query("WWW.example.org", transport=transport, qid=99, **client)
@@ -237,7 +248,7 @@ def test_render_truncates_for_small_udp_buffers(transport: str, client: dict,
         (False, {"edns": True, "do": True}, False),
     ],
 )
-def test_render_keeps_ad_only_for_clients_that_asked(upstream_ad: bool, client: dict,
+def test_render_keeps_ad_only_for_clients_that_asked(upstream_ad: bool, client: Asked,
                                                      ad: bool) -> None:
     reply = scan(response("www.example.org", answer=("www.example.org. 300 IN A 192.0.2.1",),
                           ad=upstream_ad, aa=True))
@@ -349,7 +360,8 @@ def assert_framed(answer: bytes) -> None:
         types.append(rtype)
         pos += 10 + rdlength
     assert qd == 1 and pos == len(answer)
-    assert constants.TYPE_OPT not in types[:-1] and types[-1:] == [constants.TYPE_OPT]  # client used EDNS
+    # the client used EDNS
+    assert constants.TYPE_OPT not in types[:-1] and types[-1:] == [constants.TYPE_OPT]
 
 
 def test_scan_reply_of_dnslib_edns_reply_after_question_only() -> None:
@@ -404,7 +416,7 @@ STALE_EDE = ((15, b"\x00\x03"),)  # RFC 8914 code 3, Stale Answer, no text
 
 @pytest.mark.parametrize("case", ["a", "cname-chain", "nxdomain", "referral-like", "ad"])
 @pytest.mark.parametrize("client", CLIENTS)
-def test_render_stale_sets_every_ttl_and_says_stale(case: str, client: dict) -> None:
+def test_render_stale_sets_every_ttl_and_says_stale(case: str, client: Asked) -> None:
     name, qtype, kwargs = REPLIES[case]
     data = response(name, qtype, **kwargs)
     reply = scan(data)
@@ -412,7 +424,11 @@ def test_render_stale_sets_every_ttl_and_says_stale(case: str, client: dict) -> 
     q = query(client_name(name), qtype, **client)
     got = summary(render_stale(q, reply, 30))
     fresh = summary(render(q, reply, 0))
-    edns = fresh.edns[:3] + (STALE_EDE,) if q.edns else None
+    edns: Edns | None = None
+    if q.edns:
+        assert fresh.edns is not None
+        version, payload, do, _ = fresh.edns
+        edns = (version, payload, do, STALE_EDE)
     assert got.without_ttls() == dataclasses.replace(fresh.without_ttls(), edns=edns)
     assert set(got.ttls()) <= {30}
     assert len(got.ttls()) == len(reply.ttls)

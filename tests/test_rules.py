@@ -165,7 +165,8 @@ def test_rule_list_rejects_unknown_action() -> None:
         ('action: sinkhole\nsinkhole: ["::1"]', ("sinkhole", ("0.0.0.0",), ("::1",), None)),
     ],
 )
-def test_list_settings(tmp_path: Path, settings: str, expected: tuple) -> None:
+def test_list_settings(tmp_path: Path, settings: str,
+                       expected: tuple[str, tuple[str, ...], tuple[str, ...], int | None]) -> None:
     indented = textwrap.indent(settings, "    ")
     path = write(tmp_path, "l.yaml", f"lists:\n  - name: l\n{indented}\n    domains: [a.test]\n")
     rule_list = load_rules([str(path)]).lists[0]
@@ -197,8 +198,10 @@ def test_plain_text_file(tmp_path: Path, text: str, query: str, matched: str | N
     ("files", "expected_lists", "dup_owner"),
     [
         ({"b.txt": "dup.test\n", "a.list": "dup.test\n"}, ["a", "b"], "a"),
-        ({"z.yml": "lists: [{name: z, domains: [dup.test]}]", "y.txt": "dup.test"}, ["y", "z"], "y"),
-        ({"b.yaml": "lists: [{name: b, domains: [dup.test]}]", "README.md": "not rules"}, ["b"], "b"),
+        ({"z.yml": "lists: [{name: z, domains: [dup.test]}]", "y.txt": "dup.test"},
+         ["y", "z"], "y"),
+        ({"b.yaml": "lists: [{name: b, domains: [dup.test]}]", "README.md": "not rules"},
+         ["b"], "b"),
         ({"notes.conf": "x\n", "a.txt": "dup.test\n"}, ["a"], "a"),
         ({"empty.yaml": "# nothing yet\n", "a.txt": "dup.test\n"}, ["a"], "a"),
     ],
@@ -212,13 +215,20 @@ def test_directory(
     write(tmp_path / "nested", "0.txt", "dup.test\n")  # not loaded: directories are not recursed
     rules = load_rules([str(tmp_path)])
     assert [rule_list.name for rule_list in rules.lists] == expected_lists
-    assert rules.match("dup.test")[0].list.name == dup_owner
+    assert matching_list(rules, "dup.test") == dup_owner
+
+
+def matching_list(rules: RuleSet, name: str) -> str:
+    """The name of the list whose rule matches name, which one must."""
+    found = rules.match(name)
+    assert found is not None, f"no rule matches {name}"
+    return found[0].list.name
 
 
 def test_several_paths_load_in_order(tmp_path: Path) -> None:
     late, early = write(tmp_path, "a.txt", "dup.test\n"), write(tmp_path, "b.txt", "dup.test\n")
     rules = load_rules([str(early), str(late)])
-    assert rules.match("dup.test")[0].list.name == "b"
+    assert matching_list(rules, "dup.test") == "b"
 
 
 @pytest.mark.parametrize(
@@ -263,7 +273,8 @@ def test_several_paths_load_in_order(tmp_path: Path) -> None:
         ),
         (
             "lists:\n  - name: l\n    action: block\n",
-            ["{path}:3: lists[0].action: 'block' is not one of nxdomain, sinkhole, nodata, refused, allow"],
+            ["{path}:3: lists[0].action: 'block' is not one of nxdomain, sinkhole, nodata, "
+             "refused, allow"],
         ),
         (
             "lists:\n  - name: l\n    action: [nxdomain]\n",
@@ -280,13 +291,22 @@ def test_several_paths_load_in_order(tmp_path: Path) -> None:
                 "{path}:4: 'b..test' is not a valid name: empty label",
             ],
         ),
-        ("lists:\n  - name: Big List\n", ["{path}:2: lists[0].name: 'Big List' is not a valid list name (use only a-z 0-9 _ . -)"]),
+        (
+            "lists:\n  - name: Big List\n",
+            ["{path}:2: lists[0].name: 'Big List' is not a valid list name "
+             "(use only a-z 0-9 _ . -)"],
+        ),
         ("lists:\n  - name: 7\n", ["{path}:2: lists[0].name: expected a string, got a number (7)"]),
         (  # YAML syntax error, with the line
             "lists:\n  - name: l\n    domains\n    action: nodata\n",
-            ["{path}:4: YAML syntax error: while scanning a simple key, could not find expected ':'"],
+            ["{path}:4: YAML syntax error: while scanning a simple key, "
+             "could not find expected ':'"],
         ),
-        ('lists:\n  - name: "l\n', ["{path}:3: YAML syntax error: while scanning a quoted scalar, found unexpected end of stream"]),
+        (
+            'lists:\n  - name: "l\n',
+            ["{path}:3: YAML syntax error: while scanning a quoted scalar, "
+             "found unexpected end of stream"],
+        ),
         (  # entries that are neither strings nor mappings
             """\
             lists:
@@ -298,10 +318,14 @@ def test_several_paths_load_in_order(tmp_path: Path) -> None:
                   - yes
             """,
             [
-                "{path}:4: lists[0].entries[0]: expected a domain name or a mapping with id and domains, got a number (42)",
-                "{path}:5: lists[0].entries[1]: expected a domain name or a mapping with id and domains, got a list",
-                "{path}:6: lists[0].entries[2]: expected a domain name or a mapping with id and domains, got nothing",
-                "{path}:7: lists[0].entries[3]: expected a domain name or a mapping with id and domains, got a boolean (yes)",
+                "{path}:4: lists[0].entries[0]: expected a domain name or a mapping with id "
+                "and domains, got a number (42)",
+                "{path}:5: lists[0].entries[1]: expected a domain name or a mapping with id "
+                "and domains, got a list",
+                "{path}:6: lists[0].entries[2]: expected a domain name or a mapping with id "
+                "and domains, got nothing",
+                "{path}:7: lists[0].entries[3]: expected a domain name or a mapping with id "
+                "and domains, got a boolean (yes)",
             ],
         ),
         (
@@ -311,7 +335,10 @@ def test_several_paths_load_in_order(tmp_path: Path) -> None:
                 "{path}:3: lists[0].domains[1]: expected a domain name, got a mapping",
             ],
         ),
-        ("lists:\n  - name: l\n    entries: a.test\n", ["{path}:3: lists[0].entries: expected a list, got a string (a.test)"]),
+        (
+            "lists:\n  - name: l\n    entries: a.test\n",
+            ["{path}:3: lists[0].entries: expected a list, got a string (a.test)"],
+        ),
         (  # one mistake, one message: the addresses are not also blamed on the action
             "lists:\n  - name: l\n    action: bogus\n    sinkhole: [192.0.2.1]\n",
             ["{path}:3: lists[0].action: 'bogus' is not one of nxdomain, sinkhole, nodata, "
@@ -341,12 +368,31 @@ def test_several_paths_load_in_order(tmp_path: Path) -> None:
             "lists:\n  - name: l\n    action: nodata\n    sinkhole: [192.0.2.1]\n",
             ["{path}:4: lists[0].sinkhole: only allowed with action sinkhole"],
         ),
-        ("lists:\n  - name: l\n    ttl: -1\n", ["{path}:3: lists[0].ttl: expected whole seconds 0 to 2147483647, got a number (-1)"]),
-        ("lists:\n  - name: l\n    ttl: 2147483648\n", ["{path}:3: lists[0].ttl: expected whole seconds 0 to 2147483647, got a number (2147483648)"]),
-        ("lists:\n  - name: l\n    ttl: 1.5\n", ["{path}:3: lists[0].ttl: expected whole seconds 0 to 2147483647, got a number (1.5)"]),
-        ("lists:\n  - name: l\n    ttl: '60'\n", ["{path}:3: lists[0].ttl: expected whole seconds 0 to 2147483647, got a string (60)"]),
-        ("lists:\n  - name: l\n    action: allow\n    ttl: 60\n", ["{path}:4: lists[0].ttl: not used with action allow"]),
-        ("lists:\n  - name: l\n    description: [x]\n", ["{path}:3: lists[0].description: expected a string, got a list"]),
+        (
+            "lists:\n  - name: l\n    ttl: -1\n",
+            ["{path}:3: lists[0].ttl: expected whole seconds 0 to 2147483647, got a number (-1)"],
+        ),
+        (
+            "lists:\n  - name: l\n    ttl: 2147483648\n",
+            ["{path}:3: lists[0].ttl: expected whole seconds 0 to 2147483647, "
+             "got a number (2147483648)"],
+        ),
+        (
+            "lists:\n  - name: l\n    ttl: 1.5\n",
+            ["{path}:3: lists[0].ttl: expected whole seconds 0 to 2147483647, got a number (1.5)"],
+        ),
+        (
+            "lists:\n  - name: l\n    ttl: '60'\n",
+            ["{path}:3: lists[0].ttl: expected whole seconds 0 to 2147483647, got a string (60)"],
+        ),
+        (
+            "lists:\n  - name: l\n    action: allow\n    ttl: 60\n",
+            ["{path}:4: lists[0].ttl: not used with action allow"],
+        ),
+        (
+            "lists:\n  - name: l\n    description: [x]\n",
+            ["{path}:3: lists[0].description: expected a string, got a list"],
+        ),
         (
             """\
             lists:
@@ -363,7 +409,8 @@ def test_several_paths_load_in_order(tmp_path: Path) -> None:
             """,
             [
                 "{path}:6: lists[0].entries[1].id: duplicate id 'e' (first at line 4)",
-                "{path}:8: lists[0].entries[2].id: 'Upper' is not a valid id (use only a-z 0-9 _ . -)",
+                "{path}:8: lists[0].entries[2].id: 'Upper' is not a valid id "
+                "(use only a-z 0-9 _ . -)",
                 "{path}:9: lists[0].entries[2].name: expected a string, got a number (3)",
                 "{path}:10: lists[0].entries[2].domains: expected at least one domain",
                 "{path}:11: lists[0].entries[3].id: required key is missing",
@@ -373,9 +420,11 @@ def test_several_paths_load_in_order(tmp_path: Path) -> None:
         ("lists:\n  - name: l\n    name: m\n", ["{path}:3: lists[0].name: duplicate key"]),
         ("- a.test\n", ["{path}:1: expected a mapping, got a list"]),
         ("lists: a.test\n", ["{path}:1: lists: expected a list, got a string (a.test)"]),
-        ("other: 1\n", ["{path}:1: other: unknown key", "{path}:1: lists: required key is missing"]),
+        ("other: 1\n",
+         ["{path}:1: other: unknown key", "{path}:1: lists: required key is missing"]),
         ("lists:\n  - [a.test]\n", ["{path}:2: lists[0]: expected a mapping, got a list"]),
-        ("lists:\n  - name: l\n    [a]: 1\n", ["{path}:3: lists[0]: expected a string key, got a list"]),
+        ("lists:\n  - name: l\n    [a]: 1\n",
+         ["{path}:3: lists[0]: expected a string key, got a list"]),
     ],
 )
 @pytest.mark.parametrize("loader", [yaml.SafeLoader, yaml.CSafeLoader], ids=["python", "libyaml"])
@@ -414,11 +463,14 @@ def test_yaml_errors(tmp_path: Path, loader: YamlLoader, text: str, problems: li
             ["{dir}/b.yaml:3: lists[0].name: duplicate list name 'x' (first at {dir}/a.yaml:2)"],
         ),
         (  # every file is checked, so one run reports everything
-            {"a.yaml": 'lists: "\n', "b.txt": "b..test", "c.yaml": "lists:\n  - name: c\n    ttl: x"},
+            {"a.yaml": 'lists: "\n', "b.txt": "b..test",
+             "c.yaml": "lists:\n  - name: c\n    ttl: x"},
             [
-                "{dir}/a.yaml:2: YAML syntax error: while scanning a quoted scalar, found unexpected end of stream",
+                "{dir}/a.yaml:2: YAML syntax error: while scanning a quoted scalar, found "
+                "unexpected end of stream",
                 "{dir}/b.txt:1: 'b..test' is not a valid name: empty label",
-                "{dir}/c.yaml:3: lists[0].ttl: expected whole seconds 0 to 2147483647, got a string (x)",
+                "{dir}/c.yaml:3: lists[0].ttl: expected whole seconds 0 to 2147483647, "
+                "got a string (x)",
             ],
         ),
     ],
@@ -448,6 +500,7 @@ def load_build_tool():
     """tools/ is not a package; load the generator from its file as the test of record."""
     path = ROOT / "tools" / "build_exchanges.py"
     spec = importlib.util.spec_from_file_location("build_exchanges", path)
+    assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -473,7 +526,9 @@ def test_shipped_list_matches_tsv() -> None:
     found = {}
     for row in rows:
         for domain in row["domains"].split():
-            rule, matched = rules.match("www." + domain)
+            found_rule = rules.match("www." + domain)
+            assert found_rule is not None, domain
+            rule, matched = found_rule
             assert matched == domain
             found[rule.entry_id] = rule.entry_name
     assert found == {row["id"]: row["name"] for row in rows}

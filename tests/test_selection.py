@@ -165,7 +165,7 @@ def test_random_orders_differ_between_queries():
 ])
 def test_fastest(srtts, draw, expected):
     group = members("a", "b", "c")
-    for member, srtt in zip(group, srtts):
+    for member, srtt in zip(group, srtts, strict=True):
         if srtt is not None:
             member.health.success(srtt)
     order = names(arrange("fastest", group, 0.0, FixedRandom(draw)))

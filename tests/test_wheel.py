@@ -28,7 +28,8 @@ import dns.query
 import dns.rcode
 import pytest
 
-from tests.servers import LOOPBACK, free_port
+from resolver.server.supervisor import free_port
+from tests.servers import LOOPBACK
 
 ROOT = Path(__file__).resolve().parent.parent
 VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["version"]
@@ -129,9 +130,12 @@ def test_serve_without_rule_flags_blocks_the_shipped_list_from_any_directory(
          "--workers", "1", "--upstream", upstream],
         cwd=tmp_path, env=clean_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True)
+    assert process.stdout is not None and process.stderr is not None
     try:
         banner = first_line(process)
-        port = int(re.search(rf"listening on {re.escape(LOOPBACK)}:(\d+)", banner).group(1))
+        match = re.search(rf"listening on {re.escape(LOOPBACK)}:(\d+)", banner)
+        assert match, banner
+        port = int(match.group(1))
         query = dns.message.make_query(BLOCKED, "A")
         for ask in (dns.query.udp, dns.query.tcp):
             reply = ask(query, LOOPBACK, port=port, timeout=TIMEOUT)
@@ -146,8 +150,9 @@ def test_serve_without_rule_flags_blocks_the_shipped_list_from_any_directory(
         process.stderr.close()
 
 
-def first_line(process: subprocess.Popen) -> str:
+def first_line(process: subprocess.Popen[str]) -> str:
     """The banner, or a failure with the server's stderr when none comes."""
+    assert process.stdout is not None and process.stderr is not None
     with selectors.DefaultSelector() as selector:
         selector.register(process.stdout, selectors.EVENT_READ)
         line = process.stdout.readline() if selector.select(TIMEOUT) else ""

@@ -140,8 +140,10 @@ NAME_256 = _name(63, 63, 63, 62)
         (_header() + b"\x07example\x03org", constants.FORMERR),  # name runs past the end
         (_header() + b"\x07exam", constants.FORMERR),  # label runs past the end
         (_header() + b"\xc0\x0c\x00\x01\x00\x01", constants.FORMERR),  # compression pointer
-        (_header() + b"\x03www\xc0\x0c\x00\x01\x00\x01", constants.FORMERR),  # pointer after a label
-        (_header() + b"\x41" + b"x" * 65 + b"\x00\x00\x01\x00\x01", constants.FORMERR),  # label type 01
+        # a pointer after a label
+        (_header() + b"\x03www\xc0\x0c\x00\x01\x00\x01", constants.FORMERR),
+        # label type 01
+        (_header() + b"\x41" + b"x" * 65 + b"\x00\x00\x01\x00\x01", constants.FORMERR),
         (_header() + NAME_256 + b"\x00\x01\x00\x01", constants.FORMERR),  # name > 255 octets
         (_header() + _name(63, 63, 63, 63, 63) + b"\x00\x01\x00\x01", constants.FORMERR),
         (_header() + WWW, constants.FORMERR),  # type and class missing
@@ -165,6 +167,7 @@ def test_parse_query_form_errors(packet: bytes, rcode: int | None) -> None:
     if rcode is None:
         assert response is None
         return
+    assert response is not None
     assert dnslib_rcode(response) == (0xBEEF, rcode)
     got = summary(response)
     assert (got.id, got.rcode) == (0xBEEF, rcode)
@@ -198,7 +201,8 @@ def test_parse_query_raises_only_form_error_on_any_bytes(data: bytes) -> None:
 def test_parse_query_raises_only_form_error_after_a_question(flags: int, an: int, ar: int,
                                                              tail: bytes) -> None:
     """Random records after a valid question: the EDNS scan must fail cleanly too."""
-    packet = _header(flags=flags & ~(constants.QR | constants.OPCODE), an=an, ar=ar) + QUESTION + tail
+    packet = (_header(flags=flags & ~(constants.QR | constants.OPCODE), an=an, ar=ar)
+              + QUESTION + tail)
     try:
         wire.parse_query(packet, CLIENT, "udp")
     except wire.FormError as exc:

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import dns.message
@@ -21,7 +21,8 @@ import dns.rcode
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.servers import LOOPBACK, NsdServer, free_port
+from resolver.server.supervisor import free_port
+from tests.servers import LOOPBACK, NsdServer
 
 RULES = "lists:\n  - name: first\n    domains: [blocked.test]\n"
 QUERIES = 40
@@ -30,7 +31,7 @@ QUERIES = 40
 class Served:
     """A `resolver serve` process and where it listens."""
 
-    def __init__(self, process: subprocess.Popen, port: int, metrics_port: int):
+    def __init__(self, process: subprocess.Popen[str], port: int, metrics_port: int):
         self.process, self.port, self.metrics_port = process, port, metrics_port
 
     def rcode(self, name: str, tcp: bool = False) -> int:
@@ -38,7 +39,7 @@ class Served:
         ask = dns.query.tcp if tcp else dns.query.udp
         return ask(query, LOOPBACK, port=self.port, timeout=3).rcode()
 
-    def metrics(self) -> dict[tuple[str, tuple], float]:
+    def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         url = f"http://{LOOPBACK}:{self.metrics_port}/metrics"
         text = urllib.request.urlopen(url, timeout=5).read().decode()
         return {(s.name, tuple(sorted(s.labels.items()))): s.value
@@ -50,9 +51,10 @@ class Served:
 
 
 @pytest.fixture
-def serve(tmp_path: Path, nsd_upstream: NsdServer) -> Iterator:
+def serve(tmp_path: Path, nsd_upstream: NsdServer
+          ) -> Iterator[tuple[Callable[[int], Served], Path]]:
     """Factory: serve(workers) starts the command and waits for its banner line."""
-    started: list[subprocess.Popen] = []
+    started: list[subprocess.Popen[str]] = []
     rules = tmp_path / "rules.yaml"
     rules.write_text(RULES)
 
@@ -64,6 +66,7 @@ def serve(tmp_path: Path, nsd_upstream: NsdServer) -> Iterator:
              "--rules", str(rules), "--metrics", f"{LOOPBACK}:{metrics_port}"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         started.append(process)
+        assert process.stdout is not None and process.stderr is not None
         banner = process.stdout.readline()
         assert "listening on" in banner, process.stderr.read()
         return Served(process, port, metrics_port)

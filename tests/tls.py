@@ -22,7 +22,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from tests.servers import LOOPBACK, NsdServer, free_port, require_tool
+from resolver.server.supervisor import free_port
+from tests.servers import LOOPBACK, NsdServer, require_tool
 
 TLS_NAME = "dns.example.test"  # the name on the test server's certificate
 IDLE_MS = 1000  # Unbound closes a TLS connection idle this long (tcp-idle-timeout)
@@ -41,7 +42,7 @@ def _name(common_name: str) -> x509.Name:
 
 def make_tls_files(directory: Path, server_name: str = TLS_NAME) -> TlsFiles:
     """A CA and a server certificate it signed for server_name, valid for a day."""
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca = (
         x509.CertificateBuilder()

@@ -26,7 +26,7 @@ import dns.query
 import pytest
 from dnslib import QTYPE, RCODE, RR, A, DNSError, DNSRecord
 
-from resolver.server.supervisor import free_port  # noqa: F401 (the tests' too: a port free for UDP and TCP)
+from resolver.server.supervisor import free_port
 
 LOOPBACK = "127.0.0.1"
 
@@ -37,7 +37,8 @@ def require_tool(name: str) -> str:
     In CI (CI=true) a missing tool fails instead: .ci/run installs every tool, so a skip there
     would hide a broken install step behind a green run.
     """
-    path = shutil.which(name, path=os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"]))
+    search = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
+    path = shutil.which(name, path=search)
     if path is None:
         message = f"{name} is not installed (Debian: apt-get install {name})"
         if os.environ.get("CI") == "true":
@@ -146,7 +147,8 @@ class NsdError(RuntimeError):
 def nsd_config(workdir: Path, host: str, port: int, zone: TestZone = ZONE) -> str:
     """An nsd.conf that keeps every file NSD writes inside workdir and runs as the caller."""
     zones = "".join(
-        f"zone:\n    name: {name.removesuffix('zone')}\n    zonefile: {name}\n" for name in zone_files(zone)
+        f"zone:\n    name: {name.removesuffix('zone')}\n    zonefile: {name}\n"
+        for name in zone_files(zone)
     )
     return f"""server:
     ip-address: {host}
@@ -186,7 +188,7 @@ def _answers(host: str, port: int, origin: str) -> bool:
     return True
 
 
-def _stop_process(process: subprocess.Popen) -> None:
+def _stop_process(process: subprocess.Popen[bytes]) -> None:
     """Stop NSD by its PID; if it hangs, kill its process group (its own forked children)."""
     if process.poll() is None:
         process.terminate()
@@ -238,8 +240,8 @@ def run_nsd(
 # --------------------------------------------------------------------------------------------
 # The fault upstream
 
-FAULT_MODES = ("answer", "silent", "garbage", "wrong_id", "wrong_question", "slow", "truncate", "servfail",
-               "refused")
+FAULT_MODES = ("answer", "silent", "garbage", "wrong_id", "wrong_question", "slow", "truncate",
+               "servfail", "refused")
 FAULT_A = "192.0.2.99"
 
 
@@ -338,13 +340,15 @@ class FaultUpstream:
                 return [reply.pack()]
             case "garbage":
                 # A compression pointer to offset 0x3fff, past the end: unparseable everywhere.
-                bad = wire[:2] + b"\x81\x80\x00\x01\x00\x01\x00\x00\x00\x00\xff\xff" + os.urandom(20)
+                header = b"\x81\x80\x00\x01\x00\x01\x00\x00\x00\x00\xff\xff"
+                bad = wire[:2] + header + os.urandom(20)
             case "wrong_id":
                 bad = struct.pack("!H", (query.header.id + 1) & 0xFFFF) + good[2:]
             case "wrong_question":
                 other = query.reply(ra=1, aa=0)
                 other.questions[0].qname = other.questions[0].qname.add("wrong")
-                other.add_answer(RR(other.questions[0].qname, QTYPE.A, rdata=A(FAULT_A), ttl=self.ttl))
+                other.add_answer(RR(other.questions[0].qname, QTYPE.A, rdata=A(FAULT_A),
+                                    ttl=self.ttl))
                 bad = other.pack()
         return [bad, good] if self.then_answer else [bad]
 
@@ -401,7 +405,8 @@ class FaultUpstream:
             tcp = await asyncio.start_server(self._tcp_client, self.host, self.port)
             port = tcp.sockets[0].getsockname()[1]
             try:
-                udp, _ = await loop.create_datagram_endpoint(lambda: _Udp(self), local_addr=(self.host, port))
+                udp, _ = await loop.create_datagram_endpoint(lambda: _Udp(self),
+                                                             local_addr=(self.host, port))
             except OSError:
                 tcp.close()
                 if self.port:

@@ -9,7 +9,6 @@ error guards are each a few microseconds of plain calls.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, replace

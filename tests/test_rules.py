@@ -64,7 +64,7 @@ def ruleset(tmp_path_factory: pytest.TempPathFactory) -> RuleSet:
         ("example.com", ("first", "", "", "example.com")),  # plain entry
         ("deep.example.com", ("specific", "", "", "deep.example.com")),  # most specific wins
         ("x.deep.example.com", ("specific", "", "", "deep.example.com")),
-        ("dup.test", ("first", "", "", "dup.test")),  # first list wins for a duplicate
+        ("dup.test", ("first", "", "", "dup.test")),  # first list by name wins a duplicate
         ("www.example.org", None),  # allow below a block
         ("a.www.example.org", None),
         ("www.allowed.test", None),  # allow wins over a more specific block
@@ -225,10 +225,12 @@ def matching_list(rules: RuleSet, name: str) -> str:
     return found[0].list.name
 
 
-def test_several_paths_load_in_order(tmp_path: Path) -> None:
+def test_the_same_domain_in_two_lists_goes_to_the_first_list_by_name(tmp_path: Path) -> None:
+    """Not the list loaded first: the version ignores the files' order, so what the rules do
+    must not depend on it either."""
     late, early = write(tmp_path, "a.txt", "dup.test\n"), write(tmp_path, "b.txt", "dup.test\n")
-    rules = load_rules([str(early), str(late)])
-    assert matching_list(rules, "dup.test") == "b"
+    assert matching_list(load_rules([str(early), str(late)]), "dup.test") == "a"
+    assert matching_list(load_rules([str(late), str(early)]), "dup.test") == "a"
 
 
 @pytest.mark.parametrize(

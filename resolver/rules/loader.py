@@ -6,7 +6,9 @@ operator sees everything to fix in one run. The compiled RuleSet is never mutate
 builds a new one and the server swaps one reference.
 """
 
+import datetime
 import ipaddress
+import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,6 +38,11 @@ from resolver.rules.model import (
     DEFAULT_ACTION,
     DEFAULT_SINKHOLE_V4,
     DEFAULT_SINKHOLE_V6,
+    DRY_RUN,
+    ENFORCE,
+    EVERYONE,
+    MODES,
+    Network,
     Rule,
     RuleList,
 )
@@ -50,8 +57,16 @@ _TOKEN_RULE = "use only a-z 0-9 _ . -"
 # and so the same messages (tests/test_rules.py loads its error table through both).
 FAST_LOADER: YamlLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _TOP_KEYS = frozenset({"lists"})
-_LIST_KEYS = frozenset({"name", "action", "ttl", "sinkhole", "description", "entries", "domains"})
+_LIST_KEYS = frozenset({"name", "action", "ttl", "sinkhole", "description", "entries", "domains",
+                        "mode", "clients", "except_clients", "rollout", "starts", "expires"})
 _ENTRY_KEYS = frozenset({"id", "name", "domains"})
+_FLOAT = "tag:yaml.org,2002:float"
+_TIMESTAMP = "tag:yaml.org,2002:timestamp"  # what YAML makes of an unquoted 2026-01-01T00:00Z
+_PERCENT = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+) ?%")
+# RFC 3339 section 5.6 (with its note's lowercase t and z, and a space for T)
+_RFC3339 = re.compile(
+    r"(\d{4}-\d{2}-\d{2})[Tt ](\d{2}:\d{2}:\d{2}(?:\.\d+)?)([Zz]|[+-]\d{2}:\d{2})?")
+_TIME_EXAMPLE = "2026-03-01T06:00:00Z"
 _Texts = tuple[str, ...]
 _Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -179,6 +194,12 @@ class _YamlFile:
                 domains: [binance.com] # required, at least one
               - example.org
             domains: [a.test]          # optional shorthand for plain entries
+            mode: enforce              # or dry-run: count and log, change no answer
+            clients: [192.0.2.0/24]    # optional: only these client networks
+            except_clients: [192.0.2.7] # optional: never these
+            rollout: 10%               # optional: a stable share of clients, 0-100
+            starts: 2026-03-01T06:00:00Z   # optional window, RFC 3339 with an offset
+            expires: 2026-03-08T06:00:00+01:00
     """
 
     def __init__(self, loader: _Loader, path: Path):
@@ -201,8 +222,19 @@ class _YamlFile:
         v4, v6 = self._sinkhole(keys.get("sinkhole"), f"{where}.sinkhole", action)
         if "description" in keys:
             self._string(keys["description"], f"{where}.description")
+        mode = self._mode(keys.get("mode"), f"{where}.mode", action)
+        clients = self._networks(keys.get("clients"), f"{where}.clients", needed=True)
+        excepted = self._networks(keys.get("except_clients"), f"{where}.except_clients")
+        rollout = self._rollout(keys.get("rollout"), f"{where}.rollout")
+        starts = self._instant(keys.get("starts"), f"{where}.starts")
+        expires = self._instant(keys.get("expires"), f"{where}.expires")
+        if starts is not None and expires is not None and expires <= starts:
+            self._error(keys["expires"], f"{where}.expires",
+                        f"{_utc(expires)} is not after starts ({_utc(starts)})")
+            expires = None
         name = self._string(keys["name"], f"{where}.name") if "name" in keys else None
-        rule_list = RuleList(name or "", action or DEFAULT_ACTION, v4, v6, ttl, str(self.path))
+        rule_list = RuleList(name or "", action or DEFAULT_ACTION, v4, v6, ttl, str(self.path),
+                             mode, clients, excepted, rollout, starts, expires)
         if name is not None:  # else already a problem; the entries are still checked
             location = self._location(keys["name"])
             self._file(keys["name"], self.loader.add_list(rule_list, location, f"{where}.name"))
@@ -311,6 +343,112 @@ class _YamlFile:
             self._error(node, where, f"{value!r} is not an IP address")
             return None
 
+    def _mode(self, node: Node | None, where: str, action: str | None) -> str:
+        """enforce or dry-run; a dry-run allow list is refused, since allowing changes nothing
+        until something blocks, and there would be nothing to count."""
+        if node is None:
+            return ENFORCE
+        value = self._string(node, where)
+        if value is None:
+            return ENFORCE
+        if value not in MODES:
+            self._error(node, where, f"{value!r} is not one of {', '.join(MODES)}")
+            return ENFORCE
+        if value == DRY_RUN and action == ALLOW:
+            self._error(node, where, "dry-run is not allowed with action allow")
+            return ENFORCE
+        return value
+
+    def _networks(self, node: Node | None, where: str, needed: bool = False
+                  ) -> tuple[Network, ...]:
+        """Client networks in CIDR form; a bare address is its /32 or /128. One network may
+        be written without a list. needed: an empty list is an error (a list for no client
+        at all is more likely a mistake than a wish; leaving the key out means everyone)."""
+        if node is None:
+            return ()
+        items = [(node, where)] if isinstance(node, ScalarNode) and node.tag != NULL else [
+            (item, f"{where}[{index}]") for index, item in enumerate(self._sequence(node, where))
+        ]
+        if needed and not items and (isinstance(node, SequenceNode) or node.tag == NULL):
+            key = where.rsplit(".", 1)[-1]
+            self._error(node, where, f"expected at least one network (leave {key} out to "
+                        "apply the list to every client)")
+        found: dict[Network, None] = {}
+        for item, item_where in items:
+            network = self._network(item, item_where)
+            if network is not None:
+                found[network] = None
+        return tuple(found)
+
+    def _network(self, node: Node, where: str) -> Network | None:
+        """One network; host bits set is an error that names the network probably meant."""
+        if not (isinstance(node, ScalarNode) and node.tag == STR):
+            self._error(node, where, f"expected a network like 192.0.2.0/24, got {kind_of(node)}")
+            return None
+        text: str = node.value
+        try:
+            return ipaddress.ip_network(text)
+        except ValueError as error:
+            if "host bits set" in str(error):
+                meant = ipaddress.ip_network(text, strict=False)
+                self._error(node, where, f"{text!r} has host bits set (the network is {meant})")
+            else:
+                self._error(node, where, f"{text!r} is not a network (CIDR) or an IP address")
+            return None
+
+    def _rollout(self, node: Node | None, where: str) -> float:
+        """A percentage: a number (25, 12.5) or a string with a percent sign ("25%"), 0 to 100."""
+        if node is None:
+            return EVERYONE
+        expected = "expected a percentage like 25% or 12.5%"
+        text: str | None = None
+        if isinstance(node, ScalarNode) and node.tag in (INT, _FLOAT):
+            text = node.value
+            shown = f"{node.value}"
+        elif isinstance(node, ScalarNode) and node.tag == STR:
+            match = _PERCENT.fullmatch(node.value.strip())
+            if match is None:
+                self._error(node, where, f"{expected}, got {kind_of(node)}")
+                return EVERYONE
+            text, shown = match.group(1), node.value.strip()
+        if text is None:
+            self._error(node, where, f"{expected}, got {kind_of(node)}")
+            return EVERYONE
+        try:
+            value = float(text.replace("_", ""))
+        except ValueError:
+            value = math.nan
+        if not 0 <= value <= EVERYONE:  # also NaN, .inf
+            self._error(node, where, f"{shown} is not a percentage from 0% to 100%")
+            return EVERYONE
+        return value
+
+    def _instant(self, node: Node | None, where: str) -> float | None:
+        """An RFC 3339 time with its UTC offset, as epoch seconds. YAML reads an unquoted time
+        as a timestamp: taken as written. A time without an offset is refused, since whose
+        midnight it means would depend on where the server runs."""
+        if node is None:
+            return None
+        if not (isinstance(node, ScalarNode) and node.tag in (STR, _TIMESTAMP)):
+            self._error(node, where, f"expected an RFC 3339 time like {_TIME_EXAMPLE}, "
+                        f"got {kind_of(node)}")
+            return None
+        text = node.value.strip()
+        match = _RFC3339.fullmatch(text)
+        if match is None:
+            self._error(node, where, f"{text!r} is not an RFC 3339 time like {_TIME_EXAMPLE}")
+            return None
+        date, clock, offset = match.groups()
+        if offset is None:
+            self._error(node, where, f"{text!r} has no UTC offset (add Z or +HH:MM)")
+            return None
+        offset = "+00:00" if offset in ("Z", "z") else offset
+        try:
+            return datetime.datetime.fromisoformat(f"{date}T{clock}{offset}").timestamp()
+        except ValueError as error:
+            self._error(node, where, f"{text!r} is not a valid time: {error}")
+            return None
+
     def _mapping(
         self, node: Node, where: str, allowed: frozenset[str], required: tuple[str, ...]
     ) -> dict[str, Node]:
@@ -360,3 +498,9 @@ class _YamlFile:
         """Keep a problem with its line, so parse can report them in file order."""
         if problem:
             self.problems.append((line_of(node), problem))
+
+
+def _utc(epoch: float) -> str:
+    """An instant as an RFC 3339 UTC time, for messages."""
+    moment = datetime.datetime.fromtimestamp(epoch, datetime.timezone.utc)
+    return moment.isoformat().replace("+00:00", "Z")

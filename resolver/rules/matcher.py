@@ -1,24 +1,65 @@
-"""The compiled matcher: one immutable dict from wire-form name to the rule that decides it.
+"""The compiled matcher: immutable dicts from wire-form name to the rules that decide it.
 
 A reload builds a new RuleSet and the server swaps one reference; nothing mutates one.
+
+Two tables:
+- the plain table holds the lists that apply to everyone, always, and enforce (every list
+  of the shipped file): one rule per name, settled at build time, looked up by `lookup`
+  with one dict lookup per label. A set with nothing else is answered by `lookup` alone;
+- the staged table holds the lists whose effect depends on the client, the time or that
+  only count (`RuleList.staged`): every rule per name, each with its compiled conditions
+  (rules/scope.py), judged per query by `decide`.
+
+Precedence (docs/rules.md#precedence), whatever the files' order, so that the version,
+which ignores that order, determines what the rules do:
+1. an allow list that applies to this client now, at any level covering the name, wins;
+2. else the most specific domain of an enforcing block list that applies answers;
+3. at the same domain, the list first in name order (then entry id) answers;
+4. a dry-run list that applies and would have blocked the name (no applicable allow covers
+   it) is reported, whichever list answers; it changes no answer.
 """
 
+from __future__ import annotations
+
 from collections.abc import Callable, Iterable, Sequence
+from typing import Final
 
 from resolver.message.names import from_wire, label_offsets, normalize, to_wire
-from resolver.rules.model import ALLOW, Rule, RuleList
+from resolver.rules.model import ALLOW, ENFORCE, Rule, RuleList
+from resolver.rules.scope import Staging, client_address
 from resolver.rules.version import version_of
 
 _MAX_LABELS = 127  # in a 255-octet wire name: 127 one-letter labels and the root
 
+Hit = tuple[Rule, int]  # a rule and the offset in the query name of the domain it matched
+Staged = tuple[tuple[Rule, Staging], ...]  # a name's staged rules, in precedence order
+
+
+class Decision:
+    """What the rules say about one query: the block that answers (or None), the dry-run
+    lists that would have blocked it (one hit per list, its most specific domain), and
+    whether that depended on the client or the time (then no answer may be replayed to
+    another client: stages/contract.py)."""
+
+    __slots__ = ("block", "dry_runs", "per_client")
+
+    def __init__(self, block: Hit | None, dry_runs: tuple[Hit, ...], per_client: bool):
+        self.block = block
+        self.dry_runs = dry_runs
+        self.per_client = per_client
+
+
+NOTHING: Final = Decision(None, (), False)  # no rule, or an allow that holds for everyone
+ALLOWED_HERE: Final = Decision(None, (), True)  # an allow for this client or this time only
+
 
 class RuleSet:
-    """Immutable compiled matcher: a dict from lowercase wire-form name to Rule.
+    """Immutable compiled matcher (see the module's docstring for the two tables).
 
-    Allow rules win over block rules. That is settled at build time, not per query: a block
-    domain at or below an allowed domain is dropped, because every name it could match is
-    allowed anyway. After that the most specific table hit always decides, so lookup stops
-    at the first hit whether or not the set has allow rules.
+    Allow rules of the plain table win at build time, not per query: a block domain (plain
+    or staged) at or below a plainly allowed domain is dropped, because every name it could
+    match is allowed anyway. After that the most specific plain hit always decides, so
+    `lookup` stops at the first hit whether or not the set has allow rules.
 
     Lookup also skips suffixes with more labels than the deepest rule or fewer than the
     shallowest: that saves the TLD lookup on nearly every query, and keeps the cost of a
@@ -26,49 +67,100 @@ class RuleSet:
     precomputed per label count, since a range beats index arithmetic in the loop.
     """
 
-    __slots__ = ("lists", "domain_count", "counts", "version", "_get", "_windows", "_example")
+    __slots__ = ("lists", "domain_count", "counts", "version", "staged", "_table", "_get",
+                 "_staged", "_staged_get", "_windows", "_example")
 
     lists: tuple[RuleList, ...]
-    domain_count: int  # distinct blocked domains
+    domain_count: int  # distinct domains some enforcing list blocks
     counts: dict[str, int]  # domains each list names, by list name
     version: str  # rules/version.py
-    _get: Callable[[bytes], Rule | None]  # the table's dict.get, bound once
+    staged: bool  # whether any list is staged: the Blocker then asks `decide`
+    _table: dict[bytes, Rule]  # the plain table
+    _get: Callable[[bytes], Rule | None]  # its dict.get, bound once
+    _staged: dict[bytes, Staged]
+    _staged_get: Callable[[bytes], Staged | None]
     _windows: tuple[range, ...]
     _example: bytes | None
 
     def __init__(self, lists: Sequence[RuleList], domains: Iterable[tuple[bytes, Rule]]):
-        """Compile (wire name, rule) pairs given in load order; the first block rule wins."""
+        """Compile (wire name, rule) pairs; which of two rules for one name wins does not
+        depend on their order (list name, then entry id: `_rank`)."""
         domains = domains if isinstance(domains, list) else list(domains)
+        staged_names = {rule_list.name for rule_list in lists if rule_list.staged}
         blocks: dict[bytes, Rule] = {}
         allows: dict[bytes, Rule] = {}
+        staged: dict[bytes, list[Rule]] = {}
         counts = dict.fromkeys((rule_list.name for rule_list in lists), 0)
         for wire, rule in domains:
-            (allows if rule.list.action == ALLOW else blocks).setdefault(wire, rule)
-            counts[rule.list.name] = counts.get(rule.list.name, 0) + 1
-        setter = object.__setattr__  # the only writes, before anyone can see the set
-        setter(self, "lists", tuple(lists))
-        setter(self, "domain_count", len(blocks))
-        setter(self, "counts", counts)
-        setter(self, "version", version_of(lists, domains))
+            name = rule.list.name
+            counts[name] = counts.get(name, 0) + 1
+            if staged_names and name in staged_names:
+                staged.setdefault(wire, []).append(rule)
+                continue
+            table = allows if rule.list.action == ALLOW else blocks
+            kept = table.setdefault(wire, rule)  # one dict operation for a new name
+            if kept is not rule and _rank(rule) < _rank(kept):
+                table[wire] = rule
+        version = version_of(lists, domains)
+        enforced = {wire for wire, rules in staged.items()
+                    if any(rule.list.action != ALLOW and rule.list.mode == ENFORCE
+                           for rule in rules)}
+        domain_count = len(blocks.keys() | enforced) if enforced else len(blocks)
         table = blocks
         if allows:  # skipped for pure block sets: checking parents costs ~1 s per 1M domains
             table = {wire: rule for wire, rule in blocks.items() if not _allowed(wire, allows)}
             table.update(allows)
+            staged = {wire: rules for wire, rules in staged.items()
+                      if not _allowed(wire, allows)}
+        stagings = {rule_list.name: Staging(rule_list) for rule_list in lists
+                    if rule_list.name in staged_names}
+        compiled = {wire: _compile(rules, stagings) for wire, rules in staged.items()}
+        self._fill(tuple(lists), domain_count, counts, version, table, compiled)
+
+    def _fill(self, lists: tuple[RuleList, ...], domain_count: int, counts: dict[str, int],
+              version: str, table: dict[bytes, Rule], staged: dict[bytes, Staged]) -> None:
+        """Set every attribute from the compiled tables (also what unpickling calls)."""
+        setter = object.__setattr__  # the only writes, before anyone can see the set
+        setter(self, "lists", lists)
+        setter(self, "domain_count", domain_count)
+        setter(self, "counts", counts)
+        setter(self, "version", version)
+        setter(self, "staged", bool(staged))
+        setter(self, "_table", table)
         setter(self, "_get", table.get)
-        setter(self, "_windows", _windows({len(label_offsets(wire)) for wire in table}))
-        setter(self, "_example", next((wire for wire, rule in table.items()
-                                       if rule.list.action != ALLOW), None))
+        setter(self, "_staged", staged)
+        setter(self, "_staged_get", staged.get)
+        depths = {len(label_offsets(wire)) for wire in table}
+        depths.update(len(label_offsets(wire)) for wire in staged)
+        setter(self, "_windows", _windows(depths))
+        example = next((wire for wire, rule in table.items() if rule.list.action != ALLOW),
+                       None)
+        if example is None:
+            example = next((wire for wire, rules in staged.items()
+                            if any(not staging.allow and not staging.dry_run
+                                   for _, staging in rules)), None)
+        setter(self, "_example", example)
+
+    def __reduce__(self) -> tuple[object, tuple[object, ...]]:
+        """Pickled as its compiled tables, so a supervisor can compile once per reload and
+        ship the set to its workers (which then need not read files that may have changed
+        since); the dicts' bound `get`s and the depth windows are made again on arrival."""
+        return _rebuild, (self.lists, self.domain_count, self.counts, self.version,
+                          self._table, self._staged)
 
     def __setattr__(self, name: str, value: object) -> None:
         """Refuse changes: readers on other tasks rely on a set never changing under them."""
         raise AttributeError("RuleSet is immutable; build a new one")
 
     def lookup(self, name: bytes, offsets: Sequence[int]) -> tuple[Rule, int] | None:
-        """Return (rule, offset) for the most specific blocking match, or None.
+        """Return (rule, offset) for the most specific blocking match of the plain table (the
+        lists that hold for every client, always), or None.
 
         name: lowercase wire form of the query name; offsets: start of each label, most
         specific first, e.g. (0, 4, 12) for www.example.org. None also when an allow rule
         covers the name. One dict lookup per label; the allow check runs only on a hit.
+        This is the whole answer for a set without staged lists, and what CNAME cloaking
+        judges chains by (stages/cname.py), since a cached verdict is shared by everyone.
         """
         get = self._get
         for index in self._windows[len(offsets)]:
@@ -77,6 +169,91 @@ class RuleSet:
             if rule is not None:
                 return None if rule.list.action == ALLOW else (rule, offset)
         return None
+
+    def decide(self, name: bytes, offsets: Sequence[int], client: str, now: float
+               ) -> Decision:
+        """The rules' decision for this client at this time (wall-clock epoch seconds):
+        both tables, with the precedence of the module's docstring.
+
+        Walks every suffix the tables could hold (an allow may sit above the block), reads
+        the client's address only when a staged rule matched, and allocates nothing unless
+        a staged rule matched or a block answers.
+        """
+        get = self._get
+        staged_get = self._staged_get
+        block: Hit | None = None
+        dry_runs: dict[str, Hit] | None = None
+        seen = False
+        address = None
+        for index in self._windows[len(offsets)]:
+            offset = offsets[index]
+            suffix = name[offset:]
+            rule = get(suffix)
+            if rule is not None:
+                if rule.list.action == ALLOW:
+                    return NOTHING  # allowed for everyone: staged rules were dropped below
+                if block is None:
+                    block = (rule, offset)
+            found = staged_get(suffix)
+            if found is None:
+                continue
+            if not seen:
+                seen, address = True, client_address(client)
+            for staged_rule, staging in found:
+                if not staging.applies(address, now):
+                    continue
+                if staging.allow:
+                    return ALLOWED_HERE
+                if staging.dry_run:
+                    if dry_runs is None:
+                        dry_runs = {}
+                    dry_runs.setdefault(staged_rule.list.name, (staged_rule, offset))
+                elif block is None or (block[1] == offset
+                                       and _rank(staged_rule) < _rank(block[0])):
+                    block = (staged_rule, offset)
+        if not seen:
+            return NOTHING if block is None else Decision(block, (), False)
+        return Decision(block, tuple(dry_runs.values()) if dry_runs else (), True)
+
+    def judge(self, name: str, client: str, now: float) -> Decision:
+        """Text form of decide for tools and tests (raises ValueError for a bad name)."""
+        wire = to_wire(normalize(name))
+        return self.decide(wire, label_offsets(wire), client, now)
+
+    def would_block(self, name: str) -> tuple[Rule, str] | None:
+        """The enforcing rule, and the domain it names, that would block `name` for at least
+        one client at some time, or None: scope, rollout and windows are ignored, dry-run
+        lists never block, and only an allow that holds for everyone, always, prevents it
+        (what a reload guard asks of its must-resolve names). Raises ValueError for a bad
+        name, as normalize does."""
+        wire = to_wire(normalize(name))
+        offsets = label_offsets(wire)
+        block: Hit | None = None
+        for index in self._windows[len(offsets)]:
+            offset = offsets[index]
+            rule = self._get(wire[offset:])
+            if rule is not None:
+                if rule.list.action == ALLOW:
+                    return None
+                if block is None or (block[1] == offset and _rank(rule) < _rank(block[0])):
+                    block = (rule, offset)
+            for staged_rule, staging in self._staged_get(wire[offset:]) or ():
+                if staging.allow or staging.dry_run:
+                    continue
+                if block is None or (block[1] == offset
+                                     and _rank(staged_rule) < _rank(block[0])):
+                    block = (staged_rule, offset)
+        return None if block is None else (block[0], from_wire(wire[block[1]:]))
+
+    def instants(self) -> tuple[tuple[float, RuleList, str], ...]:
+        """Every window edge of the set's lists, in time order: (epoch seconds, list, "starts"
+        or "expires"), for the Blocker's timer that logs lists turning on and off."""
+        edges = [(rule_list.starts, rule_list, "starts") for rule_list in self.lists
+                 if rule_list.starts is not None]
+        edges += [(rule_list.expires, rule_list, "expires") for rule_list in self.lists
+                  if rule_list.expires is not None]
+        return tuple(sorted(((at, rule_list, edge) for at, rule_list, edge in edges
+                             if at is not None), key=lambda item: (item[0], item[1].name)))
 
     def example_domain(self) -> str | None:
         """A blocked domain to show operators in the startup line, or None for no blocks."""
@@ -93,6 +270,28 @@ class RuleSet:
             return None
         rule, offset = found
         return rule, from_wire(wire[offset:])
+
+
+def _rebuild(lists: tuple[RuleList, ...], domain_count: int, counts: dict[str, int],
+             version: str, table: dict[bytes, Rule], staged: dict[bytes, Staged]) -> RuleSet:
+    """A RuleSet from its compiled tables (the other half of RuleSet.__reduce__)."""
+    rules = RuleSet.__new__(RuleSet)
+    rules._fill(lists, domain_count, counts, version, table, staged)
+    return rules
+
+
+def _rank(rule: Rule) -> tuple[str, str, str]:
+    """Which of two rules for the same domain wins: list name, then entry id and name, so
+    the outcome follows from what the rules say (the version), not from the files' order."""
+    return rule.list.name, rule.entry_id, rule.entry_name
+
+
+def _compile(rules: list[Rule], stagings: dict[str, Staging]) -> Staged:
+    """A name's staged rules in precedence order, one per list (its first entry by rank)."""
+    kept: dict[str, Rule] = {}
+    for rule in sorted(rules, key=_rank):
+        kept.setdefault(rule.list.name, rule)
+    return tuple((rule, stagings[name]) for name, rule in kept.items())
 
 
 def _windows(depths: set[int]) -> tuple[range, ...]:

@@ -7,13 +7,25 @@ question, so nothing depends on the query name except one two-byte pointer.
 
 A name blocked by where its CNAME chain leads is stages/cname.py's; it answers with these
 same pieces, the SOA then owned by the blocked domain, written out in full.
+
+Staged lists (docs/rules.md#staged-lists) make the stage ask `RuleSet.decide` with the
+client and the wall-clock time instead of `lookup`, and only for sets that have some: the
+shipped file's plain lists keep the single dict walk. What the stage says then depends on
+the client or the time, so it never lets the packet cache replay it (stages/contract.py):
+a block is `Answered` without a replay, a pass is `PASS_PER_CLIENT`. Dry-run lists that
+would have blocked are counted in `resolver_would_block_total` and logged, at most one line
+per list every WOULD_BLOCK_LOG_EVERY seconds (the line says how many it left out). Windows
+open and close by the time each query reads; a timer only logs that they did.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import logging
 import struct
+import time
 from collections.abc import Callable
+from typing import Protocol, TypeVar
 
 from resolver.message import wire
 from resolver.message.constants import (
@@ -28,16 +40,35 @@ from resolver.message.constants import (
     TYPE_AAAA,
     TYPE_SOA,
 )
-from resolver.message.names import to_wire
+from resolver.message.constants import Clock
+from resolver.message.names import from_wire, to_wire
 from resolver.message.query import Outcome, Query
 from resolver.ops.config import BlockingConfig
 from resolver.ops.metrics import Metrics
-from resolver.rules.matcher import RuleSet
-from resolver.rules.model import Rule, RuleList
-from resolver.stages.contract import PASS, Answered, Result
+from resolver.rules.matcher import Hit, RuleSet
+from resolver.rules.model import DRY_RUN, ENFORCE, Rule, RuleList
+from resolver.rules.scope import utc
+from resolver.stages.contract import PASS, PASS_PER_CLIENT, Answered, Result
+from resolver.upstream.attempts import Cancellable
+
+log = logging.getLogger(__name__)
 
 EDE_BLOCKED = 15  # RFC 8914 "Blocked"
 SOA_TIMERS = (1, 3600, 600, 86400)  # serial, refresh, retry, expire
+WOULD_BLOCK_LOG_EVERY = 10.0  # seconds between two "would block" lines of one list
+# A window timer looks again at least this often, so a wall clock stepped by NTP (or a
+# suspended VM) delays a window's log line by at most this much.
+WINDOW_RECHECK = 3600.0
+
+_T = TypeVar("_T")
+
+
+class Later(Protocol):
+    """Run callback(arg) after delay seconds unless cancelled: loop.call_later, or a
+    recording fake in tests."""
+
+    def __call__(self, delay: float, callback: Callable[[_T], object], arg: _T, /
+                 ) -> Cancellable: ...
 
 
 class ListAnswers:
@@ -45,7 +76,9 @@ class ListAnswers:
 
     __slots__ = ("rcode", "soa_tail", "records", "opt", "refused", "long_soa")
 
-    def __init__(self, rules: RuleList, config: BlockingConfig):
+    def __init__(self, rules: RuleList, config: BlockingConfig, version: str = ""):
+        """version: the rule set's, named in the EDE text so a client's answer says which
+        rules gave it (what a rollout's operator compares across servers)."""
         ttl = rules.ttl if rules.ttl is not None else config.ttl
         rdata = (to_wire(config.soa_mname) + to_wire(config.soa_rname)
                  + struct.pack("!IIIII", *SOA_TIMERS, ttl))
@@ -53,8 +86,8 @@ class ListAnswers:
         self.rcode = NXDOMAIN if rules.action == "nxdomain" else NOERROR
         self.refused = rules.action == "refused"
         self.records = _sinkhole_records(rules, ttl) if rules.action == "sinkhole" else {}
-        option = (wire.ede_option(EDE_BLOCKED, f"blocked by list {rules.name}")
-                  if config.ede else b"")
+        text = f"blocked by list {rules.name}" + (f" (rules {version})" if version else "")
+        option = wire.ede_option(EDE_BLOCKED, text) if config.ede else b""
         self.opt = (wire.opt_record(False, option), wire.opt_record(True, option))
         # Whether an answer whose SOA owner points into the question can outgrow 512 bytes
         # (only with long SOA names, or a long list name in the EDE text)
@@ -101,20 +134,43 @@ class Blocker:
 
     It sits first in the chain so a newly blocked name is refused even while an answer for it
     is still in the cache.
+
+    clock: the monotonic clock (rate-limits the "would block" lines); wall: epoch seconds,
+    what list windows are written in; schedule: arms the timer that logs windows opening
+    and closing (None: no timer, as in table tests that step `wall` themselves).
     """
 
-    def __init__(self, rules: RuleSet, config: BlockingConfig, metrics: Metrics):
+    def __init__(self, rules: RuleSet, config: BlockingConfig, metrics: Metrics, *,
+                 clock: Clock = time.monotonic, wall: Clock = time.time,
+                 schedule: Later | None = None):
         self._metrics = metrics
         self._config = config
+        self._clock = clock
+        self._wall = wall
+        self._schedule = schedule
+        self._timer: Cancellable | None = None
+        self._edges: list[tuple[float, RuleList, str]] = []
+        self._generation = 0
+        self._said: dict[str, tuple[float, int]] = {}  # list -> last line, matches left out
         self._listeners: list[Callable[[], None]] = []
+        self._would_block = metrics.counter(
+            "would_block_total",
+            "Queries a dry-run list would have blocked, by list, entry and action.",
+            ("list", "entry", "action"))
         self.install(rules)
-        metrics.gauge("rules_domains", "Domains blocked by the loaded rules.", (),
-                      lambda: {(): self.rules.domain_count}, merge="max")
+        metrics.gauge("rules_domains", "Domains each loaded rule list names, by list and mode.",
+                      ("list", "mode"), self._domains, merge="max")
 
-    def install(self, rules: RuleSet) -> None:
-        """Swap in a new rule set with its packed answers in one assignment (no locks needed)."""
-        answers = {lst.name: ListAnswers(lst, self._config) for lst in rules.lists}
-        self._state = (rules, answers)
+    def install(self, rules: RuleSet, config: BlockingConfig | None = None) -> None:
+        """Swap in a new rule set with its packed answers in one assignment (no locks needed),
+        and arm the window timer for the new set's lists. config: the `blocking` section to
+        pack answers with from now on (a reload reads it again), else the one in use."""
+        if config is not None:
+            self._config = config
+        answers = {lst.name: ListAnswers(lst, self._config, rules.version)
+                   for lst in rules.lists}
+        self._state = (rules, answers, rules.staged)
+        self._arm(rules)
         for listener in self._listeners:
             listener()
 
@@ -127,7 +183,9 @@ class Blocker:
         return self._state[0]
 
     def answer(self, q: Query) -> Result:
-        rules, answers = self._state
+        rules, answers, staged = self._state
+        if staged:
+            return self._decide(q, rules, answers)
         hit = rules.lookup(q.name, q.offsets)
         if hit is None:
             return PASS
@@ -138,8 +196,97 @@ class Blocker:
         return Answered(answers[rule.list.name].build(q, offset), Outcome.BLOCKED,
                         (NEVER, blocked, rule.labels))
 
+    def _decide(self, q: Query, rules: RuleSet, answers: dict[str, ListAnswers]) -> Result:
+        """The answer when the set has staged lists: what `decide` says for this client now."""
+        decision = rules.decide(q.name, q.offsets, q.client[0], self._wall())
+        if decision.dry_runs:
+            self._would(q, decision.dry_runs)
+        block = decision.block
+        if block is None:
+            return PASS_PER_CLIENT if decision.per_client else PASS
+        rule, offset = block
+        blocked = self._metrics.blocked
+        blocked.inc(rule.labels)
+        data = answers[rule.list.name].build(q, offset)
+        if decision.per_client:  # this client's, now: never replayed to the next one
+            return Answered(data, Outcome.BLOCKED)
+        return Answered(data, Outcome.BLOCKED, (NEVER, blocked, rule.labels))
+
+    def _would(self, q: Query, hits: tuple[Hit, ...]) -> None:
+        """Count what dry-run lists would have blocked; log it, rate-limited per list."""
+        counts = self._would_block.counts
+        now = self._clock()
+        for rule, offset in hits:
+            key = rule.labels
+            counts[key] = counts.get(key, 0) + 1
+            name = rule.list.name
+            last, left_out = self._said.get(name, (None, 0))
+            if last is not None and now - last < WOULD_BLOCK_LOG_EVERY:
+                self._said[name] = (last, left_out + 1)
+                continue
+            self._said[name] = (now, 0)
+            log.info("would block %s for %s: dry-run list %s%s, domain %s, action %s%s",
+                     from_wire(q.name), q.client[0], name,
+                     f", entry {rule.entry_id}" if rule.entry_id else "",
+                     from_wire(q.name[offset:]), rule.list.action,
+                     f" ({left_out} more not logged since the last line)" if left_out else "")
+
     def answer_owned(self, q: Query, rule: Rule, owner: bytes) -> bytes:
         """The rule's blocked answer for q with the SOA owned by `owner`, a blocked domain that
         is not in the question (where a CNAME chain led), counted like any other block."""
         self._metrics.blocked.inc(rule.labels)
         return self._state[1][rule.list.name].build(q, 0, owner=owner)
+
+    def _domains(self) -> dict[tuple[str, ...], float]:
+        """resolver_rules_domains: each list's domain count under its name and mode."""
+        rules = self.rules
+        return {(lst.name, DRY_RUN if lst.mode == DRY_RUN else ENFORCE): rules.counts.get(
+            lst.name, 0) for lst in rules.lists}
+
+    def _arm(self, rules: RuleSet) -> None:
+        """Forget the old set's window edges, log where the new set's windows stand, and arm
+        the timer for the next edge still to come."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._generation += 1
+        now = self._wall()
+        edges = rules.instants()
+        for rule_list in {edge[1].name: edge[1] for edge in edges}.values():
+            log.info("rules %s: list %s %s", rules.version, rule_list.name,
+                     _window_state(rule_list, now))
+        self._edges = [edge for edge in edges if edge[0] > now]
+        self._next(now)
+
+    def _next(self, now: float) -> None:
+        if self._edges and self._schedule is not None:
+            delay = min(max(0.0, self._edges[0][0] - now), WINDOW_RECHECK)
+            self._timer = self._schedule(delay, self._tick, self._generation)
+
+    def _tick(self, generation: int) -> None:
+        """A window edge is due (or the recheck): log the edges now passed, arm the next."""
+        if generation != self._generation:  # armed for rules that have been replaced
+            return
+        self._timer = None
+        now = self._wall()
+        while self._edges and self._edges[0][0] <= now:
+            at, rule_list, edge = self._edges.pop(0)
+            if edge == "starts":
+                log.info("list %s is now active: its window started at %s", rule_list.name,
+                         utc(at))
+            else:
+                log.info("list %s is no longer active: its window ended at %s",
+                         rule_list.name, utc(at))
+        self._next(now)
+
+
+def _window_state(rule_list: RuleList, now: float) -> str:
+    """Where a list's window stands, for the log line of a rule install."""
+    starts, expires = rule_list.starts, rule_list.expires
+    if starts is not None and now < starts:
+        until = f" until {utc(expires)}" if expires is not None else ""
+        return f"is not active yet: its window starts at {utc(starts)}{until}"
+    if expires is not None and now >= expires:
+        return f"is no longer active: its window ended at {utc(expires)}"
+    return "is active" + (f" until {utc(expires)}" if expires is not None else "")
+

@@ -8,6 +8,11 @@ The chain is judged in two places, both here:
   whose chain is blocked reaches the `CnameBlocker` stage, which answers it as blocked.
 
 The answer is the blocking list's own, with the SOA owned by the blocked domain.
+
+Only the lists that hold for everyone, always, and enforce take part (`RuleSet.lookup`'s
+plain table): a cached verdict is shared by every client who asks, so a list scoped to some
+clients, a rollout slice, a time window or a dry run must not feed it, or one client's
+view would reach another. Such lists judge the query name only (docs/rules.md).
 """
 
 from __future__ import annotations
@@ -30,7 +35,8 @@ class CnameCheck:
 
     def verdict(self, targets: tuple[bytes, ...]) -> Cloak | None:
         """The first block among an answer's CNAME targets (lowercase wire names): the rule and
-        the blocked domain, or None when the live rules let the whole chain through."""
+        the blocked domain, or None when the live rules let the whole chain through. Judged
+        by the plain lists only (see the module's docstring): the same for every client."""
         rules = self._blocker.rules
         for target in targets:
             hit = rules.lookup(target, label_offsets(target))

@@ -46,6 +46,7 @@ from resolver.rules.model import (
     Rule,
     RuleList,
 )
+from resolver.rules.scope import utc
 
 YAML_SUFFIXES = (".yaml", ".yml")
 TEXT_SUFFIXES = (".txt", ".list")
@@ -230,7 +231,7 @@ class _YamlFile:
         expires = self._instant(keys.get("expires"), f"{where}.expires")
         if starts is not None and expires is not None and expires <= starts:
             self._error(keys["expires"], f"{where}.expires",
-                        f"{_utc(expires)} is not after starts ({_utc(starts)})")
+                        f"{utc(expires)} is not after starts ({utc(starts)})")
             expires = None
         name = self._string(keys["name"], f"{where}.name") if "name" in keys else None
         rule_list = RuleList(name or "", action or DEFAULT_ACTION, v4, v6, ttl, str(self.path),
@@ -402,6 +403,7 @@ class _YamlFile:
             return EVERYONE
         expected = "expected a percentage like 25% or 12.5%"
         text: str | None = None
+        shown = ""
         if isinstance(node, ScalarNode) and node.tag in (INT, _FLOAT):
             text = node.value
             shown = f"{node.value}"
@@ -498,9 +500,3 @@ class _YamlFile:
         """Keep a problem with its line, so parse can report them in file order."""
         if problem:
             self.problems.append((line_of(node), problem))
-
-
-def _utc(epoch: float) -> str:
-    """An instant as an RFC 3339 UTC time, for messages."""
-    moment = datetime.datetime.fromtimestamp(epoch, datetime.timezone.utc)
-    return moment.isoformat().replace("+00:00", "Z")

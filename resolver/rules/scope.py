@@ -17,6 +17,7 @@ slice
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import socket
 
@@ -128,3 +129,9 @@ class Staging:
             return False
         return self._threshold is None or (
             address is not None and bucket(self._key, address) < self._threshold)
+
+
+def utc(epoch: float) -> str:
+    """An instant as an RFC 3339 UTC time, for messages and log lines."""
+    moment = datetime.datetime.fromtimestamp(epoch, datetime.timezone.utc)
+    return moment.isoformat().replace("+00:00", "Z")

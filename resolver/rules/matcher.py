@@ -26,7 +26,7 @@ from typing import Final
 
 from resolver.message.names import from_wire, label_offsets, normalize, to_wire
 from resolver.rules.model import ALLOW, ENFORCE, Rule, RuleList
-from resolver.rules.scope import Staging, client_address
+from resolver.rules.scope import Address, Staging, client_address
 from resolver.rules.version import version_of
 
 _MAX_LABELS = 127  # in a 255-octet wire name: 127 one-letter labels and the root
@@ -184,7 +184,7 @@ class RuleSet:
         block: Hit | None = None
         dry_runs: dict[str, Hit] | None = None
         seen = False
-        address = None
+        address: Address | None = None
         for index in self._windows[len(offsets)]:
             offset = offsets[index]
             suffix = name[offset:]
@@ -248,12 +248,13 @@ class RuleSet:
     def instants(self) -> tuple[tuple[float, RuleList, str], ...]:
         """Every window edge of the set's lists, in time order: (epoch seconds, list, "starts"
         or "expires"), for the Blocker's timer that logs lists turning on and off."""
-        edges = [(rule_list.starts, rule_list, "starts") for rule_list in self.lists
-                 if rule_list.starts is not None]
-        edges += [(rule_list.expires, rule_list, "expires") for rule_list in self.lists
-                  if rule_list.expires is not None]
-        return tuple(sorted(((at, rule_list, edge) for at, rule_list, edge in edges
-                             if at is not None), key=lambda item: (item[0], item[1].name)))
+        edges: list[tuple[float, RuleList, str]] = []
+        for rule_list in self.lists:
+            if rule_list.starts is not None:
+                edges.append((rule_list.starts, rule_list, "starts"))
+            if rule_list.expires is not None:
+                edges.append((rule_list.expires, rule_list, "expires"))
+        return tuple(sorted(edges, key=lambda item: (item[0], item[1].name)))
 
     def example_domain(self) -> str | None:
         """A blocked domain to show operators in the startup line, or None for no blocks."""

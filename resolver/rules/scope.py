@@ -133,5 +133,5 @@ class Staging:
 
 def utc(epoch: float) -> str:
     """An instant as an RFC 3339 UTC time, for messages and log lines."""
-    moment = datetime.datetime.fromtimestamp(epoch, datetime.timezone.utc)
+    moment = datetime.datetime.fromtimestamp(epoch, datetime.UTC)
     return moment.isoformat().replace("+00:00", "Z")

@@ -33,12 +33,13 @@ SINKHOLE_MANY = RuleList("sink2", "sinkhole", ("192.0.2.1", "192.0.2.2"),
 
 
 def expected_answer(packet: bytes, lst: RuleList, config: BlockingConfig, matched: str,
-                    rcode: int, addresses: tuple[str, ...] | None) -> bytes:
+                    rcode: int, addresses: tuple[str, ...] | None, version: str) -> bytes:
     """The blocked answer as dnslib builds it: a forwarder's reply (aa=0, ra=1), then either
     the sinkhole addresses or, for rcodes other than REFUSED, the list's SOA owned by the
     matched domain; EDNS with the EDE 'Blocked' option when the query had EDNS.
 
     addresses: sinkhole answer records, or None for an SOA-only (negative) answer.
+    version: the rule set's, which the EDE text names.
     """
     request = DNSRecord.parse(packet)
     answer = request.reply(ra=1, aa=0)
@@ -54,16 +55,20 @@ def expected_answer(packet: bytes, lst: RuleList, config: BlockingConfig, matche
         answer.add_auth(RR(matched, QTYPE.SOA, CLASS.IN, ttl, soa))
     opt = next((rr for rr in request.ar if rr.rtype == QTYPE.OPT), None)
     if opt is not None:
-        text = f"blocked by list {lst.name}".encode()
+        text = f"blocked by list {lst.name} (rules {version})".encode()
         options = [EDNSOption(15, struct.pack("!H", 15) + text)] if config.ede else []
         answer.add_ar(EDNS0(udp_len=1232, flags="do" if opt.ttl & 0x8000 else "", opts=options))
     return bytes(answer.pack())
 
 
+def one_list(lst: RuleList, domain: str) -> RuleSet:
+    return RuleSet([lst], [(to_wire(domain), Rule(lst))])
+
+
 def build(lst: RuleList, config: BlockingConfig, domain: str, packet: bytes,
           transport: str = "udp") -> bytes:
     """What the Blocker answers for packet with lst blocking domain."""
-    rules = RuleSet([lst], [(to_wire(domain), Rule(lst))])
+    rules = one_list(lst, domain)
     blocker = Blocker(rules, config, Metrics())
     result = blocker.answer(parse(packet, transport))
     assert isinstance(result, Answered) and result.outcome == "blocked"
@@ -116,7 +121,8 @@ def test_blocked_answer_equals_dnslib_answer(lst: RuleList, config: BlockingConf
                                              domain: str, matched: str, kind: Shape) -> None:
     packet = query_packet(qname, qtype, qclass=qclass, qid=0x5A5A, **kind)
     got = build(lst, config, domain, packet)
-    want = expected_answer(packet, lst, config, matched, rcode, addresses)
+    want = expected_answer(packet, lst, config, matched, rcode, addresses,
+                           one_list(lst, domain).version)
     assert summary(got) == summary(want)  # dnspython: sections, rcode, flags, TTLs, EDNS
     assert str(DNSRecord.parse(got)) == str(DNSRecord.parse(want))  # dnslib, case included
 
@@ -131,8 +137,8 @@ def test_blocked_answer_ttl_and_soa(lst: RuleList, config: BlockingConfig, ttl: 
                               f"{config.soa_mname}. {config.soa_rname}. 1 3600 600 86400 {ttl}"),)
     assert got.flags == {"QR", "RD", "RA"}
     assert got.edns is not None
-    assert got.edns[3] == (((15, b"\x00\x0f" + f"blocked by list {lst.name}".encode()),)
-                            if config.ede else ())
+    text = f"blocked by list {lst.name} (rules {one_list(lst, 'example.org').version})"
+    assert got.edns[3] == (((15, b"\x00\x0f" + text.encode()),) if config.ede else ())
 
 
 BIG_SINKHOLE = RuleList("big", "sinkhole", sinkhole_v6=tuple(f"2001:db8::{n:x}" for n in range(20)))
@@ -230,14 +236,18 @@ def test_blocker_install_swaps_rules_and_gauge_follows() -> None:
     registry = CollectorRegistry()
     metrics = Metrics(registry)
     blocker = Blocker(RULES, CONFIG, metrics)
-    assert registry.get_sample_value("resolver_rules_domains") == 2
+    def domains(name: str) -> float | None:
+        return registry.get_sample_value("resolver_rules_domains",
+                                         {"list": name, "mode": "enforce"})
+
+    assert (domains("ads"), domains("malware"), domains("allowed")) == (1, 1, 1)
     q = parse(query_packet("www.example.org"))
     assert blocker.answer(q) is not PASS
     blocker.install(RuleSet([REFUSED], [(to_wire("other.test"), Rule(REFUSED))]))
     assert blocker.answer(q) is PASS
     refused = blocker.answer(parse(query_packet("other.test")))
     assert isinstance(refused, Answered) and summary(refused.data).rcode == constants.REFUSED
-    assert registry.get_sample_value("resolver_rules_domains") == 1
+    assert (domains("ads"), domains("malware"), domains("allowed")) == (None, 1, None)
 
 
 def test_list_answers_build_is_independent_of_earlier_queries() -> None:

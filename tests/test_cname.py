@@ -30,8 +30,8 @@ def test_chain_answer_equals_dnslib_answer_with_the_blocked_domain_as_soa_owner(
         lst: RuleList, config: BlockingConfig, qtype: str, qclass: str, rcode: int,
         addresses: tuple[str, ...] | None, kind: Shape) -> None:
     metrics = Metrics()
-    blocker = Blocker(RuleSet([lst], [(to_wire("ads.example.org"), Rule(lst, "ads"))]),
-                      config, metrics)
+    rules = RuleSet([lst], [(to_wire("ads.example.org"), Rule(lst, "ads"))])
+    blocker = Blocker(rules, config, metrics)
     packet = query_packet(CLOAKED, qtype, qclass=qclass, qid=0x5A5A, **kind)
     q = parse(packet)
     assert blocker.answer(q) is PASS
@@ -41,7 +41,8 @@ def test_chain_answer_equals_dnslib_answer_with_the_blocked_domain_as_soa_owner(
     answered = check.answer(q, cloak)
     assert answered.outcome == "blocked" and answered.replay is None
     got = answered.data
-    want = expected_answer(packet, lst, config, "ads.example.org", rcode, addresses)
+    want = expected_answer(packet, lst, config, "ads.example.org", rcode, addresses,
+                           rules.version)
     assert summary(got) == summary(want)
     assert str(DNSRecord.parse(got)) == str(DNSRecord.parse(want))
     assert metrics.blocked.counts == {(lst.name, "ads", lst.action): 1}

@@ -311,7 +311,8 @@ async def test_cname_into_a_blocked_domain_is_blocked(start_server, nsd_upstream
         [soa] = response.authority
         assert (soa.name.to_text(), soa.rdtype, soa.ttl) == \
             ("example.org.", dns.rdatatype.SOA, BLOCK_TTL)  # owned by the blocked domain
-        assert ede(response) == [(15, "blocked by list tracking")]
+        assert ede(response) == [
+            (15, f"blocked by list tracking (rules {server.blocker.rules.version})")]
     assert server.metrics.blocked.counts == {("tracking", "example", "nxdomain"): 2}
     assert server.metrics.queries.counts == {(protocol, "blocked"): 2}
     assert sent_upstream(server) == 1

@@ -8,6 +8,8 @@ import pytest
 
 from resolver.rules.loader import load_rules
 
+ROOT = Path(__file__).resolve().parent.parent
+
 A = """\
 lists:
   - name: ads
@@ -79,3 +81,59 @@ def test_counts_are_per_list(tmp_path: Path) -> None:
     path = tmp_path / "a.yaml"
     path.write_text(A)
     assert load_rules([str(path)]).counts == {"ads": 3, "sinks": 1}
+
+
+STAGED = """\
+lists:
+  - name: canary
+    clients: [192.0.2.0/24, "2001:db8::/32"]
+    except_clients: [192.0.2.7]
+    rollout: 50%
+    starts: 2027-01-15T08:00:00Z
+    expires: 2027-01-15T09:00:00Z
+    domains: [canary.example]
+  - name: watch
+    mode: dry-run
+    domains: [watch.example]
+"""
+# The same settings written otherwise: networks reordered and in other forms, the rollout a
+# number, the times with other UTC offsets, the keys in another order.
+STAGED_REWRITTEN = """\
+lists:
+  - name: watch
+    domains: [watch.example]
+    mode: dry-run
+  - name: canary
+    expires: "2027-01-15T10:00:00+01:00"
+    starts: 2027-01-15T03:00:00-05:00
+    rollout: 50.0
+    except_clients: 192.0.2.7/32
+    clients: ["2001:DB8:0::/32", 192.0.2.0/24]
+    domains: [canary.example]
+"""
+
+
+def test_staging_settings_written_otherwise_give_the_same_version(tmp_path: Path) -> None:
+    assert version(tmp_path, STAGED) == version(tmp_path, STAGED_REWRITTEN)
+
+
+@pytest.mark.parametrize("change", [
+    ("mode: dry-run", "mode: enforce"),
+    ("192.0.2.0/24", "192.0.2.0/25"),
+    ("except_clients: [192.0.2.7]", "except_clients: [192.0.2.8]"),
+    ("rollout: 50%", "rollout: 50.5%"),
+    ("starts: 2027-01-15T08:00:00Z", "starts: 2027-01-15T08:00:01Z"),
+    ("expires: 2027-01-15T09:00:00Z", "expires: 2027-01-15T09:00:00+00:30"),
+])
+def test_any_change_in_staging_changes_it(tmp_path: Path, change: tuple[str, str]) -> None:
+    before, after = change
+    assert before in STAGED
+    assert version(tmp_path, STAGED.replace(before, after)) != version(tmp_path, STAGED)
+
+
+def test_the_default_staging_keeps_a_plain_set_s_version(tmp_path: Path) -> None:
+    """Writing the defaults out changes nothing, and a set without staged lists keeps the
+    version it had before lists could be staged (pinned: the shipped list's)."""
+    defaults = A.replace("  - name: ads\n", "  - name: ads\n    mode: enforce\n    rollout: 100%\n")
+    assert version(tmp_path, defaults) == version(tmp_path, A)
+    assert load_rules([str(ROOT / "rules" / "exchanges.yaml")]).version == "d9cb8c5b85fb"

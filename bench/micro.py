@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+import tempfile
 import time
 import timeit
 from collections.abc import Callable
@@ -40,6 +41,7 @@ from resolver.server.app import build_pipeline
 from resolver.server.outbox import Outbox
 from resolver.server.packetcache import PacketCache
 from resolver.server.udp import UdpServer
+from resolver.stages.blocking import Blocker
 from resolver.stages.cache import CacheLookup
 from resolver.stages.prefetch import Prefetch
 from resolver.upstream import udp as upstream_udp
@@ -179,6 +181,29 @@ def bytecodes(func: Callable[[], None]) -> int:
     return count - 5  # func's own: its start, the two results it drops, its return
 
 
+# Staged lists beside the shipped ones, for the decision lines: a scoped block, a rollout
+# list and a dry-run list on one name (both judged for the client), and a name on neither.
+STAGED = """\
+lists:
+  - name: scoped
+    clients: [127.0.0.0/8]
+    domains: [scoped.example]
+  - name: canary
+    rollout: 50%
+    domains: [canary.example]
+  - name: watch
+    mode: dry-run
+    domains: [canary.example]
+"""
+
+
+def staged_rules(shipped: tuple[str, ...]) -> RuleSet:
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as extra:
+        extra.write(STAGED)
+        extra.flush()
+        return load_rules([*shipped, extra.name])
+
+
 def per_query_us(func: Callable[[], object], number: int) -> float:
     best = min(timeit.repeat(func, number=number, repeat=5))
     return best / number * 1e6
@@ -207,11 +232,19 @@ def main() -> None:
     q_allowed = wire.parse_query(allowed, CLIENT, "udp")
     reply = scan_reply(upstream_reply(allowed), 12 + len(q_allowed.question), TtlPolicy())
     cache.put(q_allowed.cache_key, reply)
+    staged = Blocker(staged_rules(config.blocking.rules), config.blocking, Metrics())
+    q_scoped = wire.parse_query(packet("www.scoped.example", args.edns), CLIENT, "udp")
+    q_canary = wire.parse_query(packet("www.canary.example", args.edns), CLIENT, "udp")
 
     rows = [
         ("decode (parse_query)", lambda: wire.parse_query(blocked, CLIENT, "udp")),
         ("policy: blocked (lookup + count + build)", lambda: blocker.answer(q_blocked)),
         ("policy: pass (lookup miss)", lambda: blocker.answer(q_allowed)),
+        # a set with staged lists: decide() with the client and the wall clock
+        ("policy, staged set: scoped block (decide)", lambda: staged.answer(q_scoped)),
+        ("policy, staged set: rollout + dry-run", lambda: staged.answer(q_canary)),
+        ("policy, staged set: shipped block", lambda: staged.answer(q_blocked)),
+        ("policy, staged set: pass (on no list)", lambda: staged.answer(q_allowed)),
         ("cache hit (lookup + render)", lambda: cache_stage.answer(q_allowed)),
         # the fenced shortcut: a miss says FORWARD, skipping the stages that read entries
         ("cache miss (lookup, FORWARD)", lambda: cache_stage.answer(q_blocked)),

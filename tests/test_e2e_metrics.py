@@ -37,7 +37,10 @@ async def test_counts_blocks_queries_and_cache(start_server, nsd_upstream):
     assert metric(text, "resolver_cache_total", result="stored") == 1
     assert metric(text, "resolver_upstream_queries_total",
                   upstream=nsd_upstream.address, protocol="udp") == 1
-    assert metric(text, "resolver_rules_domains") == 6  # the blocking domains of RULES_YAML
+    # the domains each list of RULES_YAML names, the allow list's too
+    assert metric(text, "resolver_rules_domains", list="tracking", mode="enforce") == 2
+    assert metric(text, "resolver_rules_domains", list="exceptions", mode="enforce") == 1
+    assert metric(text, "resolver_rules_domains") == 7
     assert metric(text, "resolver_cache_entries") == 1
 
 

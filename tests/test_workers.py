@@ -91,7 +91,8 @@ def test_two_workers_share_the_port_and_their_metrics_add_up(serve):
         == QUERIES
     assert values[("resolver_queries_total", (("outcome", "blocked"), ("protocol", "tcp")))] == 1
     assert values[("resolver_workers", ())] == 2
-    assert values[("resolver_rules_domains", ())] == 1  # the same in each worker: not summed
+    # the same in each worker: not summed
+    assert values[("resolver_rules_domains", (("list", "first"), ("mode", "enforce")))] == 1
 
 
 @pytest.mark.parametrize("workers", [1, 2])

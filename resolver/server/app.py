@@ -31,11 +31,11 @@ from resolver.server.packetcache import PacketCache
 from resolver.server.pipeline import Delivery, Pipeline
 from resolver.server.tcp import TcpConnection, TcpLimits
 from resolver.server.udp import UdpServer
-from resolver.stages.blocking import Blocker
+from resolver.stages.blocking import Blocker, Later
 from resolver.stages.cache import Cache, CacheLookup
 from resolver.stages.cname import CnameBlocker, CnameCheck
 from resolver.stages.contract import Stage
-from resolver.stages.forward import Forwarder, Schedule
+from resolver.stages.forward import Forwarder
 from resolver.stages.prefetch import Prefetch
 from resolver.stages.stale import ServeStale
 from resolver.upstream.pool import UpstreamPool
@@ -59,7 +59,7 @@ class Chain:
 
 
 def build_pipeline(config: Config, rules: RuleSet, metrics: Metrics, upstreams: UpstreamPool,
-                   clock: Clock, schedule: Schedule) -> Chain:
+                   clock: Clock, schedule: Later, wall: Clock = time.time) -> Chain:
     """The chain, in order, and why:
 
     0. the packet cache (UDP only, before decoding; server/packetcache.py): answers that a
@@ -77,8 +77,12 @@ def build_pipeline(config: Config, rules: RuleSet, metrics: Metrics, upstreams: 
        (stale.py); last, since it only matters when nothing fresher exists;
     5. forwarding (not a synchronous stage): answers later, through `Delivery`; coalesces,
        checks CNAME chains, and falls back on stale answers when upstreams fail.
+
+    schedule (loop.call_later) arms the forwarder's client response timers and the
+    blocker's list-window timer; wall (epoch seconds) is what list windows are written in.
     """
-    blocker = Blocker(rules, config.blocking, metrics)
+    blocker = Blocker(rules, config.blocking, metrics, clock=clock, wall=wall,
+                      schedule=schedule)
     cname = CnameCheck(blocker)
     cache = Cache(config.cache, metrics, clock, inspect=cname.verdict)
     blocker.on_install(cache.recheck)

@@ -209,8 +209,10 @@ class Run:
             else:
                 exchange.ticket = None  # what the driver does when it takes the reply
                 exchange.udp_reply(data, now)
+        elif data is None:
+            exchange.stream_failed(kind, now)
         else:
-            exchange.streamed(data, "" if data else kind, now)
+            exchange.stream_reply(data, now)
 
 
 def outcome(results: list[bytes | None]) -> list[str | None]:

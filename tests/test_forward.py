@@ -155,12 +155,15 @@ class Harness:
         self.policy = TtlPolicy(config.min_ttl, config.max_ttl, config.negative_ttl,
                                 config.servfail_ttl)
         self.delivered: list[Delivered] = []
+        self.undeliverable: set[int] = set()  # query IDs whose delivery raises
         self.timers: list[Timer] = []
         self.forwarder = Forwarder(self.plan, self.cache, self.policy, self.stale, cname,
                                    self._deliver, self._schedule, self.clock, self.metrics,
                                    max_inflight)
 
     def _deliver(self, q: Query, sink: Transport, answer: bytes, outcome: str) -> None:
+        if int.from_bytes(q.data[:2], "big") in self.undeliverable:
+            raise RuntimeError("a bug in a transport")
         self.delivered.append(Delivered(q, sink, answer, outcome))
 
     def _schedule(self, delay: float, callback: Callable[[Flight], None], flight: Flight
@@ -486,9 +489,21 @@ def test_a_bug_in_caching_still_answers_every_waiter(
     h.submit(qid=1)
     h.submit(qid=2)
     h.land(answer())
-    assert [(d.message.id, d.outcome) for d in h.delivered] == [(1, "servfail"),
-                                                                (2, "servfail")]
+    # the reply that came is still every waiter's answer; only the cache entry is lost
+    assert [(d.message.id, d.outcome) for d in h.delivered] == [(1, "forwarded"),
+                                                                (2, "forwarded")]
     assert "unexpected error while caching an upstream reply" in caplog.text
+    assert h.counts() == (0, 0, 0)
+
+
+def test_a_delivery_that_raises_costs_no_other_waiter(caplog: pytest.LogCaptureFixture) -> None:
+    h = Harness()
+    for qid in (1, 2, 3):
+        h.submit(qid=qid)
+    h.undeliverable.add(2)
+    h.land(answer())
+    assert [d.message.id for d in h.delivered] == [1, 3]
+    assert "unexpected error while delivering an answer" in caplog.text
     assert h.counts() == (0, 0, 0)
 
 

@@ -14,7 +14,7 @@ import pytest
 
 from resolver.ops.metrics import Metrics
 from resolver.server.packetcache import MAX_ANSWER, MAX_QUERY, PacketCache
-from resolver.stages.contract import DROP, FORWARD, Answered, Drop, Forward
+from resolver.stages.contract import DROP, LATER, Answered, Drop, Later
 from tests.clock import FakeClock
 from tests.conftest import RULES_YAML
 from tests.e2e import make_query, raw_tcp_exchange, raw_udp_answer, raw_udp_exchange
@@ -27,12 +27,12 @@ class Inner:
     """The pipeline behind the packet cache: answers each query with the next result given,
     and records what reached it."""
 
-    def __init__(self, *results: Answered | Forward | Drop):
+    def __init__(self, *results: Answered | Later | Drop):
         self.results = list(results)
         self.seen: list[bytes] = []
 
     def handle(self, data: bytes, client: tuple[str, int], sink: object
-               ) -> Answered | Forward | Drop:
+               ) -> Answered | Later | Drop:
         self.seen.append(data)
         return self.results.pop(0)
 
@@ -44,7 +44,7 @@ class Udp:
         raise AssertionError("nothing is delivered later here")
 
 
-def layer(max_entries: int, *results: Answered | Forward | Drop
+def layer(max_entries: int, *results: Answered | Later | Drop
           ) -> tuple[PacketCache, Inner]:
     inner = Inner(*results)
     return PacketCache(inner, max_entries, FakeClock(), Metrics().queries), inner
@@ -64,11 +64,11 @@ def query_bytes(qid: int, name: str = "www.example.org", edns: int | None = None
 def test_a_remembered_answer_comes_back_with_the_new_id_and_counts():
     metrics = Metrics()
     replay = (NEVER, metrics.blocked, ("l", "", "a"))
-    inner = Inner(Answered(b"\x12\x34answer", "blocked", replay), FORWARD)
+    inner = Inner(Answered(b"\x12\x34answer", "blocked", replay), LATER)
     packets = PacketCache(inner, 10, FakeClock(), metrics.queries)
     assert ask(packets, b"\x12\x34query") == b"\x12\x34answer"  # from the pipeline
     assert ask(packets, b"\xab\xcdquery") == b"\xab\xcd" + b"answer"  # replayed
-    assert ask(packets, b"\xab\xcdother") is None  # FORWARD: the answer comes later
+    assert ask(packets, b"\xab\xcdother") is None  # LATER: the answer comes later
     assert inner.seen == [b"\x12\x34query", b"\xab\xcdother"]
     assert metrics.queries.counts == {("udp", "blocked"): 1}  # the pipeline counts its own
     assert metrics.blocked.counts == {("l", "", "a"): 1}
@@ -85,7 +85,7 @@ def test_an_answer_holds_until_its_replay_time(now, replayed):
     assert ask(packets, b"\x00\x02q") == (b"\x00\x02a" if replayed else b"\x00\x02b")
 
 
-@pytest.mark.parametrize("result", [Answered(b"idA", "cached"), FORWARD, DROP],
+@pytest.mark.parametrize("result", [Answered(b"idA", "cached"), LATER, DROP],
                          ids=["no-replay", "forward", "drop"])
 def test_only_answers_that_say_how_long_they_hold_are_kept(result):
     packets, inner = layer(10, result, Answered(b"idB", "cached"))
@@ -103,7 +103,7 @@ def test_the_oldest_goes_first_and_clear_forgets_all():
     for name in (b"a", b"b", b"c"):
         ask(packets, b"id" + name)
     assert len(packets) == 2
-    inner.results = [FORWARD]
+    inner.results = [LATER]
     assert [ask(packets, b"xx" + n) for n in (b"a", b"b", b"c")] == [None, b"xxB", b"xxC"]
     packets.clear()
     assert len(packets) == 0

@@ -20,11 +20,13 @@ from resolver.server.pipeline import Delivery, Pipeline
 from resolver.stages.contract import (
     DROP,
     FORWARD,
+    LATER,
     PASS,
     PASS_PER_CLIENT,
     Answered,
     Drop,
-    Forward,
+    Later,
+    Pass,
     Result,
 )
 from tests.clock import FakeClock
@@ -84,7 +86,7 @@ class Chain:
         self.pipeline = Pipeline(self.stages, self.forwarder,  # type: ignore[arg-type]
                                  self.metrics, max_inflight)
 
-    def handle(self, data: bytes = b"", transport: str = "udp") -> Answered | Forward | Drop:
+    def handle(self, data: bytes = b"", transport: str = "udp") -> Answered | Later | Drop:
         return self.pipeline.handle(data or query_packet("www.example.org"), CLIENT,
                                     Sink(transport))
 
@@ -110,21 +112,21 @@ BLOCKED = answered("blocked", replay=True)
 # -- results in order -------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("results", "returned", "reached", "counts", "submitted"), [
-    pytest.param([PASS, PASS], FORWARD, [1, 1], {}, 1,
+    pytest.param([PASS, PASS], LATER, [1, 1], {}, 1,
                  id="nobody answers: forwarded, counted when delivered"),
     pytest.param([CACHED, PASS], CACHED, [1, 0], {("udp", "cached"): 1}, 0,
                  id="Answered stops the chain and is counted"),
     pytest.param([PASS, BLOCKED, CACHED], BLOCKED, [1, 1, 0], {("udp", "blocked"): 1}, 0,
                  id="the first Answered wins, replay and all"),
-    pytest.param([PASS, FORWARD, CACHED], FORWARD, [1, 1, 0], {}, 1,
+    pytest.param([PASS, FORWARD, CACHED], LATER, [1, 1, 0], {}, 1,
                  id="FORWARD skips the rest"),
     pytest.param([DROP, CACHED], DROP, [1, 0], {("udp", "dropped"): 1}, 0,
                  id="DROP is counted dropped"),
-    pytest.param([PASS_PER_CLIENT, PASS], FORWARD, [1, 1], {}, 1,
+    pytest.param([PASS_PER_CLIENT, PASS], LATER, [1, 1], {}, 1,
                  id="a per-client pass is still a pass"),
-    pytest.param([], FORWARD, [], {}, 1, id="no stages"),
+    pytest.param([], LATER, [], {}, 1, id="no stages"),
 ])
-def test_results_flow_in_order(results: list[Result], returned: Answered | Forward | Drop,
+def test_results_flow_in_order(results: list[Result], returned: Answered | Later | Drop,
                                reached: list[int], counts: Counts, submitted: int) -> None:
     chain = Chain(*results)
     assert chain.handle() is returned
@@ -145,7 +147,7 @@ def test_the_forwarder_gets_the_decoded_query_and_its_sink() -> None:
     chain = Chain(PASS)
     sink = Sink("tcp")
     packet = query_packet("WWW.Example.org", "AAAA", qid=0x4321, edns=True)
-    assert chain.pipeline.handle(packet, CLIENT, sink) is FORWARD
+    assert chain.pipeline.handle(packet, CLIENT, sink) is LATER
     [(q, given)] = chain.forwarder.submitted
     assert given is sink
     assert (q.data, q.client, q.transport, q.edns) == (packet, CLIENT, "tcp", True)
@@ -208,17 +210,17 @@ def test_an_exception_becomes_a_counted_servfail(
 
 
 @pytest.mark.parametrize(("waiting", "max_inflight", "returned", "counts"), [
-    (0, 3, FORWARD, {}),
-    (2, 3, FORWARD, {}),
+    (0, 3, LATER, {}),
+    (2, 3, LATER, {}),
     (3, 3, DROP, {("udp", "dropped"): 1}),  # shed: no memory grows for it
     (5, 3, DROP, {("udp", "dropped"): 1}),
 ])
 def test_load_is_shed_at_max_inflight(waiting: int, max_inflight: int,
-                                      returned: Forward | Drop, counts: Counts) -> None:
+                                      returned: Later | Drop, counts: Counts) -> None:
     chain = Chain(PASS, waiting=waiting, max_inflight=max_inflight)
     assert chain.handle() is returned
     assert chain.counts == counts
-    assert len(chain.forwarder.submitted) == (returned is FORWARD)
+    assert len(chain.forwarder.submitted) == (returned is LATER)
 
 
 def header(flags: int = 0x0100, qd: int = 1, an: int = 0, ns: int = 0, ar: int = 0) -> bytes:
@@ -266,3 +268,20 @@ def test_delivery_counts_then_hands_the_answer_to_the_sink(transport: str,
     Delivery(metrics).deliver(q, sink, b"answer", outcome)
     assert sink.delivered == [(b"answer", CLIENT)]
     assert metrics.queries.counts == {(transport, outcome): 1}
+
+
+@pytest.mark.parametrize("odd", [None, b"forward", LATER], ids=["None", "sentinel bytes", "LATER"])
+def test_a_result_that_is_no_stage_result_is_a_bug_answered_servfail(
+        odd: object, caplog: pytest.LogCaptureFixture) -> None:
+    """A stage returning something the contract does not know must not silence the client."""
+    chain = Chain(odd, CACHED)  # type: ignore[arg-type]  # the mistake under test
+    result = chain.handle()
+    assert isinstance(result, Answered) and result.outcome == "servfail"
+    assert chain.counts == {("udp", "servfail"): 1}
+    assert "no stage result" in caplog.text
+
+
+def test_a_fresh_pass_object_is_honoured_like_the_singletons() -> None:
+    chain = Chain(Pass(True), BLOCKED)
+    result = chain.handle()
+    assert isinstance(result, Answered) and result.replay is None

@@ -28,7 +28,7 @@ from typing import Protocol
 
 from resolver.message.constants import NEVER, Clock
 from resolver.ops.metrics import Tally
-from resolver.stages.contract import Answered, Drop, Forward, Replay, Sink
+from resolver.stages.contract import Answered, Drop, Later, Replay, Sink
 
 MAX_QUERY = 512  # bytes: a longest name with EDNS and a cookie fits in well under this
 MAX_ANSWER = 1232  # bytes: the EDNS size that avoids fragmentation (larger answers are rare)
@@ -41,7 +41,7 @@ class Handler(Protocol):
     """What the packet cache wraps (server.pipeline.Pipeline)."""
 
     def handle(self, data: bytes, client: tuple[str, int], sink: Sink
-               ) -> Answered | Forward | Drop: ...
+               ) -> Answered | Later | Drop: ...
 
 
 class PacketCache:

@@ -8,6 +8,7 @@ SERVFAIL (stages.contract.servfail), counted like any other answer.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 from resolver.message import wire
@@ -16,16 +17,19 @@ from resolver.ops.metrics import Metrics
 from resolver.stages.contract import (
     DROP,
     FORWARD,
+    LATER,
     PASS,
-    PASS_PER_CLIENT,
     Answered,
     Drop,
-    Forward,
+    Later,
+    Pass,
     Sink,
     Stage,
     servfail,
 )
 from resolver.stages.forward import Forwarder
+
+log = logging.getLogger(__name__)
 
 
 class Pipeline:
@@ -39,8 +43,8 @@ class Pipeline:
         self._max_inflight = max_inflight
 
     def handle(self, data: bytes, client: tuple[str, int], sink: Sink
-               ) -> Answered | Forward | Drop:
-        """Answer a packet now (Answered), later (FORWARD: through the forwarder's deliver),
+               ) -> Answered | Later | Drop:
+        """Answer a packet now (Answered), later (LATER: through the forwarder's deliver),
         or never (DROP)."""
         try:
             q = wire.parse_query(data, client, sink.name)
@@ -50,6 +54,10 @@ class Pipeline:
                 return DROP
             self._count(sink.name, Outcome.FORMERR)
             return Answered(error.response, Outcome.FORMERR)
+        except Exception:  # a bug in decoding: with no question, nothing can be answered
+            log.exception("unexpected error while decoding a query")
+            self._count(sink.name, Outcome.DROPPED)
+            return DROP
         try:
             return self._run(q, sink)
         except Exception as error:
@@ -57,7 +65,7 @@ class Pipeline:
             self._count(sink.name, answered.outcome)
             return answered
 
-    def _run(self, q: Query, sink: Sink) -> Answered | Forward | Drop:
+    def _run(self, q: Query, sink: Sink) -> Answered | Later | Drop:
         per_client = False
         for stage in self._stages:
             result = stage.answer(q)
@@ -70,16 +78,18 @@ class Pipeline:
                 return result
             if result is FORWARD:
                 break
-            if result is PASS_PER_CLIENT:
-                per_client = True
+            if isinstance(result, Pass):
+                per_client = per_client or result.per_client
                 continue
-            self._count(sink.name, Outcome.DROPPED)
-            return DROP
+            if result is DROP:
+                self._count(sink.name, Outcome.DROPPED)
+                return DROP
+            raise TypeError(f"{stage!r} returned {result!r}, which is no stage result")
         if self._forwarder.waiting >= self._max_inflight:  # shed load, don't grow memory
             self._count(sink.name, Outcome.DROPPED)
             return DROP
         self._forwarder.submit(q, sink)
-        return FORWARD
+        return LATER
 
     def _count(self, transport: str, outcome: str) -> None:
         counts = self._counts

@@ -7,7 +7,7 @@ import asyncio
 
 from resolver.message import wire
 from resolver.server.pipeline import Pipeline
-from resolver.stages.contract import FORWARD, Answered
+from resolver.stages.contract import LATER, Answered
 
 
 class TcpLimits:
@@ -58,7 +58,7 @@ class TcpConnection(asyncio.Protocol):
             result = self._pipeline.handle(message, self.peer, self)
             if isinstance(result, Answered):
                 self._write(result.data)
-            elif result is FORWARD:
+            elif result is LATER:
                 self._waiting += 1
         if messages:  # a byte now and then of a frame never finished keeps no one's slot
             self._arm_idle()

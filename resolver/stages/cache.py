@@ -36,7 +36,7 @@ Inspect = Callable[[tuple[bytes, ...]], "Cloak | None"]  # CNAME targets -> the 
 # bench/memory.py measured the process growing about 1,086 bytes per one-record answer on
 # CPython 3.11 (tracemalloc sees ~680 of them), so max_bytes bounds real memory.
 ENTRY_OVERHEAD = 1050
-_HIT, _MISS, _EXPIRED, _STALE = ("hit",), ("miss",), ("expired",), ("stale",)  # results
+_HIT, _MISS, _EXPIRED = ("hit",), ("miss",), ("expired",)  # results
 _STORED, _EVICTED = ("stored",), ("evicted",)
 
 
@@ -100,7 +100,7 @@ class Cache:
         self._inspect = inspect
         self._tally = metrics.cache
         self._counts = metrics.cache.counts  # counted inline on the hot path: no call
-        metrics.cache.expect((_HIT, _MISS, _EXPIRED, _STALE, _STORED, _EVICTED))
+        metrics.cache.expect((_HIT, _MISS, _EXPIRED, _STORED, _EVICTED))
         metrics.gauge("cache_entries", "Answers held in the cache.", (),
                       lambda: {(): len(self.entries)})
         metrics.gauge("cache_bytes", "Bytes counted against cache.max_bytes.", (),

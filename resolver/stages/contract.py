@@ -60,8 +60,14 @@ class Pass:
 
 class Forward:
     """Go upstream now (the singleton FORWARD): the cache holds nothing at all for the
-    question, so the stages after it, which only read its entries, are skipped. Also what
-    the pipeline returns for a query whose answer will come later."""
+    question, so the stages after it, which only read its entries, are skipped."""
+
+    __slots__ = ()
+
+
+class Later:
+    """What the pipeline returns for a query handed to the forwarder (the singleton LATER):
+    its answer comes through the sink's `deliver`. Never a stage's result."""
 
     __slots__ = ()
 
@@ -76,6 +82,7 @@ PASS: Final = Pass(False)
 PASS_PER_CLIENT: Final = Pass(True)
 FORWARD: Final = Forward()
 DROP: Final = Drop()
+LATER: Final = Later()
 
 Result = Answered | Pass | Forward | Drop
 

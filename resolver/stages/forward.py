@@ -1,4 +1,4 @@
-"""The last stage: ask upstream once per distinct question in flight, cache the reply, and
+"""The forward half: ask upstream once per distinct question in flight, cache the reply, and
 answer each waiting client, from the reply, blocked (CNAME cloaking), or stale.
 
 Each distinct question in flight is one Flight, kept by cache key with the clients waiting
@@ -111,10 +111,10 @@ class Forwarder:
         elif flight.stale_due:
             self._respond(q, sink, None, flight.stale)
         else:
-            self.waiting += 1
-            flight.join(q, sink)
             if flight.stale is None and q.cache_key in self._cache.entries:
                 self._arm_stale(flight)  # a prefetch began before the answer expired
+            self.waiting += 1  # only now: nothing above left this client half joined
+            flight.join(q, sink)
 
     def refresh(self, q: Query) -> bool:
         """Refresh q's cached answer in the background (a prefetch), unless a fetch for it is
@@ -173,14 +173,15 @@ class Forwarder:
             del self._inflight[key]
         if flight.stale_timer is not None:
             flight.stale_timer.cancel()
+        reply = self._read(data, HEADER_SIZE + len(q.question))
         try:
-            reply = self._store(key, data, HEADER_SIZE + len(q.question))
-        except Exception:  # a bug in caching: the waiters are still answered, as if no reply
+            self._store(key, reply)
+        except Exception:  # a bug in caching costs the cache entry, not the waiters' answer
             log.exception("unexpected error while caching an upstream reply")
-            reply = None
         if flight.more is None:  # the usual case: one client, or a prefetch with none
             sink = flight.sink
             if sink is not None:
+                flight.sink = None
                 self.waiting -= 1
                 self._respond(q, sink, reply, flight.stale)
             return
@@ -188,22 +189,24 @@ class Forwarder:
             self.waiting -= 1
             self._respond(waiter, sink, reply, flight.stale)
 
-    def _store(self, key: CacheKey, data: bytes | None, qend: int) -> Reply | None:
-        """Read the upstream's reply and keep it (or the failure) in the cache; None when no
-        usable reply came (a malformed one counts as none)."""
-        reply = None
+    def _read(self, data: bytes | None, qend: int) -> Reply | None:
+        """The upstream's reply, ready to replay; None when no usable reply came (a malformed
+        one counts as none)."""
         if data is not None:
             try:
-                reply = scan_reply(data, qend, self._policy)
+                return scan_reply(data, qend, self._policy)
             except (ValueError, IndexError, struct.error):
                 pass
+        return None
+
+    def _store(self, key: CacheKey, reply: Reply | None) -> None:
+        """Keep the reply in the cache, or the failure (see stale.ServeStale.failed)."""
         if reply is None:
             self._stale.failed(key, failure(self._policy))
         elif reply.rcode in MOVE_ON:  # SERVFAIL is cached briefly, REFUSED not at all
             self._stale.failed(key, reply)
         else:
             self._cache.put(key, reply)
-        return reply
 
     def _stale_due(self, flight: Flight) -> None:
         """RFC 8767 client response timer: the waiters get the stale answer now; the flight
@@ -215,12 +218,16 @@ class Forwarder:
             self._respond(q, sink, None, flight.stale)
 
     def _respond(self, q: Query, sink: Sink, reply: Reply | None, stale: Entry | None) -> None:
-        """Deliver one waiter's answer; if making it raises, SERVFAIL (contract.servfail)."""
+        """Deliver one waiter's answer; if making it raises, SERVFAIL (contract.servfail). A
+        delivery that raises (a bug in a transport) is logged and costs no other waiter."""
         try:
             answered = self.answer(q, reply, stale)
         except Exception as error:
             answered = servfail(q, error)
-        self._deliver(q, sink, answered.data, answered.outcome)
+        try:
+            self._deliver(q, sink, answered.data, answered.outcome)
+        except Exception:
+            log.exception("unexpected error while delivering an answer")
 
     def answer(self, q: Query, reply: Reply | None, stale: Entry | None) -> Answered:
         """What one waiting client gets: from the reply (None: no usable reply came, or none

@@ -34,6 +34,7 @@ class ServeStale:
         self._cache = cache
         self._ttl = config.stale_ttl
         self._tally = metrics.cache
+        self._tally.expect([_STALE])
         self.client_timeout = config.stale_client_timeout
 
     def answer(self, q: Query) -> Result:

@@ -46,7 +46,8 @@ class UdpIo(Protocol):
 
 class StreamIo(Protocol):
     """Runs one exchange over a stream (TCP, or TLS for a DNS-over-TLS upstream) within
-    timeout seconds; the driver calls `Exchange.streamed` when it ends, unless cancelled."""
+    timeout seconds; the driver calls `Exchange.stream_reply` or `stream_failed` when it ends,
+    unless cancelled."""
 
     def send(self, exchange: Exchange, timeout: float) -> Cancellable: ...
 
@@ -116,7 +117,7 @@ class Exchange:
         self.ticket = None
         if data[2] & _TC:
             left = self._timeout - (now - self._sent)
-            self._stream = self._upstream.stream.send(self, left if left > 0.001 else 0.001)
+            self._send(self._upstream, left if left > 0.001 else 0.001, now, stream=True)
         elif data[3] & 0xF in MOVE_ON:
             self._got(data, now)
         else:  # the usual ending, without _got's and _finish's calls
@@ -130,13 +131,15 @@ class Exchange:
         self._stop_udp()
         self._failed(kind, now)
 
-    def streamed(self, data: bytes | None, kind: str, now: float) -> None:
-        """A stream attempt ended: with a matching reply, or (data None) failing as kind."""
+    def stream_reply(self, data: bytes, now: float) -> None:
+        """A stream attempt ended with a matching reply."""
         self._stream = None
-        if data is None:
-            self._failed(kind, now)
-        else:
-            self._got(data, now)
+        self._got(data, now)
+
+    def stream_failed(self, kind: str, now: float) -> None:
+        """A stream attempt failed (kind: the error label)."""
+        self._stream = None
+        self._failed(kind, now)
 
     def _next(self, now: float) -> None:
         if self._over:  # cancelled while a stream attempt was finishing
@@ -152,17 +155,23 @@ class Exchange:
         if remaining < timeout:
             timeout = remaining
         self._sent, self._timeout = now, timeout
-        udp = upstream.udp
+        self._send(upstream, timeout, now, stream=upstream.udp is None)
+
+    def _send(self, upstream: Upstream, timeout: float, now: float, stream: bool) -> None:
+        """One attempt through the upstream's I/O. A driver that cannot send (closed at
+        shutdown, or a bug) fails the attempt as `network` and the exchange moves on, so it
+        still ends and its waiters are answered; the upstream's health is not charged, since
+        nothing reached it."""
         try:
-            if udp is None:
+            if stream:
                 self._stream = upstream.stream.send(self, timeout)
             else:
                 self.due = now + timeout  # the driver fails the attempt then
-                self.ticket = udp.send(self)
-        except Exception:  # a driver that cannot send (closed at shutdown): a failed attempt,
-            # so the exchange still ends, and its waiters are answered
+                self.ticket = upstream.udp.send(self)  # type: ignore[union-attr]  # has UDP
+        except Exception:
             log.exception("could not send a query to upstream %s", upstream.name)
-            self._failed("network", now)
+            self._plan.count_error(upstream, "network")
+            self._next(now)
 
     def _stop_udp(self) -> None:
         if self.ticket is not None:

@@ -2,7 +2,8 @@
 query over DNS over TLS (upstream/dot.py) for a TLS upstream.
 
 Each stream attempt runs as a task (these paths are rare next to UDP, or pipelined on one
-TLS connection); when it ends, the exchange hears `streamed(reply or None, error kind, now)`.
+TLS connection); when it ends, the exchange hears `stream_reply(reply, now)` or
+`stream_failed(error kind, now)`.
 A reply counts only if its ID and question match what was sent.
 """
 
@@ -64,10 +65,10 @@ class Streams:
             return
         error = task.exception()
         if error is None:
-            exchange.streamed(task.result(), "", self._clock())
+            exchange.stream_reply(task.result(), self._clock())
         else:
-            exchange.streamed(None, error.kind if isinstance(error, _Failed) else "timeout",
-                              self._clock())
+            exchange.stream_failed(error.kind if isinstance(error, _Failed) else "timeout",
+                                   self._clock())
 
     async def query(self, q: Query, timeout: float) -> bytes:
         """One exchange over the stream: TLS for a DoT upstream, else TCP."""

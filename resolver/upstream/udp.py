@@ -133,14 +133,16 @@ class UdpSockets:
         qid = random_id()
         while qid in pending:
             qid = random_id()
-        pending[qid] = exchange
-        counts = self._counts
-        counts[self._key] = counts.get(self._key, 0) + 1
         self._outbox.send(sock.transport,  # type: ignore[arg-type]  # set once it is open
                           wire.upstream_query(exchange.q, qid, self._udp_size))
         if self._sweep is None:
             self._sweep = self._loop.call_later(
                 SWEEP_INTERVAL, self._expire)
+        # in flight only once sent (the outbox sends at the end of the loop pass, so no reply
+        # can come before this): a send that raised leaves nothing pending behind
+        pending[qid] = exchange
+        counts = self._counts
+        counts[self._key] = counts.get(self._key, 0) + 1
         return sock, qid
 
     def forget(self, ticket: object) -> None:

@@ -369,6 +369,37 @@ def _check_upstream(section: UpstreamConfig) -> Iterable[tuple[str, str]]:
         yield "max_backoff", f"expected seconds >= upstream.backoff ({section.backoff:g})"
 
 
+def _max_change(value: object) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1e9:
+        raise Invalid("expected a fraction >= 0 (0.5 is 50%), or null to turn the check off")
+    return float(value)
+
+
+def _watch_interval(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise Invalid("expected seconds, or 0 to turn watching off")
+    if value == 0:
+        return 0.0
+    return SECONDS.parser(Path())(value)
+
+
+@dataclass(frozen=True, slots=True)
+class GuardConfig:
+    """What a reload may change before it is refused (resolver/server/reload.py)."""
+
+    max_change: float | None = setting(
+        0.5, kind("a fraction >= 0, or null", _max_change),
+        "Refuse a reload that would change any list's domain count by more than this fraction "
+        "of its count in force (0.5: half); a list that disappears is a change of 1. A new "
+        "list, or one that held no domains, is not checked. `null` turns this check off.")
+    must_resolve: tuple[str, ...] = setting(
+        (), list_of("domain names", NAME),
+        "Names that must never be blocked: a reload under which any of them would be blocked "
+        "is refused. Checked on reloads only; at startup such a name is logged as a warning.")
+
+
 @dataclass(frozen=True, slots=True)
 class BlockingConfig:
     rules: tuple[str, ...] = setting(  # absolute paths
@@ -390,6 +421,15 @@ class BlockingConfig:
     ede: bool = setting(
         True, BOOLEAN,
         "Attach an Extended DNS Error (RFC 8914, code 15 'Blocked') to blocked answers.")
+    watch_interval: float = setting(
+        2.0, kind("seconds, or 0 for off", _watch_interval),
+        "Seconds between looks at the rule files, the files in rule directories and the config "
+        "file; a change that stays the same for one interval reloads the rules (as SIGHUP "
+        "does). 0 turns watching off.")
+    guard: GuardConfig = section(
+        GuardConfig, "Checks a reload must pass, or it is refused and the rules in force stay "
+        "(SIGHUP, a file change, `POST /-/reload`); `POST /-/reload?force=1` skips them.",
+        example="max_change: 0.2\nmust_resolve: [www.example.com, login.example.net]")
 
 
 @dataclass(frozen=True, slots=True)

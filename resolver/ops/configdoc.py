@@ -13,7 +13,7 @@ import json
 import sys
 import textwrap
 from collections.abc import Iterator, Sequence
-from dataclasses import MISSING
+from dataclasses import MISSING, is_dataclass
 
 import yaml
 
@@ -47,6 +47,10 @@ def yaml_value(value: object) -> str:
         return f"[{', '.join(yaml_value(item) for item in value)}]"
     if isinstance(value, Address):
         return json.dumps(format_address(value))  # quoted: '[::1]:53' would be a list
+    if is_dataclass(value) and not isinstance(value, type):  # a section in a section
+        pairs = (f"{key.name}: {yaml_value(getattr(value, key.attribute))}"
+                 for key in keys(type(value)))
+        return f"{{{', '.join(pairs)}}}"
     if isinstance(value, str) and value.strip() == value and yaml.safe_load(value) == value:
         return value  # plain, as it reads back unchanged: not 'yes', '1.0' or '[x]'
     return json.dumps(value)  # true, null, numbers and quoted strings are YAML too
@@ -130,11 +134,13 @@ def _tables(path: str, cls: type, documented: set[type]) -> Iterator[str]:
         item = key.setting.item
         if item is not None and item not in documented:
             documented.add(item)
-            where = f"{path}.{key.name}[i]"
+            within = isinstance(key.default, item)  # a section in a section, not a list
+            where = f"{path}.{key.name}" + ("" if within else "[i]")
             yield ""
             yield f"### {where}"
             yield ""
-            yield f"The keys of a mapping in `{path}.{key.name}`:"
+            yield (f"The keys of `{where}`:" if within
+                   else f"The keys of a mapping in `{path}.{key.name}`:")
             yield ""
             yield from _tables(where, item, documented)
 
@@ -192,7 +198,9 @@ def _example_key(key: Key, indent: str) -> list[str]:
     declared = key.setting
     lines = _comment(declared.help, indent)
     if declared.item is not None:
-        lines += _comment(f"A mapping in {key.name} takes these keys:", indent)
+        within = isinstance(key.default, declared.item)  # a section in a section
+        lines += _comment(f"{key.name} takes these keys:" if within
+                          else f"A mapping in {key.name} takes these keys:", indent)
         for item in keys(declared.item):
             default = "required" if item.default is MISSING else f"default: {_default(item)}"
             lines += _comment(f"{item.name}: {item.setting.help} ({default})", indent, "  ")

@@ -97,11 +97,13 @@ def required(kind: Kind[T] | Nested[T], help: str, *, key: str | None = None) ->
 
 
 def section(cls: type[T], help: str,
-            check: Callable[[T], Iterable[tuple[str, str]]] = lambda _: ()) -> T:
+            check: Callable[[T], Iterable[tuple[str, str]]] = lambda _: (),
+            *, example: str | None = None) -> T:
     """A section of the file, filled by its own declared keys; check yields (key, message)
-    for problems between keys, looked for only when each key was fine on its own."""
-    reader: Nested[T] = Nested("a mapping", lambda base: _section_reader(cls, base, check))
-    return setting(cls(), reader, help)
+    for problems between keys, looked for only when each key was fine on its own. A section
+    inside a section (blocking.guard) has its keys documented as its `item`'s."""
+    reader: Nested[T] = Nested("a mapping", lambda base: _section_reader(cls, base, check), cls)
+    return setting(cls(), reader, help, example=example)
 
 
 def _setting(kind: Kind[T] | Nested[T], help: str, *, key: str | None = None,

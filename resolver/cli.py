@@ -90,7 +90,7 @@ def _serve(args: argparse.Namespace) -> int:
     workers = args.workers or default_workers()
     try:
         if workers > 1:
-            Supervisor(config, rules, workers).run(
+            Supervisor(config, rules, workers, overrides).run(
                 lambda addresses, _: print(_banner(config, rules, addresses, workers),
                                            flush=True))
         else:
@@ -98,7 +98,7 @@ def _serve(args: argparse.Namespace) -> int:
                 runner.run(serve_until_signalled(
                     config, rules,
                     lambda server: print(_banner(config, rules, server.addresses, 1),
-                                         flush=True)))
+                                         flush=True), overrides=overrides))
     except (OSError, RuntimeError) as exc:
         print(f"resolver: cannot serve: {exc}", file=sys.stderr)
         return 2
@@ -152,15 +152,16 @@ def _freeze_survivors(phase: str, info: dict[str, int]) -> None:
 
 def _banner(config: Config, rules: RuleSet, addresses: list[tuple[str, int]],
             workers: int) -> str:
-    """The one startup line: where we listen, what we block, and a query to try."""
+    """The one startup line: where we listen, what we block (and the rules' version, as
+    reload lines, the metrics and blocked answers' EDE text name it), and a query to try."""
     where = ", ".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in addresses)
     upstreams = ", ".join(f"{TLS_SCHEME}{address_label(s)}#{s.tls_name}" if s.protocol == "tls"
                           else address_label(s) for s in config.upstream.servers)
     lists = len([lst for lst in rules.lists if lst.action != "allow"])
     processes = f", {workers} workers" if workers > 1 else ""
     line = (f"resolver: listening on {where} (UDP and TCP{processes}), blocking "
-            f"{rules.domain_count} domains from {lists} list{'s' if lists != 1 else ''}, "
-            f"forwarding to {upstreams}")
+            f"{rules.domain_count} domains from {lists} list{'s' if lists != 1 else ''} "
+            f"(rules {rules.version}), forwarding to {upstreams}")
     example = rules.example_domain()
     if example:
         host, port = addresses[0]

@@ -21,6 +21,7 @@ import dns.query
 import dns.rcode
 import pytest
 
+from resolver.rules.loader import load_rules
 from resolver.server.supervisor import free_port
 from tests.servers import ZONE
 
@@ -181,6 +182,8 @@ def test_starts_answers_and_stops_on_sigterm(tmp_path, nsd_upstream, workers):
         banner = read_line(process)
         assert "listening on" in banner
         assert "blocking 3 domains" in banner
+        # the version the metric and the EDE text name too (test_e2e_reload.py)
+        assert f"from 1 list (rules {load_rules([rules]).version})," in banner
         assert nsd_upstream.address in banner
         match = re.search(r"listening on 127\.0\.0\.1:(\d+)", banner)
         assert match, banner

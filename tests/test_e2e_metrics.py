@@ -96,6 +96,8 @@ async def test_known_series_are_exported_at_zero_before_anything_is_counted(
         ("resolver_queries_total", {"protocol": "udp", "outcome": "servfail"}),
         ("resolver_queries_total", {"protocol": "tcp", "outcome": "dropped"}),
         ("resolver_reloads_total", {"result": "failed"}),
+        ("resolver_reloads_total", {"result": "refused"}),
+        ("resolver_reloads_total", {"result": "unchanged"}),
         ("resolver_cache_total", {"result": "prefetch"}),
         ("resolver_cache_total", {"result": "evicted"}),
         ("resolver_upstream_queries_total", {"upstream": upstream, "protocol": "tcp"}),

@@ -6,7 +6,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from resolver.ops.metrics import Metrics
+from resolver.ops.metrics import Metrics, merge_samples
 
 Labels = tuple[tuple[str, str], ...]  # (label name, value), sorted
 
@@ -81,3 +81,30 @@ def test_inc_by_amount_and_separate_registries() -> None:
     text = generate_latest(one).decode()
     assert "# TYPE resolver_queries_total counter" in text
     assert 'resolver_queries_total{outcome="cached",protocol="udp"} 11.0' in text
+
+
+def test_every_reload_result_is_exported_at_zero() -> None:
+    registry = CollectorRegistry()
+    Metrics(registry)
+    assert scrape(registry)["resolver_reloads"] == (
+        "counter", {(("result", result),): 0.0
+                    for result in ("ok", "failed", "refused", "unchanged")})
+
+
+def test_workers_merge_into_how_many_serve_each_version_and_the_latest_install() -> None:
+    """Each worker reports 1 for the version it serves and when that was installed: the
+    supervisor's sum counts the workers per version (a rollout converging), the time is the
+    latest."""
+    snapshots = []
+    for version, at in (("aaaaaaaaaaaa", 100.0), ("bbbbbbbbbbbb", 250.0),
+                        ("bbbbbbbbbbbb", 200.0)):
+        metrics = Metrics()
+        served: dict[tuple[str, ...], float] = {(version,): 1}
+        installed: dict[tuple[str, ...], float] = {(): at}
+        metrics.gauge("rules_info", "", ("version",), served.copy)
+        metrics.gauge("rules_last_reload_timestamp_seconds", "", (), installed.copy,
+                      merge="max")
+        snapshots.append(metrics.snapshot())
+    merged = {sample.name: sample.values for sample in merge_samples(snapshots)}
+    assert merged["rules_info"] == {("aaaaaaaaaaaa",): 1, ("bbbbbbbbbbbb",): 2}
+    assert merged["rules_last_reload_timestamp_seconds"] == {(): 250.0}

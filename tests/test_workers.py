@@ -6,14 +6,17 @@ from many source ports so the kernel's SO_REUSEPORT hash spreads the queries ove
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Protocol
 
 import dns.message
 import dns.query
@@ -21,11 +24,22 @@ import dns.rcode
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from resolver.rules.loader import load_rules
 from resolver.server.supervisor import free_port
 from tests.servers import LOOPBACK, NsdServer
 
-RULES = "lists:\n  - name: first\n    domains: [blocked.test]\n"
+RULES = "lists:\n  - name: first\n    domains: [blocked.test, b1.test, b2.test, b3.test]\n"
+BROKEN = "lists:\n  - name: first\n    domains: [bad..name]\n"
 QUERIES = 40
+OK, FAILED, REFUSED, UNCHANGED = "ok", "failed", "refused", "unchanged"
+
+
+def reloads(result: str) -> tuple[str, tuple[tuple[str, str], ...]]:
+    return ("resolver_reloads_total", (("result", result),))
+
+
+def serving(version: str) -> tuple[str, tuple[tuple[str, str], ...]]:
+    return ("resolver_rules_info", (("version", version),))
 
 
 class Served:
@@ -45,23 +59,44 @@ class Served:
         return {(s.name, tuple(sorted(s.labels.items()))): s.value
                 for family in text_string_to_metric_families(text) for s in family.samples}
 
+    def reload(self, force: bool = False) -> tuple[int, dict[str, object]]:
+        """POST /-/reload: (status, JSON body)."""
+        url = f"http://{LOOPBACK}:{self.metrics_port}/-/reload" + ("?force=1" if force else "")
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, method="POST"),
+                                        timeout=30) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read())
+
     def children(self) -> list[int]:
         path = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
         return [int(pid) for pid in path.read_text().split()] if path.exists() else []
 
+    def all_blocked(self, prefix: str) -> bool:
+        """Many source ports, so every worker is asked."""
+        return all(self.rcode(f"n{i}.{prefix}") == dns.rcode.NXDOMAIN for i in range(QUERIES))
+
+
+class Start(Protocol):
+    def __call__(self, workers: int, watch: float = ...) -> Served: ...
+
 
 @pytest.fixture
-def serve(tmp_path: Path, nsd_upstream: NsdServer
-          ) -> Iterator[tuple[Callable[[int], Served], Path]]:
-    """Factory: serve(workers) starts the command and waits for its banner line."""
+def serve(tmp_path: Path, nsd_upstream: NsdServer) -> Iterator[tuple[Start, Path]]:
+    """Factory: serve(workers, watch=0) starts the command and waits for its banner line.
+    The config file sets blocking.watch_interval (0: off, so only the test's reloads run)."""
     started: list[subprocess.Popen[str]] = []
     rules = tmp_path / "rules.yaml"
     rules.write_text(RULES)
 
-    def start(workers: int) -> Served:
+    def start(workers: int, watch: float = 0.0) -> Served:
         port, metrics_port = free_port(), free_port()
+        config = tmp_path / "resolver.yaml"
+        config.write_text(f"blocking:\n  watch_interval: {watch}\n")
         process = subprocess.Popen(
-            [sys.executable, "-m", "resolver", "serve", "--workers", str(workers),
+            [sys.executable, "-m", "resolver", "serve", "-c", str(config),
+             "--workers", str(workers),
              "--listen", f"{LOOPBACK}:{port}", "--upstream", nsd_upstream.address,
              "--rules", str(rules), "--metrics", f"{LOOPBACK}:{metrics_port}"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -79,7 +114,7 @@ def serve(tmp_path: Path, nsd_upstream: NsdServer
 
 
 def test_two_workers_share_the_port_and_their_metrics_add_up(serve):
-    start, _ = serve
+    start, rules = serve
     served = start(2)
     assert len(served.children()) == 2
     for _ in range(QUERIES):
@@ -91,25 +126,71 @@ def test_two_workers_share_the_port_and_their_metrics_add_up(serve):
         == QUERIES
     assert values[("resolver_queries_total", (("outcome", "blocked"), ("protocol", "tcp")))] == 1
     assert values[("resolver_workers", ())] == 2
-    # the same in each worker: not summed
-    assert values[("resolver_rules_domains", (("list", "first"), ("mode", "enforce")))] == 1
+    domains = [value for (name, _), value in values.items() if name == "resolver_rules_domains"]
+    assert sum(domains) == 4  # the same in each worker: not summed
+    assert values[serving(load_rules([str(rules)]).version)] == 2  # workers serving it
+    assert {result: values[reloads(result)] for result in (OK, FAILED, REFUSED, UNCHANGED)} \
+        == dict.fromkeys((OK, FAILED, REFUSED, UNCHANGED), 0)
 
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_sighup_reloads_every_worker_and_a_broken_file_keeps_the_old_rules(serve, workers):
+    """One compile per reload: counted once, and every worker serves the new version."""
     start, rules = serve
     served = start(workers)
-    rules.write_text(RULES.replace("[blocked.test]", "[blocked.test, newly.test]"))
+    old = load_rules([str(rules)]).version
+    rules.write_text(RULES.replace("[blocked.test", "[newly.test, blocked.test"))
+    new = load_rules([str(rules)]).version
     served.process.send_signal(signal.SIGHUP)
-    _wait_for(lambda: served.metrics().get(
-        ("resolver_reloads_total", (("result", "ok"),))) == workers)
-    assert all(served.rcode(f"n{i}.newly.test") == dns.rcode.NXDOMAIN for i in range(QUERIES))
+    _wait_for(lambda: served.metrics().get(reloads(OK)) == 1)
+    values = served.metrics()
+    assert values.get(serving(new)) == workers and serving(old) not in values
+    assert served.all_blocked("newly.test")
 
-    rules.write_text("lists:\n  - name: first\n    domains: [bad..name]\n")
+    rules.write_text(BROKEN)
     served.process.send_signal(signal.SIGHUP)
-    _wait_for(lambda: served.metrics().get(
-        ("resolver_reloads_total", (("result", "failed"),))) == workers)
-    assert all(served.rcode(f"n{i}.newly.test") == dns.rcode.NXDOMAIN for i in range(QUERIES))
+    _wait_for(lambda: served.metrics().get(reloads(FAILED)) == 1)
+    assert served.metrics().get(serving(new)) == workers
+    assert served.all_blocked("newly.test")
+
+
+def test_the_guard_refuses_a_sighup_and_a_forced_http_reload_passes(serve):
+    """With two workers: the refused set reaches none of them, the forced one all."""
+    start, rules = serve
+    served = start(2)
+    old = load_rules([str(rules)]).version
+    rules.write_text("lists:\n  - name: first\n    domains: [newly.test]\n")  # 4 -> 1
+    new = load_rules([str(rules)]).version
+    served.process.send_signal(signal.SIGHUP)
+    _wait_for(lambda: served.metrics().get(reloads(REFUSED)) == 1)
+    assert served.metrics().get(serving(old)) == 2
+    assert served.all_blocked("blocked.test")
+
+    status, body = served.reload()
+    assert status == 409 and body["result"] == REFUSED and body["version"] == old
+    assert body["problems"] == [
+        "list 'first' would go from 4 to 1 domains (-3, -75%): more than "
+        "blocking.guard.max_change (50%)",
+        f"refused {new}; POST /-/reload?force=1 overrides the guard"]
+
+    assert served.reload(force=True) == (200, {"result": OK, "version": new, "problems": []})
+    values = served.metrics()
+    assert values.get(serving(new)) == 2 and serving(old) not in values
+    assert values[reloads(REFUSED)] == 2 and values[reloads(OK)] == 1
+    assert served.all_blocked("newly.test")
+    assert served.reload() == (200, {"result": UNCHANGED, "version": new, "problems": []})
+
+
+def test_a_file_change_reloads_every_worker(serve):
+    start, rules = serve
+    served = start(2, watch=0.2)
+    replacement = rules.with_suffix(".new")
+    replacement.write_text(RULES.replace("[blocked.test", "[newly.test, blocked.test"))
+    os.replace(replacement, rules)
+    new = load_rules([str(rules)]).version
+    _wait_for(lambda: served.metrics().get(serving(new)) == 2)
+    assert served.metrics()[reloads(OK)] == 1
+    assert served.all_blocked("newly.test")
 
 
 def test_a_killed_worker_is_replaced(serve):
@@ -128,19 +209,20 @@ def test_a_worker_replaced_after_a_reload_serves_the_reloaded_rules(serve, broke
     files hold by then (a broken file must not leave it on the startup rules)."""
     start, rules = serve
     served = start(2)
-    rules.write_text(RULES.replace("[blocked.test]", "[newly.test]"))
+    rules.write_text(RULES.replace("blocked.test", "newly.test"))
+    new = load_rules([str(rules)]).version
     served.process.send_signal(signal.SIGHUP)
-    _wait_for(lambda: served.metrics().get(("resolver_reloads_total", (("result", "ok"),))) == 2)
+    _wait_for(lambda: served.metrics().get(reloads(OK)) == 1)
     if broken_since:
-        rules.write_text("lists:\n  - name: first\n    domains: [bad..name]\n")
+        rules.write_text(BROKEN)
         served.process.send_signal(signal.SIGHUP)
-        _wait_for(lambda: served.metrics().get(
-            ("resolver_reloads_total", (("result", "failed"),))) == 2)
+        _wait_for(lambda: served.metrics().get(reloads(FAILED)) == 1)
     victim = served.children()[0]
     os.kill(victim, signal.SIGKILL)
     _wait_for(lambda: len(served.children()) == 2 and victim not in served.children())
     _wait_for(lambda: served.metrics()[("resolver_workers", ())] == 2)
-    assert all(served.rcode(f"n{i}.newly.test") == dns.rcode.NXDOMAIN for i in range(QUERIES))
+    assert served.metrics().get(serving(new)) == 2
+    assert served.all_blocked("newly.test")
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])

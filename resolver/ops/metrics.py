@@ -13,10 +13,12 @@ import operator
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 NAMESPACE = "resolver"
+# What a rule reload can come to (resolver/server/reload.py), each counted from the start.
+RELOAD_RESULTS = ("ok", "failed", "refused", "unchanged")
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,9 +116,9 @@ class Metrics:
                                      "Upstream attempts that failed, by upstream and kind.",
                                      ("upstream", "kind"))
         self.cache = Tally("cache_total", "Cache lookups and stores, by result.", ("result",))
-        self.reloads = Tally("reloads_total", "Rule reloads, by result (ok, failed).",
-                             ("result",))
-        self.reloads.expect([("ok",), ("failed",)])
+        self.reloads = Tally("reloads_total", "Rule reloads, by result (ok, failed, refused "
+                             "by the guard, unchanged).", ("result",))
+        self.reloads.expect([(result,) for result in RELOAD_RESULTS])
         self._tallies = [self.queries, self.blocked, self.upstream_queries,
                          self.upstream_errors, self.cache, self.reloads]
         self._gauges: list[Gauge] = []
@@ -141,19 +143,3 @@ class Metrics:
     def collect(self) -> Iterator[Metric]:
         for sample in self.snapshot():
             yield sample.family()
-
-
-class Endpoint:
-    """The /metrics HTTP endpoint on its own thread (prometheus-client's server)."""
-
-    def __init__(self, host: str, port: int, registry: CollectorRegistry):
-        self._server, self._thread = start_http_server(port, host, registry=registry)
-        bound, bound_port = self._server.server_address[:2]
-        assert isinstance(bound, str)  # an IP socket's address (bytes: a Unix socket's)
-        self.address = (bound, bound_port)
-
-    def stop(self) -> None:
-        """Stop serving and close the socket. Blocks for up to the server's 0.5 s poll, so
-        an event loop calls it from a thread."""
-        self._server.shutdown()
-        self._server.server_close()

@@ -9,26 +9,29 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import signal
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry
 
 from resolver.message.constants import Clock
 from resolver.message.query import Outcome
 from resolver.message.reply import TtlPolicy
-from resolver.ops.config import Address, Config
-from resolver.ops.errors import ConfigError
-from resolver.ops.metrics import Endpoint, Metrics
-from resolver.rules.loader import load_rules
+from resolver.ops.config import Address, Config, Overrides
+from resolver.ops.http import Endpoint, Reload
+from resolver.ops.metrics import Metrics
+from resolver.ops.watch import Watcher
 from resolver.rules.matcher import RuleSet
 from resolver.server.outbox import Outbox
 from resolver.server.packetcache import PacketCache
 from resolver.server.pipeline import Delivery, Pipeline
+from resolver.server.reload import FAILED, HTTP_WAIT, OK, UNCHANGED, Install, Reloads, pending
+from resolver.server.reload import Outcome as ReloadOutcome
 from resolver.server.tcp import TcpConnection, TcpLimits
 from resolver.server.udp import UdpServer
 from resolver.stages.blocking import Blocker, Later
@@ -44,6 +47,7 @@ log = logging.getLogger(__name__)
 
 UDP_RECEIVE_BUFFER = 4 * 1024 * 1024  # bytes asked for; the kernel may grant less
 BIND_ATTEMPTS = 20  # port 0: retry when the TCP port's UDP twin is taken
+WATCH_IDLE = 1.0  # seconds between looks at blocking.watch_interval while watching is off
 
 
 @dataclass(frozen=True)
@@ -109,69 +113,111 @@ def build_pipeline(config: Config, rules: RuleSet, metrics: Metrics, upstreams: 
 
 @dataclass
 class RunningServer:
-    """What a started server exposes: its bound addresses, its chain and metrics."""
+    """What a started server exposes: its bound addresses, its chain and metrics, and its
+    rule reloads (`reloads` is None in a worker process, whose supervisor reloads)."""
 
     addresses: list[tuple[str, int]]
     chain: Chain
     metrics: Metrics
     metrics_address: tuple[str, int] | None
-    config: Config
+    config: Config  # as given at startup, with the `blocking` section in force
+    reloads: Reloads | None = None
+    installed_at: float = 0.0  # wall-clock time the rules in force were installed
+    _turn: asyncio.Lock = field(default_factory=asyncio.Lock)  # fair: reloads in order
 
     @property
     def blocker(self) -> Blocker:
         return self.chain.blocker
 
-    async def reload_rules(self) -> bool:
-        """Load the rule files again and swap them in; on any problem keep the old rules.
+    @property
+    def rules(self) -> RuleSet:
+        return self.chain.blocker.rules
 
-        Loading runs in a thread so a large list does not stall answering meanwhile.
-        """
-        try:
-            rules = await asyncio.to_thread(load_rules, self.config.blocking.rules)
-        except ConfigError as exc:
-            for problem in exc.problems:
-                log.error("reload failed, keeping the previous rules: %s", problem)
-            self.metrics.reloads.inc(("failed",))
-            return False
-        except Exception:  # a bug must not end reloading, nor go uncounted
-            log.exception("reload failed, keeping the previous rules")
-            self.metrics.reloads.inc(("failed",))
-            return False
-        self.blocker.install(rules)
-        self.metrics.reloads.inc(("ok",))
-        log.info("reloaded rules: %d domains", rules.domain_count)
-        return True
+    def install(self, install: Install) -> None:
+        """Swap in a compiled rule set, in one step on the event loop."""
+        self.blocker.install(install.rules, install.blocking)
+        self.config = dataclasses.replace(self.config, blocking=install.blocking)
+        self.installed_at = install.at
+
+    async def reload(self, force: bool = False, trigger: str = "signal") -> ReloadOutcome:
+        """Read the files again and swap in what they say, unless it is broken, refused by
+        the guard (and not forced) or unchanged; the old rules answer meanwhile. Reloads run
+        one at a time, in the order asked. Reading and compiling run in a thread, so a large
+        list does not stall answering."""
+        reloads = self.reloads
+        if reloads is None:
+            raise RuntimeError("a worker's rules come from its supervisor")
+        async with self._turn:
+            read = await asyncio.to_thread(reloads.read)
+            try:
+                judged = reloads.judge(read, force, trigger)
+                if isinstance(judged, Install):
+                    self.install(judged)
+                    judged = reloads.installed(judged)
+            except Exception as exc:  # a bug must not end reloading, nor go unsaid
+                log.exception("reload (%s) failed", trigger)
+                judged = ReloadOutcome(FAILED, self.rules.version, (f"internal error: {exc!r}",))
+            # an unchanged reload may still bring a new watch interval or guard
+            self.config = dataclasses.replace(self.config, blocking=reloads.current.blocking)
+            return reloads.report(judged, trigger)
+
+    async def reload_rules(self) -> bool:
+        """A forced reload, for tests and tools that change the files and want them served
+        (the guard is for operators' changes): True when the rules in force are the files'."""
+        outcome = await self.reload(force=True, trigger="api")
+        return outcome.result in (OK, UNCHANGED)
 
 
 @contextlib.asynccontextmanager
 async def running_server(config: Config, rules: RuleSet, clock: Clock | None = None,
-                         reuse_port: bool = False, serve_metrics: bool = True
-                         ) -> AsyncIterator[RunningServer]:
+                         reuse_port: bool = False, serve_metrics: bool = True, *,
+                         overrides: Overrides = Overrides(), wall: Clock = time.time,
+                         worker: Install | None = None) -> AsyncIterator[RunningServer]:
     """Serve until the context exits; yields the bound addresses (port 0 resolved).
 
     reuse_port: bind with SO_REUSEPORT so several worker processes share the ports.
     serve_metrics: start the HTTP endpoint here (a worker leaves it to its supervisor).
+    overrides: the command-line flags, which a reload applies over the config file again.
+    wall: the wall clock, for when rules were installed.
+    worker: in a worker process, the rule set it was forked with (and when that was
+    installed); its supervisor reloads and sends it new sets, so it neither watches files
+    nor reloads itself.
     """
     registry = CollectorRegistry()
     metrics = Metrics(registry)
     outbox = Outbox()
     clock = clock or time.monotonic
     upstreams = UpstreamPool(config.upstream, metrics, outbox=outbox, clock=clock)
-    chain = build_pipeline(config, rules, metrics, upstreams, clock,
-                           asyncio.get_running_loop().call_later)
+    loop = asyncio.get_running_loop()
+    chain = build_pipeline(config, rules, metrics, upstreams, clock, loop.call_later, wall)
     limits = TcpLimits(config.server.tcp_idle_timeout, config.server.tcp_max_connections)
     closers: list[Callable[[], None]] = []
     endpoint = None
+    watching = None
     try:
         await upstreams.open()  # in here: a failure part-way still closes what it opened
         addresses = [await _bind(address, chain, outbox, limits, closers, reuse_port)
                      for address in config.server.listen]
+        server = RunningServer(addresses, chain, metrics, None, config)
+        if worker is None:
+            server.reloads = reloads = Reloads(config, overrides, rules, metrics.reloads, wall)
+            server.installed_at = reloads.current.at
+            # the baseline is what the files hold now, before any change can slip by
+            watching = loop.create_task(_watch_files(server, Watcher(reloads.watch_paths)))
+        else:
+            server.installed_at = worker.at
+        _rule_gauges(metrics, server)
         listen = config.metrics.listen
         if serve_metrics and listen is not None:
-            endpoint = Endpoint(listen.host, listen.port, registry)
-        yield RunningServer(addresses, chain, metrics,
-                            endpoint.address if endpoint else None, config)
+            endpoint = Endpoint(listen.host, listen.port, registry,
+                                _reload_from(server, loop) if worker is None else None)
+            server.metrics_address = endpoint.address
+        yield server
     finally:
+        if watching is not None:
+            watching.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watching
         for close in reversed(closers):
             close()
         for connection in list(limits.open):
@@ -179,7 +225,50 @@ async def running_server(config: Config, rules: RuleSet, clock: Clock | None = N
         chain.forwarder.drain()
         upstreams.close()
         if endpoint is not None:
-            await asyncio.to_thread(endpoint.stop)
+            endpoint.stop()
+
+
+def _rule_gauges(metrics: Metrics, server: RunningServer) -> None:
+    """The version served (1 per process: the supervisor's sum counts the workers serving
+    each version) and when it was installed (the latest across workers)."""
+    metrics.gauge("rules_info", "The rule set version served, by version; the value is the "
+                  "number of worker processes serving it.", ("version",),
+                  lambda: {(server.rules.version,): 1})
+    metrics.gauge("rules_last_reload_timestamp_seconds", "Wall-clock time the rules in force "
+                  "were installed (at startup, or by the last successful reload).", (),
+                  lambda: {(): server.installed_at}, merge="max")
+
+
+def _reload_from(server: RunningServer, loop: asyncio.AbstractEventLoop) -> Reload:
+    """What the HTTP thread calls for POST /-/reload: the reload runs on the event loop, in
+    turn with every other, and the request waits for its result a while."""
+
+    def reload(force: bool) -> ReloadOutcome:
+        future = asyncio.run_coroutine_threadsafe(server.reload(force, "http"), loop)
+        try:
+            return future.result(HTTP_WAIT)
+        except TimeoutError:  # concurrent.futures' is the builtin since 3.11
+            return pending(server.rules.version)
+
+    return reload
+
+
+async def _watch_files(server: RunningServer, watcher: Watcher) -> None:
+    """Reload when the rule files (or the config file) change: a look every
+    `blocking.watch_interval` seconds, in a thread (a slow disk must not stall answering).
+    The interval is read again each time, since a reload may change it; at 0 nothing is
+    looked at."""
+    reloads = server.reloads
+    assert reloads is not None
+    loop = asyncio.get_running_loop()
+    while True:
+        interval = server.config.blocking.watch_interval
+        await asyncio.sleep(interval or WATCH_IDLE)
+        if not interval:
+            continue
+        watcher.watch(reloads.watch_paths)
+        if await asyncio.to_thread(watcher.poll, loop.time(), interval):
+            await server.reload(trigger="watch")
 
 
 def _grow_receive_buffer(sock: socket.socket) -> None:
@@ -241,26 +330,26 @@ async def _bind(address: Address, chain: Chain, outbox: Outbox, limits: TcpLimit
 
 async def serve_until_signalled(config: Config, rules: RuleSet,
                                 on_ready: Callable[[RunningServer], None],
-                                reuse_port: bool = False, serve_metrics: bool = True) -> None:
-    """Serve until SIGTERM or SIGINT; SIGHUP reloads the rules (keeping them on error)."""
+                                reuse_port: bool = False, serve_metrics: bool = True, *,
+                                overrides: Overrides = Overrides(),
+                                worker: Install | None = None) -> None:
+    """Serve until SIGTERM or SIGINT; SIGHUP reloads the rules (keeping them on error), but
+    in a worker, whose supervisor reloads and sends it the new set (see running_server)."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     async with running_server(config, rules, reuse_port=reuse_port,
-                              serve_metrics=serve_metrics) as server:
-        reloads: set[asyncio.Task[None]] = set()
-        one_at_a_time = asyncio.Lock()  # fair: reloads finish in the order they were asked
-
-        async def reload_in_turn() -> None:
-            async with one_at_a_time:
-                await server.reload_rules()
+                              serve_metrics=serve_metrics, overrides=overrides,
+                              worker=worker) as server:
+        reloads: set[asyncio.Task[ReloadOutcome]] = set()
 
         def reload() -> None:
-            task = loop.create_task(reload_in_turn())
+            task = loop.create_task(server.reload(trigger="signal"))  # in turn: server._turn
             reloads.add(task)
             task.add_done_callback(reloads.discard)
 
-        loop.add_signal_handler(signal.SIGHUP, reload)
+        if worker is None:
+            loop.add_signal_handler(signal.SIGHUP, reload)
         on_ready(server)
         await stop.wait()

@@ -4,20 +4,33 @@ Python runs one core per process, so `--workers N` forks N workers after the rul
 compiled (they share the compiled rules copy-on-write). Each runs its own uvloop and binds
 the listen addresses with SO_REUSEPORT, and the kernel spreads queries across them by flow
 hash. The supervisor answers no queries. It:
-- serves /metrics, asking every worker for a snapshot over its pipe and adding them up;
-- passes SIGHUP on to every worker, each of which reloads its rules;
+- serves /metrics, asking every worker for a snapshot over its pipe and adding them up, and
+  POST /-/reload;
+- reloads the rules (on SIGHUP, a file change, or /-/reload): it reads and compiles them
+  once, judges them (server/reload.py), and sends the one compiled set to every worker over
+  its pipe, each of which acknowledges the version it then serves. So every worker serves
+  the same set, not whatever the files held when each read them; a worker started again
+  later is forked with the last set that loaded;
 - stops every worker on SIGTERM/SIGINT, and starts again a worker that died.
+
+The pipe carries tagged messages. Supervisor to worker: ("snapshot",), or ("install",)
+followed by the pickled Install as raw bytes, which the worker reads in a thread so its
+event loop keeps answering meanwhile. Worker to supervisor: ("ready", addresses) once,
+("snapshot", samples), ("installed", version).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import concurrent.futures
 import contextlib
 import ctypes
 import dataclasses
 import logging
 import multiprocessing
 import os
+import pickle
 import signal
 import socket
 import threading
@@ -26,22 +39,31 @@ from collections.abc import Callable, Iterator
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from types import FrameType
+from typing import cast
 
 import uvloop
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import Metric
 
-from resolver.ops.config import Address, Config
-from resolver.ops.errors import ConfigError
-from resolver.ops.metrics import Endpoint, Metrics, Sample, merge_samples
-from resolver.rules.loader import load_rules
+from resolver.message.constants import Clock
+from resolver.ops.config import Address, Config, Overrides
+from resolver.ops.http import Endpoint
+from resolver.ops.metrics import Metrics, Sample, merge_samples
+from resolver.ops.watch import Watcher
 from resolver.rules.matcher import RuleSet
-from resolver.server.app import RunningServer, bound_socket, serve_until_signalled
+from resolver.server.app import (
+    WATCH_IDLE,
+    RunningServer,
+    bound_socket,
+    serve_until_signalled,
+)
+from resolver.server.reload import FAILED, HTTP_WAIT, Install, Outcome, Reloads, pending
 
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT = 30.0  # seconds a worker may take to bind its sockets
 SNAPSHOT_TIMEOUT = 2.0  # seconds a worker may take to answer a metrics request
+INSTALL_TIMEOUT = 30.0  # seconds a worker may take to confirm a new rule set
 STOP_TIMEOUT = 10.0  # seconds between SIGTERM and SIGKILL at shutdown
 PR_SET_PDEATHSIG = 1
 RESTART_DELAY = 1.0  # pause before starting a worker that died, so a crash loop is slow
@@ -62,16 +84,19 @@ class Worker:
     def __init__(self, index: int, process: BaseProcess, conn: Connection):
         self.index, self.process, self.conn = index, process, conn
         self.last: list[Sample] = []  # its latest snapshot, kept for when it dies
+        self.version: str | None = None  # the rule set version it last confirmed
 
     @classmethod
-    def start(cls, index: int, config: Config, rules: RuleSet) -> Worker:
+    def start(cls, index: int, config: Config, install: Install) -> Worker:
         ours, theirs = multiprocessing.Pipe()
         process = multiprocessing.get_context("fork").Process(
-            target=_worker_main, args=(config, rules, theirs), name=f"resolver-worker-{index}",
-            daemon=True)
+            target=_worker_main, args=(config, install, theirs),
+            name=f"resolver-worker-{index}", daemon=True)
         process.start()
         theirs.close()
-        return cls(index, process, ours)
+        worker = cls(index, process, ours)
+        worker.version = install.rules.version
+        return worker
 
     def ready(self) -> list[tuple[str, int]]:
         """Wait for the worker to report its bound addresses."""
@@ -89,35 +114,65 @@ class Worker:
     def ask(self) -> None:
         """Ask for a snapshot of the counters (read with `answer`)."""
         try:
-            while self.conn.poll(0):  # a reply that came too late for an earlier scrape
-                self.last = self.conn.recv()
-            self.conn.send("snapshot")
+            while self.conn.poll(0):  # a reply that came too late for an earlier request
+                self._take(self.conn.recv())
+            self.conn.send(("snapshot",))
         except (EOFError, OSError):
             pass  # it is dying; the supervisor restarts it and keeps its last counts
 
     def answer(self, deadline: float) -> list[Sample]:
         """The snapshot asked for, or the last one if none came by the deadline."""
-        try:
-            if self.conn.poll(max(0.0, deadline - time.monotonic())):
-                self.last = self.conn.recv()
-        except (EOFError, OSError):
-            pass
+        self._until("snapshot", deadline)
         return self.last
 
+    def send(self, install: bytes) -> bool:
+        """Send a pickled Install; False when the worker is gone (it is started again with
+        the last set that loaded)."""
+        try:
+            self.conn.send(("install",))
+            self.conn.send_bytes(install)
+        except (EOFError, OSError):
+            return False
+        return True
 
-def _worker_main(config: Config, rules: RuleSet, conn: Connection) -> None:
+    def confirmed(self, version: str, deadline: float) -> bool:
+        """Wait for the worker to say which version it serves after an install: True when
+        it is version."""
+        self._until("installed", deadline)
+        return self.version == version
+
+    def _until(self, kind: str, deadline: float) -> bool:
+        """Read messages until one of kind came (True) or the deadline passed."""
+        try:
+            while self.conn.poll(max(0.0, deadline - time.monotonic())):
+                if self._take(self.conn.recv()) == kind:
+                    return True
+        except (EOFError, OSError):
+            pass
+        return False
+
+    def _take(self, message: tuple[str, object]) -> str:
+        kind, payload = message
+        if kind == "snapshot":
+            self.last = cast(list[Sample], payload)  # what _Listener sends
+        elif kind == "installed":
+            assert isinstance(payload, str)
+            self.version = payload
+        return kind
+
+
+def _worker_main(config: Config, install: Install, conn: Connection) -> None:
     """Body of a worker process: serve with SO_REUSEPORT until told to stop."""
     _die_with_parent()
 
     def on_ready(server: RunningServer) -> None:
-        loop = asyncio.get_running_loop()
-        loop.add_reader(conn.fileno(), _answer_snapshot, conn, server.metrics)
+        _Listener(conn, server, asyncio.get_running_loop())
         conn.send(("ready", server.addresses))
 
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(serve_until_signalled(config, rules, on_ready, reuse_port=True,
-                                             serve_metrics=False))
+            runner.run(serve_until_signalled(config, install.rules, on_ready, reuse_port=True,
+                                             serve_metrics=False, worker=install))
     except OSError as exc:
         conn.send(("error", str(exc)))
 
@@ -130,29 +185,96 @@ def _die_with_parent() -> None:
         pass  # not Linux: workers then outlive a killed supervisor
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, signal.SIG_DFL)  # the event loop installs its own handlers
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a reload before it does must not kill
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the supervisor reloads, not the workers
 
 
-def _answer_snapshot(conn: Connection, metrics: Metrics) -> None:
+class _Listener:
+    """A worker's end of its pipe, read from the event loop: a snapshot is answered at once;
+    a rule set is received and unpickled in a thread (a large one takes a while), then
+    installed on the loop in one step and confirmed."""
+
+    def __init__(self, conn: Connection, server: RunningServer,
+                 loop: asyncio.AbstractEventLoop):
+        self.conn, self.server, self.loop = conn, server, loop
+        self.tasks: set[asyncio.Task[None]] = set()
+        loop.add_reader(conn.fileno(), self.heard)
+
+    def heard(self) -> None:
+        try:
+            message = self.conn.recv()
+            if message[0] == "snapshot":
+                self.conn.send(("snapshot", self.server.metrics.snapshot()))
+                return
+        except (EOFError, OSError):  # the supervisor is gone: SIGTERM (PDEATHSIG) ends us
+            self.loop.remove_reader(self.conn.fileno())
+            return
+        if message[0] == "install":
+            self.loop.remove_reader(self.conn.fileno())  # the bytes are the thread's to read
+            task = self.loop.create_task(self._install())
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    async def _install(self) -> None:
+        try:
+            try:
+                install = await asyncio.to_thread(_receive, self.conn)
+                self.server.install(install)
+                log.info("worker %d: rules %s in force", os.getpid(), install.rules.version)
+            except (EOFError, OSError):
+                raise
+            except Exception:  # told, so the supervisor need not wait out its timeout
+                log.exception("worker %d: installing a rule set failed", os.getpid())
+            self.conn.send(("installed", self.server.rules.version))
+        except (EOFError, OSError):  # the supervisor is gone
+            return
+        self.loop.add_reader(self.conn.fileno(), self.heard)
+
+
+def _receive(conn: Connection) -> Install:
+    """Read and unpickle a rule set (in a thread). The event loop made the pipe non-blocking
+    for its reader, which would have this read fail the moment it outpaced the writer; the
+    reader is off meanwhile, so the read may block."""
+    os.set_blocking(conn.fileno(), True)
     try:
-        conn.recv()
-        conn.send(metrics.snapshot())
-    except (EOFError, OSError):
-        pass  # the supervisor is gone; SIGTERM or the parent-death check ends us
+        data = conn.recv_bytes()
+    finally:
+        os.set_blocking(conn.fileno(), False)
+    install = pickle.loads(data)
+    assert isinstance(install, Install)
+    return install
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Request:
+    """A reload asked for, and where to put its outcome (a waiting HTTP request's)."""
+
+    force: bool
+    trigger: str
+    answer: concurrent.futures.Future[Outcome] | None = None
 
 
 class Supervisor:
-    """Starts, watches and stops the workers; merges their metrics for Prometheus."""
+    """Starts, watches and stops the workers; reloads their rules; merges their metrics."""
 
-    def __init__(self, config: Config, rules: RuleSet, count: int):
+    def __init__(self, config: Config, rules: RuleSet, count: int,
+                 overrides: Overrides = Overrides(), wall: Clock = time.time):
         self.config = _concrete_ports(config)
-        self.rules = rules
         self.count = count
+        self.own = Metrics()  # the supervisor's own counts: reloads
+        self.reloads = Reloads(config, overrides, rules, self.own.reloads, wall)
         self.workers: list[Worker] = []
         self.retired: list[Sample] = []  # counters of workers that died, so sums never drop
         self.lock = threading.Lock()  # the metrics thread and the main thread share pipes
         self.stopping = False
-        self.reload_requested = False
+        # Reloads asked for, in order: appended by signal handlers and the HTTP thread (a
+        # deque's append is atomic, and takes no lock a signal handler could deadlock on).
+        self.requests: collections.deque[Request] = collections.deque()
+        self._woken, self._wake = socket.socketpair()  # wakes the main loop
+        self._wake.setblocking(False)
+
+    @property
+    def rules(self) -> RuleSet:
+        return self.reloads.current.rules
 
     def run(self, on_ready: OnReady) -> None:
         """Serve until SIGTERM/SIGINT; on_ready(addresses, metrics_address) once all are up."""
@@ -162,36 +284,99 @@ class Supervisor:
         endpoint = None
         try:
             _check_free(self.config.server.listen)
-            self.workers = [Worker.start(i, self.config, self.rules) for i in range(self.count)]
+            self.workers = [self._fork(i) for i in range(self.count)]
             started = [worker.ready() for worker in self.workers]  # wait for every one
             addresses = started[0]  # they all serve the same
             listen = self.config.metrics.listen
             if listen is not None:
                 registry = CollectorRegistry()
                 registry.register(self)
-                endpoint = Endpoint(listen.host, listen.port, registry)
+                endpoint = Endpoint(listen.host, listen.port, registry, self._reload_from_http)
+            watcher = Watcher(self.reloads.watch_paths)  # the baseline: before anyone is told
             on_ready(addresses, endpoint.address if endpoint else None)
-            self._watch()
+            self._watch(watcher)
         finally:
             self._stop_all()
             if endpoint is not None:
                 endpoint.stop()
+            while self.requests:  # an HTTP request still waiting is told
+                request = self.requests.popleft()
+                if request.answer is not None:
+                    request.answer.set_result(Outcome(FAILED, self.rules.version,
+                                                      ("the server is stopping",)))
 
-    def _watch(self) -> None:
-        """Sleep until a worker exits or a signal asks for something."""
+    def _fork(self, index: int) -> Worker:
+        """A worker with the rule set in force and the blocking section it came with."""
+        current = self.reloads.current
+        config = dataclasses.replace(self.config, blocking=current.blocking)
+        return Worker.start(index, config, current)
+
+    def _watch(self, watcher: Watcher) -> None:
+        """Sleep until a worker exits, a reload is asked for, or the files are due a look."""
+        next_look = time.monotonic()
         while not self.stopping:
-            if self.reload_requested:
-                self.reload_requested = False
-                for worker in self.workers:
-                    pid = worker.process.pid
-                    assert pid is not None  # every worker was started
-                    with contextlib.suppress(ProcessLookupError):  # died: restarted below
-                        os.kill(pid, signal.SIGHUP)
-                self._load_rules()
-            ended = wait([w.process.sentinel for w in self.workers], timeout=0.5)
+            while self.requests and not self.stopping:
+                self._run(self.requests.popleft())
+            interval = self.reloads.current.blocking.watch_interval
+            now = time.monotonic()
+            if interval and now >= next_look:
+                watcher.watch(self.reloads.watch_paths)
+                if watcher.poll(now, interval):
+                    self.requests.append(Request(False, "watch"))
+                    continue
+                next_look = now + interval
+            timeout = max(0.0, next_look - now) if interval else WATCH_IDLE
+            ended = wait([*(w.process.sentinel for w in self.workers), self._woken], timeout)
+            with contextlib.suppress(BlockingIOError):
+                self._woken.recv(4096, socket.MSG_DONTWAIT)
             for worker in [w for w in self.workers if w.process.sentinel in ended]:
                 if not self.stopping:
                     self._restart(worker)
+
+    def _run(self, request: Request) -> None:
+        """One reload: read and judge here, send what loaded to every worker."""
+        reloads = self.reloads
+        try:
+            judged = reloads.judge(reloads.read(), request.force, request.trigger)
+            if isinstance(judged, Install):
+                judged = reloads.installed(judged, self._push(judged))
+        except Exception as exc:  # a bug must not end the supervisor, nor go unsaid
+            log.exception("reload failed")
+            judged = Outcome(FAILED, self.rules.version, (f"internal error: {exc!r}",))
+        outcome = reloads.report(judged, request.trigger)
+        if request.answer is not None:
+            request.answer.set_result(outcome)
+
+    def _push(self, install: Install) -> list[str]:
+        """Send install to every worker and wait for each to confirm it; what went wrong."""
+        data = pickle.dumps(install, protocol=pickle.HIGHEST_PROTOCOL)  # once for all
+        version = install.rules.version
+        problems = []
+        with self.lock:
+            sent = [worker for worker in self.workers if worker.send(data)]
+            deadline = time.monotonic() + INSTALL_TIMEOUT
+            for worker in self.workers:
+                if worker not in sent:
+                    problems.append(f"worker {worker.index} is gone; it is started again "
+                                    f"with rules {version}")
+                elif not worker.confirmed(version, deadline):
+                    problems.append(f"worker {worker.index} did not confirm rules {version} "
+                                    f"within {INSTALL_TIMEOUT:g} s")
+        return problems
+
+    def _reload_from_http(self, force: bool) -> Outcome:
+        """POST /-/reload, on the HTTP thread: queue the reload and wait for its outcome."""
+        answer: concurrent.futures.Future[Outcome] = concurrent.futures.Future()
+        self.requests.append(Request(force, "http", answer))
+        self._poke()
+        try:
+            return answer.result(HTTP_WAIT)
+        except TimeoutError:  # concurrent.futures' is the builtin since 3.11
+            return pending(self.rules.version)
+
+    def _poke(self) -> None:
+        with contextlib.suppress(OSError):  # full: it is awake already
+            self._wake.send(b"x")
 
     def _restart(self, worker: Worker) -> None:
         """Start a replacement; swap it in only once it is ready, so a scrape never reads its
@@ -200,7 +385,7 @@ class Supervisor:
                   worker.process.exitcode)
         time.sleep(RESTART_DELAY)
         with self.lock:  # no pipe traffic while forking
-            fresh = Worker.start(worker.index, self.config, self.rules)
+            fresh = self._fork(worker.index)
         try:
             fresh.ready()
         except RuntimeError as exc:  # left out: the dead worker stays, and is tried again
@@ -215,23 +400,13 @@ class Supervisor:
             worker.conn.close()
             self.workers[self.workers.index(worker)] = fresh
 
-    def _load_rules(self) -> None:
-        """Load the rule files here too, while the workers do: a worker started again later
-        is forked with the last set that loaded, as the others serve it (reloading in the new
-        worker instead would fail, and leave it on the startup rules, if the files broke
-        since). A problem is the workers' to log; this keeps its set as they keep theirs."""
-        try:
-            self.rules = load_rules(self.config.blocking.rules)
-        except ConfigError:
-            pass
-        except Exception:
-            log.exception("loading the rules for workers started later failed")
-
     def _stop(self, signum: int, frame: FrameType | None) -> None:
         self.stopping = True
+        self._poke()
 
     def _reload(self, signum: int, frame: FrameType | None) -> None:
-        self.reload_requested = True
+        self.requests.append(Request(False, "signal"))
+        self._poke()
 
     def _stop_all(self) -> None:
         for worker in self.workers:
@@ -245,14 +420,15 @@ class Supervisor:
                 worker.process.join()
 
     def collect(self) -> Iterator[Metric]:
-        """Prometheus collector: the sum of every worker's snapshot, plus the retired counts."""
+        """Prometheus collector: the sum of every worker's snapshot, plus the retired counts
+        and the supervisor's own (reloads)."""
         with self.lock:
             for worker in self.workers:  # all asked first: they answer side by side
                 worker.ask()
             deadline = time.monotonic() + SNAPSHOT_TIMEOUT
             snapshots = [worker.answer(deadline) for worker in self.workers]
             alive = sum(worker.process.is_alive() for worker in self.workers)
-        for sample in merge_samples([*snapshots, self.retired]):
+        for sample in merge_samples([*snapshots, self.retired, [self.own.reloads.sample()]]):
             yield sample.family()
         yield Sample("gauge", "workers", "Worker processes alive.", (), {(): alive}).family()
 

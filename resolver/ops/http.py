@@ -1,0 +1,160 @@
+"""The HTTP listener beside the DNS ports: `GET /metrics` for Prometheus, `POST /-/reload`.
+
+A small server of our own rather than prometheus-client's `start_http_server`, because the
+listener also takes reload requests (as Prometheus' own `/-/reload` does), and because
+stopping it must be cheap: `serve_forever` notices a shutdown only at its next 0.5 s poll,
+which every test that starts a server would wait out. Here the serving thread sleeps in one
+`select` on the listening socket and a wake-up pipe, so `stop` returns at once.
+
+Requests are served each on their own thread (ThreadingHTTPServer): a scrape must not wait
+for a reload that is waiting for its result, nor the reverse.
+
+`/-/reload` is for loopback clients only (403 otherwise), whatever address the listener is
+bound to: a reload is an operator's action, and until the listener has an access list of its
+own (a later hardening issue), the machine itself is the only client we can trust with it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import selectors
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Protocol
+from urllib.parse import parse_qs, urlsplit
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+log = logging.getLogger(__name__)
+
+# What each reload result answers with: ok and unchanged are successes; a refused reload
+# conflicts with the guard (retry with force=1); a failed one could not load (Prometheus'
+# /-/reload answers 500 there too); pending: no result within the wait (the reload goes on).
+STATUS = {"ok": 200, "unchanged": 200, "refused": 409, "failed": 500, "pending": 504}
+FORCE_VALUES = {"1": True, "true": True, "0": False, "false": False}
+
+
+class ReloadAnswer(Protocol):
+    """What a reload came to (resolver/server/reload.py Outcome)."""
+
+    @property
+    def result(self) -> str: ...
+
+    def as_json(self) -> dict[str, object]: ...
+
+
+class Reload(Protocol):
+    """Runs one reload where reloads run (the event loop, the supervisor) and waits for its
+    result; called on the request's thread."""
+
+    def __call__(self, force: bool) -> ReloadAnswer: ...
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and IPv4 loopback mapped into IPv6 (::ffff:127.0.0.1, what an
+    IPv6 listener reports for an IPv4 client); anything unparsable is not."""
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True  # a request waiting on a reload must not hold up the exit
+
+    def __init__(self, host: str, port: int, registry: CollectorRegistry,
+                 reload: Reload | None):
+        self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        super().__init__((host, port), _Handler)
+        self.registry = registry
+        self.reload = reload
+        self.timeout = 1.0  # handle_request's own wait: a client gone before accept
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+    server_version = "resolver"
+    protocol_version = "HTTP/1.0"
+
+    def do_GET(self) -> None:
+        path = urlsplit(self.path).path
+        if path == "/metrics":
+            self._send(200, CONTENT_TYPE_LATEST, generate_latest(self.server.registry))
+        elif path == "/-/reload":
+            self._send(405, "text/plain; charset=utf-8", b"use POST\n", allow="POST")
+        else:
+            self._send(404, "text/plain; charset=utf-8", b"not found: try /metrics\n")
+
+    def do_POST(self) -> None:
+        url = urlsplit(self.path)
+        if url.path == "/metrics":
+            self._send(405, "text/plain; charset=utf-8", b"use GET\n", allow="GET")
+            return
+        if url.path != "/-/reload" or self.server.reload is None:
+            self._send(404, "text/plain; charset=utf-8", b"not found\n")
+            return
+        if not is_loopback(self.client_address[0]):
+            self._json(403, {"result": "failed", "version": "",
+                             "problems": ["/-/reload answers loopback clients only"]})
+            return
+        force = FORCE_VALUES.get(parse_qs(url.query).get("force", ["0"])[-1].lower())
+        if force is None:
+            self._json(400, {"result": "failed", "version": "",
+                             "problems": ["force takes 1, true, 0 or false"]})
+            return
+        answer = self.server.reload(force)
+        self._json(STATUS.get(answer.result, 500), answer.as_json())
+
+    def _json(self, status: int, body: dict[str, object]) -> None:
+        self._send(status, "application/json", json.dumps(body).encode() + b"\n")
+
+    def _send(self, status: int, content_type: str, body: bytes, allow: str = "") -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        if allow:
+            self.send_header("Allow", allow)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        """Quiet: a scrape every few seconds is not worth a log line (reloads log their own)."""
+
+
+class Endpoint:
+    """The listener on its own thread; `stop` returns at once."""
+
+    def __init__(self, host: str, port: int, registry: CollectorRegistry,
+                 reload: Reload | None = None):
+        self._server = _Server(host, port, registry, reload)
+        bound, bound_port = self._server.server_address[:2]
+        assert isinstance(bound, str)  # an IP socket's address (bytes: a Unix socket's)
+        self.address = (bound, bound_port)
+        self._wake, self._woken = socket.socketpair()
+        self._thread = threading.Thread(target=self._serve, name="resolver-http", daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        with selectors.DefaultSelector() as selector:
+            selector.register(self._server.socket, selectors.EVENT_READ)
+            selector.register(self._woken, selectors.EVENT_READ)
+            while True:
+                ready = {key.fileobj for key, _ in selector.select()}
+                if self._woken in ready:
+                    return
+                self._server.handle_request()  # ready: accepts without waiting
+
+    def stop(self) -> None:
+        """Stop serving and close the socket; requests still running finish on their own
+        threads."""
+        self._wake.send(b"x")
+        self._thread.join()
+        self._server.server_close()
+        self._wake.close()
+        self._woken.close()

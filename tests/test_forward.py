@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -80,10 +80,13 @@ class Delivered:
         return summary(self.data)
 
 
+_T = TypeVar("_T")
+
+
 class Timer:
     """One call of the injected `schedule`: a test fires it or sees it cancelled."""
 
-    def __init__(self, delay: float, callback: Callable[[Flight], None], flight: Flight):
+    def __init__(self, delay: float, callback: Callable[[Any], object], flight: Flight):
         self.delay, self.callback, self.flight = delay, callback, flight
         self.cancelled = False
 
@@ -166,8 +169,8 @@ class Harness:
             raise RuntimeError("a bug in a transport")
         self.delivered.append(Delivered(q, sink, answer, outcome))
 
-    def _schedule(self, delay: float, callback: Callable[[Flight], None], flight: Flight
-                  ) -> Timer:
+    def _schedule(self, delay: float, callback: Callable[[_T], object], flight: _T) -> Timer:
+        assert isinstance(flight, Flight), "the forwarder arms timers for flights only"
         timer = Timer(delay, callback, flight)
         self.timers.append(timer)
         return timer

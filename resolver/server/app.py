@@ -34,10 +34,10 @@ from resolver.server.reload import FAILED, HTTP_WAIT, OK, UNCHANGED, Install, Re
 from resolver.server.reload import Outcome as ReloadOutcome
 from resolver.server.tcp import TcpConnection, TcpLimits
 from resolver.server.udp import UdpServer
-from resolver.stages.blocking import Blocker, Later
+from resolver.stages.blocking import Blocker
 from resolver.stages.cache import Cache, CacheLookup
 from resolver.stages.cname import CnameBlocker, CnameCheck
-from resolver.stages.contract import Stage
+from resolver.stages.contract import CallLater, Stage
 from resolver.stages.forward import Forwarder
 from resolver.stages.prefetch import Prefetch
 from resolver.stages.stale import ServeStale
@@ -63,7 +63,7 @@ class Chain:
 
 
 def build_pipeline(config: Config, rules: RuleSet, metrics: Metrics, upstreams: UpstreamPool,
-                   clock: Clock, schedule: Later, wall: Clock = time.time) -> Chain:
+                   clock: Clock, schedule: CallLater, wall: Clock = time.time) -> Chain:
     """The chain, in order, and why:
 
     0. the packet cache (UDP only, before decoding; server/packetcache.py): answers that a

@@ -25,7 +25,6 @@ import logging
 import struct
 import time
 from collections.abc import Callable
-from typing import Protocol, TypeVar
 
 from resolver.message import wire
 from resolver.message.constants import (
@@ -48,7 +47,7 @@ from resolver.ops.metrics import Metrics
 from resolver.rules.matcher import Hit, RuleSet
 from resolver.rules.model import DRY_RUN, ENFORCE, Rule, RuleList
 from resolver.rules.scope import utc
-from resolver.stages.contract import PASS, PASS_PER_CLIENT, Answered, Result
+from resolver.stages.contract import PASS, PASS_PER_CLIENT, Answered, CallLater, Result
 from resolver.upstream.attempts import Cancellable
 
 log = logging.getLogger(__name__)
@@ -59,17 +58,6 @@ WOULD_BLOCK_LOG_EVERY = 10.0  # seconds between two "would block" lines of one l
 # A window timer looks again at least this often, so a wall clock stepped by NTP (or a
 # suspended VM) delays a window's log line by at most this much.
 WINDOW_RECHECK = 3600.0
-
-_T = TypeVar("_T")
-
-
-class Later(Protocol):
-    """Run callback(arg) after delay seconds unless cancelled: loop.call_later, or a
-    recording fake in tests."""
-
-    def __call__(self, delay: float, callback: Callable[[_T], object], arg: _T, /
-                 ) -> Cancellable: ...
-
 
 class ListAnswers:
     """The packed answer pieces of one rule list."""
@@ -144,7 +132,7 @@ class Blocker:
 
     def __init__(self, rules: RuleSet, config: BlockingConfig, metrics: Metrics, *,
                  clock: Clock = time.monotonic, wall: Clock = time.time,
-                 schedule: Later | None = None):
+                 schedule: CallLater | None = None):
         self._metrics = metrics
         self._config = config
         self._clock = clock

@@ -21,16 +21,20 @@ per-client rule must treat them.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Final, Protocol
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Final, Protocol, TypeVar
 
 from resolver.message import wire
 from resolver.message.constants import SERVFAIL
 from resolver.message.query import Outcome, Query
+from resolver.upstream.attempts import Cancellable
 
 if TYPE_CHECKING:
     from resolver.ops.metrics import Tally
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 # How long the packet cache may replay an answer (by the clock; NEVER: until the rules
 # change), and the counter a replay bumps with its key, so a replay counts as the full path.
@@ -99,6 +103,15 @@ class Sink(Protocol):
     name: str  # the `protocol` label: udp or tcp
 
     def deliver(self, answer: bytes, client: tuple[str, int]) -> None: ...
+
+
+class CallLater(Protocol):
+    """Run callback(arg) after delay seconds unless cancelled: loop.call_later in the
+    server, a recording fake in tests. How stages and the forwarder arm timers without
+    touching the loop."""
+
+    def __call__(self, delay: float, callback: Callable[[_T], object], arg: _T, /
+                 ) -> Cancellable: ...
 
 
 class Deliver(Protocol):

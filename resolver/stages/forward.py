@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import logging
 import struct
-from collections.abc import Callable
-from typing import Protocol
 
 from resolver.message import wire
 from resolver.message.constants import HEADER_SIZE, SERVFAIL, Clock
@@ -25,18 +23,11 @@ from resolver.message.reply import Reply, TtlPolicy, failure, render, scan_reply
 from resolver.ops.metrics import Metrics
 from resolver.stages.cache import Cache, Entry
 from resolver.stages.cname import CnameCheck
-from resolver.stages.contract import Answered, Deliver, Sink, servfail
+from resolver.stages.contract import Answered, CallLater, Deliver, Sink, servfail
 from resolver.stages.stale import ServeStale
 from resolver.upstream.attempts import MOVE_ON, Cancellable, Exchange, Plan
 
 log = logging.getLogger(__name__)
-
-
-class Schedule(Protocol):
-    """Run callback(flight) after delay seconds, unless cancelled (loop.call_later)."""
-
-    def __call__(self, delay: float, callback: Callable[[Flight], None], flight: Flight, /
-                 ) -> Cancellable: ...
 
 
 class Flight(Exchange):
@@ -75,7 +66,7 @@ class Forwarder:
     """Resolves queries through the upstreams, coalescing identical questions."""
 
     def __init__(self, upstreams: Plan, cache: Cache, policy: TtlPolicy, stale: ServeStale,
-                 cname: CnameCheck, deliver: Deliver, schedule: Schedule, clock: Clock,
+                 cname: CnameCheck, deliver: Deliver, schedule: CallLater, clock: Clock,
                  metrics: Metrics, max_inflight: int):
         self.upstreams = upstreams
         self._cache = cache

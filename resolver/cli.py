@@ -22,6 +22,7 @@ from resolver.ops.config import TLS_SCHEME, Config, Overrides, load_config
 from resolver.ops.errors import ConfigError
 from resolver.rules.loader import load_rules
 from resolver.rules.matcher import RuleSet
+from resolver.rules.model import ALLOW, DRY_RUN, ENFORCE
 from resolver.server.app import serve_until_signalled
 from resolver.server.supervisor import Supervisor, default_workers
 from resolver.upstream.pool import address_label
@@ -91,13 +92,13 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         if workers > 1:
             Supervisor(config, rules, workers, overrides).run(
-                lambda addresses, _: print(_banner(config, rules, addresses, workers),
+                lambda addresses, _: print(banner(config, rules, addresses, workers),
                                            flush=True))
         else:
             with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
                 runner.run(serve_until_signalled(
                     config, rules,
-                    lambda server: print(_banner(config, rules, server.addresses, 1),
+                    lambda server: print(banner(config, rules, server.addresses, 1),
                                          flush=True), overrides=overrides))
     except (OSError, RuntimeError) as exc:
         print(f"resolver: cannot serve: {exc}", file=sys.stderr)
@@ -150,18 +151,24 @@ def _freeze_survivors(phase: str, info: dict[str, int]) -> None:
         gc.freeze()
 
 
-def _banner(config: Config, rules: RuleSet, addresses: list[tuple[str, int]],
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
+def banner(config: Config, rules: RuleSet, addresses: list[tuple[str, int]],
             workers: int) -> str:
     """The one startup line: where we listen, what we block (and the rules' version, as
     reload lines, the metrics and blocked answers' EDE text name it), and a query to try."""
     where = ", ".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in addresses)
     upstreams = ", ".join(f"{TLS_SCHEME}{address_label(s)}#{s.tls_name}" if s.protocol == "tls"
                           else address_label(s) for s in config.upstream.servers)
-    lists = len([lst for lst in rules.lists if lst.action != "allow"])
+    lists = len([lst for lst in rules.lists if lst.action != ALLOW and lst.mode == ENFORCE])
+    dry = len([lst for lst in rules.lists if lst.mode == DRY_RUN])
     processes = f", {workers} workers" if workers > 1 else ""
     line = (f"resolver: listening on {where} (UDP and TCP{processes}), blocking "
-            f"{rules.domain_count} domains from {lists} list{'s' if lists != 1 else ''} "
-            f"(rules {rules.version}), forwarding to {upstreams}")
+            f"{_count(rules.domain_count, 'domain')} from {_count(lists, 'list')}"
+            f"{f' (and {dry} dry-run)' if dry else ''} (rules {rules.version}), "
+            f"forwarding to {upstreams}")
     example = rules.example_domain()
     if example:
         host, port = addresses[0]

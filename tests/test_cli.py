@@ -21,6 +21,8 @@ import dns.query
 import dns.rcode
 import pytest
 
+from resolver.cli import banner
+from resolver.ops.config import load_config
 from resolver.rules.loader import load_rules
 from resolver.server.supervisor import free_port
 from tests.servers import ZONE
@@ -237,3 +239,17 @@ def test_the_open_files_limit_is_lifted_or_its_shortage_said(tmp_path, nsd_upstr
     process.stdout.close()
     process.stderr.close()
     assert warned == hard_too
+
+
+@pytest.mark.parametrize(("rules", "said"), [
+    ("lists:\n  - name: a\n    domains: [one.test]\n", "blocking 1 domain from 1 list (rules"),
+    ("lists:\n  - name: a\n    domains: [one.test, two.test]\n  - name: b\n    mode: dry-run\n"
+     "    domains: [three.test]\n  - name: c\n    action: allow\n    domains: [ok.test]\n",
+     "blocking 2 domains from 1 list (and 1 dry-run) (rules"),
+])
+def test_the_banner_counts_what_blocks(tmp_path: Path, rules: str, said: str) -> None:
+    """Dry-run and allow lists block nothing: the startup line says what does, in English."""
+    path = tmp_path / "rules.yaml"
+    path.write_text(rules)
+    line = banner(load_config(None), load_rules([str(path)]), [("127.0.0.1", 5353)], 1)
+    assert said in line

@@ -405,7 +405,8 @@ class BlockingConfig:
     rules: tuple[str, ...] = setting(  # absolute paths
         (SHIPPED_RULES,), list_of("paths", PATH),
         "Rule files (YAML, or plain text with one domain per line) or directories of them, "
-        "loaded in order; a domain in two lists belongs to the first.",
+        "loaded together into one rule set (list names unique across them); when two lists "
+        "name the same domain, the list first by name answers (docs/rules.md, precedence).",
         shown=f"`[the shipped {'/'.join(Path(SHIPPED_RULES).parts[-2:])}]`",
         example="[rules.d, my-list.yaml]")
     ttl: int = setting(

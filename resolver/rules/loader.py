@@ -75,8 +75,9 @@ _Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 def load_rules(paths: Sequence[str], *, yaml_loader: YamlLoader = FAST_LOADER) -> RuleSet:
     """Load rule files and directories into one RuleSet, or raise ConfigError with all problems.
 
-    A directory contributes its *.yaml, *.yml, *.txt and *.list files in sorted order, so the
-    first-list-wins order is predictable. A .yaml/.yml file holds lists (see _YamlFile); any
+    A directory contributes its *.yaml, *.yml, *.txt and *.list files in sorted order (list
+    names must be unique across them; which list answers a domain two lists name does not
+    depend on the order: see matcher.RuleSet). A .yaml/.yml file holds lists (see _YamlFile); any
     other file is a plain list of domains named after the file. yaml_loader: the YAML loader
     class, libyaml's where PyYAML has it.
     """

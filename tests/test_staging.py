@@ -605,6 +605,18 @@ def test_staging_keys(tmp_path: Path, loader: YamlLoader, settings: str,
      "    expires: 2027-01-15T08:00:00Z\n",
      ["{path}:4: lists[0].expires: 2027-01-15T08:00:00Z is not after starts "
       "(2027-01-15T08:00:00Z)"]),
+    ("lists:\n  - name: l\n    starts: 0001-01-01T00:00:00+01:00\n"
+     "    expires: 9999-12-31T23:59:59-01:00\n",  # each a year out of range in UTC
+     ["{path}:3: lists[0].starts: '0001-01-01T00:00:00+01:00' is outside the years 1 to "
+      "9999 in UTC",
+      "{path}:4: lists[0].expires: '9999-12-31T23:59:59-01:00' is outside the years 1 to "
+      "9999 in UTC"]),
+    ("lists:\n  - name: l\n    clients: ['::ffff:192.0.2.0/120']\n",
+     ["{path}:3: lists[0].clients[0]: '::ffff:192.0.2.0/120' is an IPv4-mapped network: "
+      "write 192.0.2.0/24, which IPv4 clients and mapped ones both match"]),
+    ("lists:\n  - name: l\n    except_clients: ['fe80::1%eth0']\n",
+     ["{path}:3: lists[0].except_clients[0]: 'fe80::1%eth0': a zone index (%...) has no "
+      "place in a client network"]),
     (  # every problem at once, in line order, unknown keys still errors
         """\
         lists:
@@ -641,3 +653,54 @@ def test_rule_lists_built_in_code_are_checked_too(kwargs: dict[str, object],
     with pytest.raises(ValueError) as raised:
         RuleList("l", **kwargs)  # type: ignore[arg-type]
     assert str(raised.value) == message
+
+
+def test_rollout_minus_zero_is_zero(tmp_path: Path) -> None:
+    """One meaning, one version."""
+    zero = load_rules([str(write(tmp_path, "lists:\n  - name: l\n    rollout: 0%\n"))])
+    minus = load_rules([str(write(tmp_path, "lists:\n  - name: l\n    rollout: -0.0\n"))])
+    assert zero.version == minus.version
+
+
+def test_a_list_whose_window_has_ended_blocks_no_must_resolve_name() -> None:
+    rules = RuleSet([RuleList("old", expires=T1)],
+                    [(to_wire("ads.test"), Rule(RuleList("old", expires=T1)))])
+    assert rules.would_block("www.ads.test") is not None  # some time: before T1
+    assert rules.would_block("www.ads.test", now=T1 - 1) is not None
+    assert rules.would_block("www.ads.test", now=T1) is None
+
+
+def test_close_stops_the_window_timer() -> None:
+    wall, timers = FakeClock(start=T0 - 10), Timers()
+    blocker = Blocker(ruleset([(WINDOW, "ads.test")]), CONFIG, Metrics(), wall=wall,
+                      schedule=timers)
+    [armed] = timers.live()
+    blocker.close()
+    assert timers.live() == [] and armed.cancelled
+
+
+def test_an_install_runs_every_listener_even_when_one_raises(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The packet cache must be cleared whatever a listener before it does: a stale replay
+    would answer by the old rules while TCP answers by the new."""
+    blocker = Blocker(ruleset([(PLAIN, "ads.test")]), CONFIG, Metrics())
+    calls: list[str] = []
+
+    def broken() -> None:
+        raise RuntimeError("a bug in a listener")
+
+    blocker.on_install(broken)
+    blocker.on_install(lambda: calls.append("cleared"))
+    new = ruleset([(PLAIN, "other.test")])
+    blocker.install(new)
+    assert calls == ["cleared"] and blocker.rules is new
+    assert "unexpected error after installing rules" in caplog.text
+
+
+def test_a_window_at_the_end_of_the_calendar_installs_and_logs() -> None:
+    """An instant no calendar shows still installs: its log line falls back to epoch seconds."""
+    far = RuleList("far", expires=253402300799.0 + 3600)  # past 9999-12-31T23:59:59Z
+    timers = Timers()
+    blocker = Blocker(ruleset([(far, "ads.test")]), CONFIG, Metrics(), wall=FakeClock(start=T0),
+                      schedule=timers)
+    assert blocker.rules.version and timers.live()

@@ -180,6 +180,9 @@ class _Loader:
         return None
 
 
+_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")  # IPv4-mapped IPv6 addresses
+
+
 class _YamlFile:
     """Walks one file's node tree; every problem names file:line and the dotted key path.
 
@@ -388,8 +391,12 @@ class _YamlFile:
             self._error(node, where, f"expected a network like 192.0.2.0/24, got {kind_of(node)}")
             return None
         text: str = node.value
+        if "%" in text:  # ipaddress takes a scoped address; a client network has no scope
+            self._error(node, where, f"{text!r}: a zone index (%...) has no place in a "
+                        "client network")
+            return None
         try:
-            return ipaddress.ip_network(text)
+            network = ipaddress.ip_network(text)
         except ValueError as error:
             if "host bits set" in str(error):
                 meant = ipaddress.ip_network(text, strict=False)
@@ -397,6 +404,14 @@ class _YamlFile:
             else:
                 self._error(node, where, f"{text!r} is not a network (CIDR) or an IP address")
             return None
+        if isinstance(network, ipaddress.IPv6Network) and network.subnet_of(_MAPPED):
+            # clients arriving as ::ffff:a.b.c.d are matched as the IPv4 address they carry
+            mapped = ipaddress.ip_network(
+                f"{network.network_address.ipv4_mapped}/{network.prefixlen - 96}")
+            self._error(node, where, f"{text!r} is an IPv4-mapped network: write {mapped}, "
+                        "which IPv4 clients and mapped ones both match")
+            return None
+        return network
 
     def _rollout(self, node: Node | None, where: str) -> float:
         """A percentage: a number (25, 12.5) or a string with a percent sign ("25%"), 0 to 100."""
@@ -424,7 +439,7 @@ class _YamlFile:
         if not 0 <= value <= EVERYONE:  # also NaN, .inf
             self._error(node, where, f"{shown} is not a percentage from 0% to 100%")
             return EVERYONE
-        return value
+        return value + 0.0  # -0 is 0: one meaning, one version
 
     def _instant(self, node: Node | None, where: str) -> float | None:
         """An RFC 3339 time with its UTC offset, as epoch seconds. YAML reads an unquoted time
@@ -447,10 +462,16 @@ class _YamlFile:
             return None
         offset = "+00:00" if offset in ("Z", "z") else offset
         try:
-            return datetime.datetime.fromisoformat(f"{date}T{clock}{offset}").timestamp()
+            moment = datetime.datetime.fromisoformat(f"{date}T{clock}{offset}")
         except ValueError as error:
             self._error(node, where, f"{text!r} is not a valid time: {error}")
             return None
+        try:
+            moment.astimezone(datetime.UTC)
+        except (ValueError, OverflowError):  # its offset moves it out of the calendar
+            self._error(node, where, f"{text!r} is outside the years 1 to 9999 in UTC")
+            return None
+        return moment.timestamp()
 
     def _mapping(
         self, node: Node, where: str, allowed: frozenset[str], required: tuple[str, ...]

@@ -220,12 +220,12 @@ class RuleSet:
         wire = to_wire(normalize(name))
         return self.decide(wire, label_offsets(wire), client, now)
 
-    def would_block(self, name: str) -> tuple[Rule, str] | None:
+    def would_block(self, name: str, now: float | None = None) -> tuple[Rule, str] | None:
         """The enforcing rule, and the domain it names, that would block `name` for at least
-        one client at some time, or None: scope, rollout and windows are ignored, dry-run
-        lists never block, and only an allow that holds for everyone, always, prevents it
-        (what a reload guard asks of its must-resolve names). Raises ValueError for a bad
-        name, as normalize does."""
+        one client at some time, or None: scope, rollout and windows are ignored (but with
+        `now`, a list whose window has ended blocks no more), dry-run lists never block, and
+        only an allow that holds for everyone, always, prevents it (what a reload guard asks
+        of its must-resolve names). Raises ValueError for a bad name, as normalize does."""
         wire = to_wire(normalize(name))
         offsets = label_offsets(wire)
         block: Hit | None = None
@@ -239,6 +239,9 @@ class RuleSet:
                     block = (rule, offset)
             for staged_rule, staging in self._staged_get(wire[offset:]) or ():
                 if staging.allow or staging.dry_run:
+                    continue
+                expires = staged_rule.list.expires
+                if now is not None and expires is not None and expires <= now:
                     continue
                 if block is None or (block[1] == offset
                                      and _rank(staged_rule) < _rank(block[0])):

@@ -132,6 +132,10 @@ class Staging:
 
 
 def utc(epoch: float) -> str:
-    """An instant as an RFC 3339 UTC time, for messages and log lines."""
-    moment = datetime.datetime.fromtimestamp(epoch, datetime.UTC)
+    """An instant as an RFC 3339 UTC time, for messages and log lines (epoch seconds for one
+    no calendar can show: a message must never fail)."""
+    try:
+        moment = datetime.datetime.fromtimestamp(epoch, datetime.UTC)
+    except (ValueError, OverflowError, OSError):
+        return f"{epoch:.0f} seconds after the epoch"
     return moment.isoformat().replace("+00:00", "Z")

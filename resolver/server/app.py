@@ -223,6 +223,7 @@ async def running_server(config: Config, rules: RuleSet, clock: Clock | None = N
         for connection in list(limits.open):
             connection.transport.close()
         chain.forwarder.drain()
+        chain.blocker.close()
         upstreams.close()
         if endpoint is not None:
             endpoint.stop()

@@ -100,12 +100,14 @@ def restart_only(given: Config, new: Config) -> list[str]:
     return differ
 
 
-def guard_problems(old: RuleSet, new: RuleSet, guard: GuardConfig) -> list[str]:
+def guard_problems(old: RuleSet, new: RuleSet, guard: GuardConfig, now: float | None = None
+                   ) -> list[str]:
     """Why the guard refuses new in place of old; empty when it passes.
 
     A list is compared by name with the list of that name in force. A new list is not
     checked (nothing to compare it with), nor one that held no domains (no fraction of
-    nothing); one that is gone changed by 1.
+    nothing); one that is gone changed by 1. now: wall-clock seconds, by which a list whose
+    window has ended blocks no must-resolve name.
     """
     problems = []
     if guard.max_change is not None:
@@ -121,16 +123,16 @@ def guard_problems(old: RuleSet, new: RuleSet, guard: GuardConfig) -> list[str]:
                 problems.append(f"list {name!r} {what}: more than blocking.guard.max_change "
                                 f"({guard.max_change:.0%})")
     for name in guard.must_resolve:
-        blocker = would_block(new, name)
+        blocker = would_block(new, name, now)
         if blocker is not None:
             problems.append(f"blocking.guard.must_resolve name {name!r} would be blocked "
                             f"by {blocker}")
     return problems
 
 
-def would_block(rules: RuleSet, name: str) -> str | None:
+def would_block(rules: RuleSet, name: str, now: float | None = None) -> str | None:
     """Which list (entry, domain) would block name under rules, or None."""
-    found = rules.would_block(name)  # for some client at some time: scope is ignored
+    found = rules.would_block(name, now)  # for some client at some time: scope is ignored
     if found is None:
         return None
     rule, domain = found
@@ -161,7 +163,7 @@ class Reloads:
         self.watch_paths = _watched(given)  # what the file watcher looks at
         self._was = self.version  # the version an ok reload replaced, for its log line
         for name in given.blocking.guard.must_resolve:
-            blocker = would_block(rules, name)
+            blocker = would_block(rules, name, wall())
             if blocker is not None:
                 log.warning("blocking.guard.must_resolve name %r is blocked by %s in %s (the "
                             "guard checks reloads only)", name, blocker, rules.version)
@@ -196,7 +198,7 @@ class Reloads:
             self.current = replace(self.current, blocking=blocking)  # watch, guard, paths
             return Outcome(UNCHANGED, self.version)
         if not force:
-            problems = guard_problems(self.current.rules, rules, blocking.guard)
+            problems = guard_problems(self.current.rules, rules, blocking.guard, self.wall())
             if problems:
                 return Outcome(REFUSED, self.version, (
                     *problems, f"refused {rules.version}; POST /-/reload?force=1 overrides "

@@ -164,9 +164,22 @@ class Blocker:
         # per query: the method is chosen here, once per install (bench/micro.py's
         # "policy" lines and its bytecode count are the same as before lists could be staged).
         self.answer = self._decide if rules.staged else self._lookup
-        self._arm(rules)
-        for listener in self._listeners:
-            listener()
+        try:
+            self._arm(rules)
+        except Exception:  # the timer only logs: the new rules stand regardless
+            log.exception("could not arm the list-window timer")
+        for listener in self._listeners:  # each runs, or a stale cache could outlive the swap
+            try:
+                listener()
+            except Exception:
+                log.exception("unexpected error after installing rules %s", rules.version)
+
+    def close(self) -> None:
+        """Stop the list-window timer (the server is stopping)."""
+        self._generation += 1
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     def on_install(self, listener: Callable[[], None]) -> None:
         """Call listener after every rule swap (caches drop or recheck what the rules shaped)."""

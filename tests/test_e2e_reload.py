@@ -41,11 +41,13 @@ TEN = ("lists:\n  - name: tracking\n    domains: ["
        + ", ".join(["example.org", *(f"d{i}.test" for i in range(9))]) + "]\n")
 
 
-def post(server: RunningServer, path: str) -> tuple[int, dict[str, object]]:
+def post(server: RunningServer, path: str, headers: dict[str, str] | None = None
+         ) -> tuple[int, dict[str, object]]:
     """POST to the metrics listener: (status, JSON body), whatever the status."""
     assert server.metrics_address is not None
     host, port = server.metrics_address
-    request = urllib.request.Request(f"http://{host}:{port}{path}", method="POST")
+    request = urllib.request.Request(f"http://{host}:{port}{path}", method="POST",
+                                     headers=headers or {})
     try:
         with urllib.request.urlopen(request, timeout=WAIT) as response:
             return response.status, json.loads(response.read())
@@ -164,6 +166,12 @@ async def test_the_guard_refuses_over_http_and_force_overrides(start_server, nsd
         "blocking.guard.max_change (50%)",
         f"refused {new}; POST /-/reload?force=1 overrides the guard"]}
     assert await rcode(server, "www.example.org") == dns.rcode.NXDOMAIN  # old rules stay
+
+    # a web page's POST (a browser on this host) may not force it
+    status, body = await asyncio.to_thread(post, server, "/-/reload?force=1",
+                                           {"Origin": "http://evil.example"})
+    assert status == 403 and body["version"] == ""
+    assert await rcode(server, "www.example.org") == dns.rcode.NXDOMAIN
 
     status, body = await asyncio.to_thread(post, server, "/-/reload?force=1")
     assert (status, body) == (200, {"result": OK, "version": new, "problems": []})

@@ -6,7 +6,9 @@ from many source ports so the kernel's SO_REUSEPORT hash spreads the queries ove
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -25,7 +27,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from resolver.rules.loader import load_rules
-from resolver.server.supervisor import free_port
+from resolver.server.supervisor import free_port, send_whole
 from tests.servers import LOOPBACK, NsdServer
 
 RULES = "lists:\n  - name: first\n    domains: [blocked.test, b1.test, b2.test, b3.test]\n"
@@ -246,3 +248,19 @@ def _wait_for(condition, timeout: float = 10.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition not reached in time"
         time.sleep(0.1)
+
+
+def test_a_worker_sends_a_message_larger_than_the_pipe_buffer_whole() -> None:
+    """The event loop makes the worker's end non-blocking for its reader; a snapshot with
+    many series is larger than the socket buffer, and must still arrive whole (a cut one
+    left the supervisor waiting on a frame that never ended, holding its lock)."""
+    ours, theirs = multiprocessing.Pipe()
+    os.set_blocking(theirs.fileno(), False)  # as uvloop's add_reader leaves it
+    big = ("snapshot", b"x" * 4_000_000)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        received = pool.submit(ours.recv)
+        send_whole(theirs, big)
+        assert received.result(timeout=30) == big
+    assert not os.get_blocking(theirs.fileno()), "left as the loop wants it"
+    ours.close()
+    theirs.close()

@@ -81,6 +81,7 @@ class _Handler(BaseHTTPRequestHandler):
     server: _Server
     server_version = "resolver"
     protocol_version = "HTTP/1.0"
+    timeout = 10  # seconds a connection may stay silent: an idle one holds a thread
 
     def do_GET(self) -> None:
         path = urlsplit(self.path).path
@@ -102,6 +103,10 @@ class _Handler(BaseHTTPRequestHandler):
         if not is_loopback(self.client_address[0]):
             self._json(403, {"result": "failed", "version": "",
                              "problems": ["/-/reload answers loopback clients only"]})
+            return
+        if self.headers.get("Origin") is not None:  # a browser's cross-site form: refused
+            self._json(403, {"result": "failed", "version": "",
+                             "problems": ["/-/reload takes no request from a web page"]})
             return
         force = FORCE_VALUES.get(parse_qs(url.query).get("force", ["0"])[-1].lower())
         if force is None:

@@ -136,10 +136,18 @@ class Worker:
         return True
 
     def confirmed(self, version: str, deadline: float) -> bool:
-        """Wait for the worker to say which version it serves after an install: True when
-        it is version."""
-        self._until("installed", deadline)
-        return self.version == version
+        """Wait for the worker to say it serves version (a late confirmation of an earlier
+        install is read past): True once it does, False by the deadline or if it is gone."""
+        while self._until("installed", deadline):
+            if self.version == version:
+                return True
+        return False
+
+    def stop(self) -> None:
+        """End a worker that can no longer be trusted to serve the current rules: the watch
+        loop starts it again with them."""
+        with contextlib.suppress(OSError):
+            self.process.terminate()
 
     def _until(self, kind: str, deadline: float) -> bool:
         """Read messages until one of kind came (True) or the deadline passed."""
@@ -203,10 +211,13 @@ class _Listener:
         try:
             message = self.conn.recv()
             if message[0] == "snapshot":
-                self.conn.send(("snapshot", self.server.metrics.snapshot()))
+                send_whole(self.conn, ("snapshot", self.server.metrics.snapshot()))
                 return
-        except (EOFError, OSError):  # the supervisor is gone: SIGTERM (PDEATHSIG) ends us
+        except EOFError:  # the supervisor is gone: SIGTERM (PDEATHSIG) ends us
             self.loop.remove_reader(self.conn.fileno())
+            return
+        except OSError:
+            self._deaf()
             return
         if message[0] == "install":
             self.loop.remove_reader(self.conn.fileno())  # the bytes are the thread's to read
@@ -224,10 +235,31 @@ class _Listener:
                 raise
             except Exception:  # told, so the supervisor need not wait out its timeout
                 log.exception("worker %d: installing a rule set failed", os.getpid())
-            self.conn.send(("installed", self.server.rules.version))
-        except (EOFError, OSError):  # the supervisor is gone
+            send_whole(self.conn, ("installed", self.server.rules.version))
+        except EOFError:  # the supervisor is gone
+            return
+        except OSError:
+            self._deaf()
             return
         self.loop.add_reader(self.conn.fileno(), self.heard)
+
+    def _deaf(self) -> None:
+        """The pipe failed half-way: a worker that can no longer hear its supervisor would
+        serve on with rules nobody can change, so it stops, and is started again."""
+        log.exception("worker %d: its pipe to the supervisor failed; stopping", os.getpid())
+        self.loop.remove_reader(self.conn.fileno())
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def send_whole(conn: Connection, message: tuple[str, object]) -> None:
+    """Send on the pipe the event loop made non-blocking for its reader: blocking for the
+    send, since a message larger than the socket buffer (a snapshot with many series) would
+    otherwise be cut short. The supervisor is reading while it waits for it."""
+    os.set_blocking(conn.fileno(), True)
+    try:
+        conn.send(message)
+    finally:
+        os.set_blocking(conn.fileno(), False)
 
 
 def _receive(conn: Connection) -> Install:
@@ -361,7 +393,10 @@ class Supervisor:
                                     f"with rules {version}")
                 elif not worker.confirmed(version, deadline):
                     problems.append(f"worker {worker.index} did not confirm rules {version} "
-                                    f"within {INSTALL_TIMEOUT:g} s")
+                                    f"within {INSTALL_TIMEOUT:g} s (it serves "
+                                    f"{worker.version or 'an unknown version'}); it is "
+                                    f"started again with rules {version}")
+                    worker.stop()  # so no worker stays on another version
         return problems
 
     def _reload_from_http(self, force: bool) -> Outcome:

@@ -104,6 +104,8 @@ def problems_of(text: str, overrides: Overrides = Overrides()) -> list[str]:
     ("upstream:\n  timeout: .nan\n", "c.yaml:2: upstream.timeout: expected seconds > 0"),
     ("server:\n  max_inflight: 65536\n",
      "c.yaml:2: server.max_inflight: expected an integer from 1 to 65535"),
+    ("blocking:\n  watch_interval: 0.01\n",  # each look stats every file: no busy loop
+     "c.yaml:2: blocking.watch_interval: expected seconds >= 0.1, or 0 to turn watching off"),
     ("upstream:\n  deadline: .inf\n",  # a query must end: never a hang
      "c.yaml:2: upstream.deadline: expected at most 86400 seconds (a day)"),
     ("upstream:\n  timeout: 1.0e+300\n",

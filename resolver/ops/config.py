@@ -377,11 +377,16 @@ def _max_change(value: object) -> float | None:
     return float(value)
 
 
+MIN_WATCH_INTERVAL = 0.1  # seconds between looks at the rule files, at the least
+
+
 def _watch_interval(value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise Invalid("expected seconds, or 0 to turn watching off")
     if value == 0:
         return 0.0
+    if 0 < value < MIN_WATCH_INTERVAL:  # each look stats every rule file: not a busy loop
+        raise Invalid(f"expected seconds >= {MIN_WATCH_INTERVAL:g}, or 0 to turn watching off")
     return SECONDS.parser(Path())(value)
 
 
@@ -423,7 +428,7 @@ class BlockingConfig:
         True, BOOLEAN,
         "Attach an Extended DNS Error (RFC 8914, code 15 'Blocked') to blocked answers.")
     watch_interval: float = setting(
-        2.0, kind("seconds, or 0 for off", _watch_interval),
+        2.0, kind("seconds >= 0.1, or 0 for off", _watch_interval),
         "Seconds between looks at the rule files, the files in rule directories and the config "
         "file; a change that stays the same for one interval reloads the rules (as SIGHUP "
         "does). 0 turns watching off.")

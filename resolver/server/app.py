@@ -267,9 +267,12 @@ async def _watch_files(server: RunningServer, watcher: Watcher) -> None:
         await asyncio.sleep(interval or WATCH_IDLE)
         if not interval:
             continue
-        watcher.watch(reloads.watch_paths)
-        if await asyncio.to_thread(watcher.poll, loop.time(), interval):
-            await server.reload(trigger="watch")
+        try:
+            watcher.watch(reloads.watch_paths)
+            if await asyncio.to_thread(watcher.poll, loop.time(), interval):
+                await server.reload(trigger="watch")
+        except Exception:  # a bug must not end watching without a word
+            log.exception("watching the rule files failed; trying again")
 
 
 def _grow_receive_buffer(sock: socket.socket) -> None:

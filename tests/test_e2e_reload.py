@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import os
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -127,14 +128,37 @@ async def test_answers_switch_exactly_once_per_good_reload_under_load(start_serv
     assert server.metrics.reloads.counts == {("ok",): GOOD_RELOADS, ("failed",): GOOD_RELOADS}
 
 
-async def test_reloads_run_one_at_a_time_in_the_order_asked(start_server, nsd_upstream):
-    """Asked together, the second reads the files after the first installed them: had they
-    overlapped, both would have judged against the startup rules and installed."""
+async def test_reloads_run_one_at_a_time_in_the_order_asked(start_server, nsd_upstream,
+                                                           monkeypatch):
+    """A reload whose read is slow is not overtaken: the next one waits, reads the files as
+    they are then, and its rules are the ones left in force (overlapping, the older read
+    would have been installed last, over the newer)."""
     server = await start_server(nsd_upstream, rules=BLOCKS, blocking={"watch_interval": 0})
-    Path(server.config.blocking.rules[0]).write_text(ELSEWHERE)
-    first, second = await asyncio.gather(server.reload(), server.reload())
-    assert (first.result, second.result) == (OK, UNCHANGED)
-    assert first.version == second.version == server.rules.version
+    path = Path(server.config.blocking.rules[0])
+    reloads = server.reloads
+    assert reloads is not None
+    read, reads, gate = reloads.read, [], threading.Event()
+    loop, started = asyncio.get_running_loop(), asyncio.Event()
+
+    def slow_first_read():  # stands for Reloads.read
+        found = read()
+        reads.append(found)
+        loop.call_soon_threadsafe(started.set)
+        if len(reads) == 1:
+            assert gate.wait(WAIT), "the test never let the first read finish"
+        return found
+
+    monkeypatch.setattr(reloads, "read", slow_first_read)
+    path.write_text(ELSEWHERE)
+    first = asyncio.ensure_future(server.reload())
+    await asyncio.wait_for(started.wait(), WAIT)
+    path.write_text(BLOCKS + "  - name: more\n    domains: [more.example.test]\n")
+    newest = load_rules(server.config.blocking.rules).version
+    second = asyncio.ensure_future(server.reload())
+    await asyncio.sleep(0.2)  # time enough for an overlapping second reload to finish first
+    gate.set()
+    assert [(await first).result, (await second).result] == [OK, OK]
+    assert server.rules.version == newest
 
 
 async def test_an_unchanged_reload_swaps_nothing(start_server, nsd_upstream):

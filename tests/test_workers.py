@@ -195,6 +195,20 @@ def test_a_file_change_reloads_every_worker(serve):
     assert served.all_blocked("newly.test")
 
 
+def test_a_large_set_reaches_every_worker(serve):
+    """50,000 domains pickle to megabytes, far more than a pipe's buffer: each worker must
+    read the set whole, though the event loop made its end of the pipe non-blocking."""
+    start, rules = serve
+    served = start(2)
+    rules.write_text("lists:\n  - name: big\n    domains:\n"
+                     + "".join(f"      - d{i}.big.test\n" for i in range(50_000)))
+    new = load_rules([str(rules)]).version
+    assert served.reload(force=True) == (200, {"result": OK, "version": new, "problems": []})
+    _wait_for(lambda: served.metrics().get(serving(new)) == 2)
+    assert all(served.rcode(f"www.d{i}.big.test") == dns.rcode.NXDOMAIN
+               for i in (0, 24_999, 49_999))
+
+
 def test_a_killed_worker_is_replaced(serve):
     start, _ = serve
     served = start(2)

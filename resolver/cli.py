@@ -20,10 +20,12 @@ import uvloop
 
 from resolver.ops.config import TLS_SCHEME, Config, Overrides, load_config
 from resolver.ops.errors import ConfigError
+from resolver.ops.watch import Watcher
 from resolver.rules.loader import load_rules
 from resolver.rules.matcher import RuleSet
 from resolver.rules.model import ALLOW, DRY_RUN, ENFORCE
 from resolver.server.app import serve_until_signalled
+from resolver.server.reload import watched
 from resolver.server.supervisor import Supervisor, default_workers
 from resolver.upstream.pool import address_label
 
@@ -81,6 +83,9 @@ def _serve(args: argparse.Namespace) -> int:
                           rules=tuple(args.rules), metrics=args.metrics)
     try:
         config = load_config(args.config, overrides)
+        # what the files hold before they are read: a change made while the rules load (or
+        # the workers start) is then seen by the first look, and reloads
+        watcher = Watcher(watched(config))
         rules = load_rules(config.blocking.rules)
     except ConfigError as exc:
         for problem in exc.problems:
@@ -91,7 +96,7 @@ def _serve(args: argparse.Namespace) -> int:
     workers = args.workers or default_workers()
     try:
         if workers > 1:
-            Supervisor(config, rules, workers, overrides).run(
+            Supervisor(config, rules, workers, overrides, watcher=watcher).run(
                 lambda addresses, _: print(banner(config, rules, addresses, workers),
                                            flush=True))
         else:
@@ -99,7 +104,8 @@ def _serve(args: argparse.Namespace) -> int:
                 runner.run(serve_until_signalled(
                     config, rules,
                     lambda server: print(banner(config, rules, server.addresses, 1),
-                                         flush=True), overrides=overrides))
+                                         flush=True), overrides=overrides,
+                    watcher=watcher))
     except (OSError, RuntimeError) as exc:
         print(f"resolver: cannot serve: {exc}", file=sys.stderr)
         return 2

@@ -21,11 +21,12 @@ import dns.rcode
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from resolver.ops.config import GuardConfig, load_config
+from resolver.ops.watch import Watcher
 from resolver.rules.loader import load_rules
 from resolver.server.app import RunningServer, running_server
-from resolver.server.reload import FAILED, OK, REFUSED, UNCHANGED
+from resolver.server.reload import FAILED, OK, REFUSED, UNCHANGED, watched
 from tests.clock import FakeClock
-from tests.conftest import METRICS_ON, RULES_YAML
+from tests.conftest import METRICS_ON, RULES_YAML, resolver_config
 from tests.e2e import ask, ede, make_query, metric, scrape
 from tests.servers import ZONE
 
@@ -325,3 +326,21 @@ async def test_a_deleted_rule_file_fails_and_its_return_reloads(start_server, ns
         assert time.monotonic() < deadline, "the file's return was not noticed"
         await asyncio.sleep(0.05)
     assert server.metrics.reloads.counts == {("failed",): 1, ("ok",): 1}
+
+
+async def test_a_change_made_while_the_rules_load_is_seen(tmp_path, nsd_upstream):
+    """The CLI takes the watcher's baseline before it reads the rules: a file changed after
+    that (while a large list loads, or workers start) is not mistaken for the rules served."""
+    path = tmp_path / "rules.yaml"
+    path.write_text(BLOCKS)
+    config = resolver_config([nsd_upstream], [str(path)], blocking={"watch_interval": 0.1})
+    watcher = Watcher(watched(config))  # as the CLI does, before reading
+    rules = load_rules(config.blocking.rules)
+    path.write_text(ELSEWHERE)  # changed while the server starts
+    newer = load_rules(config.blocking.rules).version
+    async with running_server(config, rules, watcher=watcher) as server:
+        deadline = time.monotonic() + WAIT
+        while server.rules.version != newer:
+            assert time.monotonic() < deadline, "the change was never seen"
+            await asyncio.sleep(0.05)
+        assert await rcode(server, "mixed.example.test") == dns.rcode.NXDOMAIN

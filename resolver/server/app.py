@@ -172,7 +172,8 @@ class RunningServer:
 async def running_server(config: Config, rules: RuleSet, clock: Clock | None = None,
                          reuse_port: bool = False, serve_metrics: bool = True, *,
                          overrides: Overrides = Overrides(), wall: Clock = time.time,
-                         worker: Install | None = None) -> AsyncIterator[RunningServer]:
+                         worker: Install | None = None, watcher: Watcher | None = None
+                         ) -> AsyncIterator[RunningServer]:
     """Serve until the context exits; yields the bound addresses (port 0 resolved).
 
     reuse_port: bind with SO_REUSEPORT so several worker processes share the ports.
@@ -202,8 +203,10 @@ async def running_server(config: Config, rules: RuleSet, clock: Clock | None = N
         if worker is None:
             server.reloads = reloads = Reloads(config, overrides, rules, metrics.reloads, wall)
             server.installed_at = reloads.current.at
-            # the baseline is what the files hold now, before any change can slip by
-            watching = loop.create_task(_watch_files(server, Watcher(reloads.watch_paths)))
+            # the baseline: given, taken before the rules were read, so a change made
+            # meanwhile is seen; else what the files hold now
+            watching = loop.create_task(
+                _watch_files(server, watcher or Watcher(reloads.watch_paths)))
         else:
             server.installed_at = worker.at
         _rule_gauges(metrics, server)
@@ -336,7 +339,8 @@ async def serve_until_signalled(config: Config, rules: RuleSet,
                                 on_ready: Callable[[RunningServer], None],
                                 reuse_port: bool = False, serve_metrics: bool = True, *,
                                 overrides: Overrides = Overrides(),
-                                worker: Install | None = None) -> None:
+                                worker: Install | None = None,
+                                watcher: Watcher | None = None) -> None:
     """Serve until SIGTERM or SIGINT; SIGHUP reloads the rules (keeping them on error), but
     in a worker, whose supervisor reloads and sends it the new set (see running_server)."""
     loop = asyncio.get_running_loop()
@@ -345,7 +349,7 @@ async def serve_until_signalled(config: Config, rules: RuleSet,
         loop.add_signal_handler(signum, stop.set)
     async with running_server(config, rules, reuse_port=reuse_port,
                               serve_metrics=serve_metrics, overrides=overrides,
-                              worker=worker) as server:
+                              worker=worker, watcher=watcher) as server:
         reloads: set[asyncio.Task[ReloadOutcome]] = set()
 
         def reload() -> None:

@@ -160,7 +160,7 @@ class Reloads:
         self.counts = counts
         self.wall = wall
         self.current = Install(rules, given.blocking, wall())
-        self.watch_paths = _watched(given)  # what the file watcher looks at
+        self.watch_paths = watched(given)  # what the file watcher looks at
         self._was = self.version  # the version an ok reload replaced, for its log line
         for name in given.blocking.guard.must_resolve:
             blocker = would_block(rules, name, wall())
@@ -188,7 +188,7 @@ class Reloads:
         if isinstance(read, Outcome):
             return read
         config, rules = read.config, read.rules
-        self.watch_paths = _watched(config)
+        self.watch_paths = watched(config)
         for key in restart_only(self.given, config):
             log.warning("reload (%s): %s differs from the running value; it takes effect "
                         "at restart", trigger, key)
@@ -236,7 +236,7 @@ def _answers(blocking: BlockingConfig) -> BlockingConfig:
     return replace(blocking, rules=(), watch_interval=0.0, guard=GuardConfig())
 
 
-def _watched(config: Config) -> tuple[str, ...]:
+def watched(config: Config) -> tuple[str, ...]:
     """The rule paths, and the config file, whose changes reload."""
     extra: Iterable[str] = () if config.source is None else (config.source,)
     return (*config.blocking.rules, *extra)

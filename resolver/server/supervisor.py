@@ -289,11 +289,15 @@ class Supervisor:
     """Starts, watches and stops the workers; reloads their rules; merges their metrics."""
 
     def __init__(self, config: Config, rules: RuleSet, count: int,
-                 overrides: Overrides = Overrides(), wall: Clock = time.time):
+                 overrides: Overrides = Overrides(), wall: Clock = time.time,
+                 watcher: Watcher | None = None):
+        """watcher: one whose baseline was taken before the rules were read (see
+        running_server); else the baseline is taken once the workers are ready."""
         self.config = _concrete_ports(config)
         self.count = count
         self.own = Metrics()  # the supervisor's own counts: reloads
         self.reloads = Reloads(config, overrides, rules, self.own.reloads, wall)
+        self._watcher = watcher
         self.workers: list[Worker] = []
         self.retired: list[Sample] = []  # counters of workers that died, so sums never drop
         self.lock = threading.Lock()  # the metrics thread and the main thread share pipes
@@ -324,7 +328,7 @@ class Supervisor:
                 registry = CollectorRegistry()
                 registry.register(self)
                 endpoint = Endpoint(listen.host, listen.port, registry, self._reload_from_http)
-            watcher = Watcher(self.reloads.watch_paths)  # the baseline: before anyone is told
+            watcher = self._watcher or Watcher(self.reloads.watch_paths)
             on_ready(addresses, endpoint.address if endpoint else None)
             self._watch(watcher)
         finally:

@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import os
+import socket
 import threading
 import time
 import urllib.error
@@ -18,8 +19,10 @@ import urllib.request
 from pathlib import Path
 
 import dns.rcode
-from prometheus_client import CONTENT_TYPE_LATEST
+import pytest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 
+from resolver.ops import http
 from resolver.ops.config import GuardConfig, load_config
 from resolver.ops.watch import Watcher
 from resolver.rules.loader import load_rules
@@ -344,3 +347,29 @@ async def test_a_change_made_while_the_rules_load_is_seen(tmp_path, nsd_upstream
             assert time.monotonic() < deadline, "the change was never seen"
             await asyncio.sleep(0.05)
         assert await rcode(server, "mixed.example.test") == dns.rcode.NXDOMAIN
+
+
+def test_connections_beyond_the_cap_are_closed_and_slots_come_back(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Clients that connect and say nothing hold a thread each: past the cap the listener
+    closes new connections at once, and serves again once one of them goes."""
+    monkeypatch.setattr(http, "MAX_CONNECTIONS", 2)
+    endpoint = http.Endpoint("127.0.0.1", 0, CollectorRegistry())
+    try:
+        # one accept loop takes connections in order: both hold their slots before a third
+        idle = [socket.create_connection(endpoint.address, timeout=5) for _ in range(2)]
+        with socket.create_connection(endpoint.address, timeout=5) as third:
+            assert third.recv(1) == b"", "closed at once, without a thread"
+        idle.pop().close()
+        deadline = time.monotonic() + 5
+        while True:  # the freed slot serves a scrape
+            with socket.create_connection(endpoint.address, timeout=5) as client:
+                client.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+                if client.recv(12).startswith(b"HTTP/1.0 200"):
+                    break
+            assert time.monotonic() < deadline, "the slot never came back"
+            time.sleep(0.05)
+        for sock in idle:
+            sock.close()
+    finally:
+        endpoint.stop()

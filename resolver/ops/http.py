@@ -33,6 +33,10 @@ log = logging.getLogger(__name__)
 # What each reload result answers with: ok and unchanged are successes; a refused reload
 # conflicts with the guard (retry with force=1); a failed one could not load (Prometheus'
 # /-/reload answers 500 there too); pending: no result within the wait (the reload goes on).
+MAX_CONNECTIONS = 64  # open at once; Prometheus and an operator need a handful
+_Request = socket.socket | tuple[bytes, socket.socket]  # what socketserver hands its methods
+_Address = tuple[str, int] | str
+
 STATUS = {"ok": 200, "unchanged": 200, "refused": 409, "failed": 500, "pending": 504}
 FORCE_VALUES = {"1": True, "true": True, "0": False, "false": False}
 
@@ -75,6 +79,21 @@ class _Server(ThreadingHTTPServer):
         self.registry = registry
         self.reload = reload
         self.timeout = 1.0  # handle_request's own wait: a client gone before accept
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+
+    def process_request(self, request: _Request, client_address: _Address) -> None:
+        """A thread per connection, up to MAX_CONNECTIONS: beyond, a connection is closed at
+        once, so clients that connect and say nothing cannot take every thread."""
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: _Request, client_address: _Address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -278,3 +278,19 @@ def test_a_worker_sends_a_message_larger_than_the_pipe_buffer_whole() -> None:
     assert not os.get_blocking(theirs.fileno()), "left as the loop wants it"
     ours.close()
     theirs.close()
+
+
+def test_a_worker_that_does_not_answer_is_not_counted_as_serving(serve):
+    """A stopped worker's counters stay in the sums, but its gauges (the version it serves
+    among them) are not reported for it."""
+    start, rules = serve
+    served = start(2)
+    version = load_rules([str(rules)]).version
+    assert served.metrics()[serving(version)] == 2
+    hung = served.children()[0]
+    os.kill(hung, signal.SIGSTOP)
+    try:
+        assert served.metrics()[serving(version)] == 1  # after the scrape's 2 s wait
+    finally:
+        os.kill(hung, signal.SIGCONT)
+    _wait_for(lambda: served.metrics()[serving(version)] == 2)

@@ -121,9 +121,12 @@ class Worker:
             pass  # it is dying; the supervisor restarts it and keeps its last counts
 
     def answer(self, deadline: float) -> list[Sample]:
-        """The snapshot asked for, or the last one if none came by the deadline."""
-        self._until("snapshot", deadline)
-        return self.last
+        """The snapshot asked for; if none came by the deadline, the last one's counters only
+        (so sums never drop), not its gauges: they would describe a worker that is not
+        answering, as serving rules or holding a cache."""
+        if self._until("snapshot", deadline):
+            return self.last
+        return [sample for sample in self.last if sample.kind == "counter"]
 
     def send(self, install: bytes) -> bool:
         """Send a pickled Install; False when the worker is gone (it is started again with

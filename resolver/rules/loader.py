@@ -297,14 +297,7 @@ class _YamlFile:
     def _action(self, node: Node | None, where: str) -> str | None:
         """The action; None after an error, so that the keys that depend on the action are
         checked for themselves only, not against an action the file does not say."""
-        if node is None:
-            return DEFAULT_ACTION
-        value = self._string(node, where)
-        if value in ACTIONS:
-            return value
-        if value is not None:
-            self._error(node, where, f"{value!r} is not one of {', '.join(ACTIONS)}")
-        return None
+        return DEFAULT_ACTION if node is None else self._one_of(node, where, ACTIONS)
 
     def _ttl(self, node: Node | None, where: str, action: str | None) -> int | None:
         """Whole seconds that fit a TTL field (RFC 2181 section 8), so answers always pack."""
@@ -353,15 +346,20 @@ class _YamlFile:
         until something blocks, and there would be nothing to count."""
         if node is None:
             return ENFORCE
-        value = self._string(node, where)
+        value = self._one_of(node, where, MODES)
         if value is None:
-            return ENFORCE
-        if value not in MODES:
-            self._error(node, where, f"{value!r} is not one of {', '.join(MODES)}")
             return ENFORCE
         if value == DRY_RUN and action == ALLOW:
             self._error(node, where, "dry-run is not allowed with action allow")
             return ENFORCE
+        return value
+
+    def _one_of(self, node: Node, where: str, choices: tuple[str, ...]) -> str | None:
+        """A string among choices; None after reporting anything else."""
+        value = self._string(node, where)
+        if value is not None and value not in choices:
+            self._error(node, where, f"{value!r} is not one of {', '.join(choices)}")
+            return None
         return value
 
     def _networks(self, node: Node | None, where: str, needed: bool = False

@@ -18,7 +18,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from resolver.message import wire
-from resolver.message.constants import ALWAYS, NOERROR, NXDOMAIN, REFUSED, SERVFAIL
+from resolver.message.constants import ALWAYS, NOERROR, NXDOMAIN, REFUSED, SERVFAIL, Cancellable
 from resolver.message.names import to_wire
 from resolver.message.query import Query
 from resolver.message.reply import TtlPolicy, scan_reply
@@ -33,7 +33,7 @@ from resolver.stages.contract import PASS, Answered
 from resolver.stages.contract import Sink as Transport
 from resolver.stages.forward import Flight, Forwarder
 from resolver.stages.stale import ServeStale
-from resolver.upstream.attempts import Cancellable, Exchange, Upstream
+from resolver.upstream.attempts import Exchange, Upstream
 from resolver.upstream.selection import Backoff, Health
 from tests.clock import START, FakeClock
 from tests.dnsmsg import Summary, query, response, summary

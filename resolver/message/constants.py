@@ -5,6 +5,7 @@ transports and the config can all take from it without an import cycle.
 """
 
 from collections.abc import Callable
+from typing import Protocol
 
 HEADER_SIZE = 12  # bytes before the question
 QR, TC, RD, RA, AD, CD = 0x8000, 0x0200, 0x0100, 0x0080, 0x0020, 0x0010  # flag bits
@@ -23,3 +24,10 @@ NEVER = float("inf")  # a time the clock never reaches: "holds until something e
 ALWAYS = float("-inf")  # a time the clock is always past
 
 Clock = Callable[[], float]  # seconds, monotonic; injected so tests can step time
+
+
+class Cancellable(Protocol):
+    """A timer or an attempt in flight, as its owner may stop it (loop.call_later's handle,
+    a stream attempt's task)."""
+
+    def cancel(self) -> object: ...

@@ -30,13 +30,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 log = logging.getLogger(__name__)
 
-# What each reload result answers with: ok and unchanged are successes; a refused reload
-# conflicts with the guard (retry with force=1); a failed one could not load (Prometheus'
-# /-/reload answers 500 there too); pending: no result within the wait (the reload goes on).
 MAX_CONNECTIONS = 64  # open at once; Prometheus and an operator need a handful
 _Request = socket.socket | tuple[bytes, socket.socket]  # what socketserver hands its methods
 _Address = tuple[str, int] | str
 
+# What each reload result answers with: ok and unchanged are successes; a refused reload
+# conflicts with the guard (retry with force=1); a failed one could not load (Prometheus'
+# /-/reload answers 500 there too); pending: no result within the wait (the reload goes on).
 STATUS = {"ok": 200, "unchanged": 200, "refused": 409, "failed": 500, "pending": 504}
 FORCE_VALUES = {"1": True, "true": True, "0": False, "false": False}
 

@@ -21,7 +21,7 @@ import datetime
 import hashlib
 import socket
 
-from resolver.rules.model import EVERYONE, Network, RuleList
+from resolver.rules.model import ALLOW, ENFORCE, EVERYONE, Network, RuleList
 
 # A client address as the scope checks use it: (4 or 6, the address as an integer, the bytes
 # the rollout hashes: the whole IPv4 address, the /64 of an IPv6 one). None: not an address.
@@ -103,8 +103,8 @@ class Staging:
                  "_expires")
 
     def __init__(self, rule_list: RuleList):
-        self.dry_run = rule_list.mode != "enforce"
-        self.allow = rule_list.action == "allow"
+        self.dry_run = rule_list.mode != ENFORCE
+        self.allow = rule_list.action == ALLOW
         self._clients = Scope(rule_list.clients) if rule_list.clients else None
         self._excepted = Scope(rule_list.except_clients) if rule_list.except_clients else None
         everyone = rule_list.rollout >= EVERYONE

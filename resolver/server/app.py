@@ -75,8 +75,9 @@ def build_pipeline(config: Config, rules: RuleSet, metrics: Metrics, upstreams: 
        (a popular answer about to expire is refreshed in the background: prefetch.py); when
        the cache holds nothing at all for the question it says FORWARD, skipping 3 and 4,
        which only read its entries;
-    3. CNAME blocking: a cached answer whose CNAME chain leads into a blocked domain is
-       answered as blocked (cname.py); after the cache, since only such entries get this far;
+    3. CNAME blocking: a fresh cached answer whose CNAME chain leads into a blocked domain
+       is answered as blocked (cname.py); after the cache, which passes such entries (and
+       expired ones, which go on to 4) instead of answering them;
     4. stale: while upstreams keep failing for an expired answer, it is served stale at once
        (stale.py); last, since it only matters when nothing fresher exists;
     5. forwarding (not a synchronous stage): answers later, through `Delivery`; coalesces,

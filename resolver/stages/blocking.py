@@ -38,6 +38,7 @@ from resolver.message.constants import (
     TYPE_A,
     TYPE_AAAA,
     TYPE_SOA,
+    Cancellable,
     Clock,
 )
 from resolver.message.names import from_wire, to_wire
@@ -45,10 +46,9 @@ from resolver.message.query import Outcome, Query
 from resolver.ops.config import BlockingConfig
 from resolver.ops.metrics import Metrics
 from resolver.rules.matcher import Hit, RuleSet
-from resolver.rules.model import DRY_RUN, ENFORCE, Rule, RuleList
+from resolver.rules.model import Rule, RuleList
 from resolver.rules.scope import utc
 from resolver.stages.contract import PASS, PASS_PER_CLIENT, Answered, CallLater, Result
-from resolver.upstream.attempts import Cancellable
 
 log = logging.getLogger(__name__)
 
@@ -247,8 +247,7 @@ class Blocker:
     def _domains(self) -> dict[tuple[str, ...], float]:
         """resolver_rules_domains: each list's domain count under its name and mode."""
         rules = self.rules
-        return {(lst.name, DRY_RUN if lst.mode == DRY_RUN else ENFORCE): rules.counts.get(
-            lst.name, 0) for lst in rules.lists}
+        return {(lst.name, lst.mode): rules.counts.get(lst.name, 0) for lst in rules.lists}
 
     def _arm(self, rules: RuleSet) -> None:
         """Forget the old set's window edges, log where the new set's windows stand, and arm

@@ -4,8 +4,9 @@ answered as blocked, as Pi-hole, Blocky and AdGuard Home do.
 The chain is judged in two places, both here:
 - when an upstream reply lands (the forwarder asks `verdict` before answering), and
 - for answers already cached: the cache keeps each entry's verdict, taken when the entry is
-  stored and again on every rule install, so a plain cache hit pays nothing; only an entry
-  whose chain is blocked reaches the `CnameBlocker` stage, which answers it as blocked.
+  stored and again on every rule install, so a plain cache hit pays nothing; the cache
+  passes an entry whose chain is blocked (and an expired one) on, and the `CnameBlocker`
+  stage answers a fresh entry with a blocked chain as blocked.
 
 The answer is the blocking list's own, with the SOA owned by the blocked domain.
 

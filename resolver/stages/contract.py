@@ -25,9 +25,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Final, Protocol, TypeVar
 
 from resolver.message import wire
-from resolver.message.constants import SERVFAIL
+from resolver.message.constants import SERVFAIL, Cancellable
 from resolver.message.query import Outcome, Query
-from resolver.upstream.attempts import Cancellable
 
 if TYPE_CHECKING:
     from resolver.ops.metrics import Tally

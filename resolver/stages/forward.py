@@ -17,7 +17,7 @@ import logging
 import struct
 
 from resolver.message import wire
-from resolver.message.constants import HEADER_SIZE, SERVFAIL, Clock
+from resolver.message.constants import HEADER_SIZE, SERVFAIL, Cancellable, Clock
 from resolver.message.query import CacheKey, Outcome, Query
 from resolver.message.reply import Reply, TtlPolicy, failure, render, scan_reply
 from resolver.ops.metrics import Metrics
@@ -25,7 +25,7 @@ from resolver.stages.cache import Cache, Entry
 from resolver.stages.cname import CnameCheck
 from resolver.stages.contract import Answered, CallLater, Deliver, Sink, servfail
 from resolver.stages.stale import ServeStale
-from resolver.upstream.attempts import MOVE_ON, Cancellable, Exchange, Plan
+from resolver.upstream.attempts import MOVE_ON, Exchange, Plan
 
 log = logging.getLogger(__name__)
 

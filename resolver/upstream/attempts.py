@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 from typing import Protocol
 
-from resolver.message.constants import REFUSED, SERVFAIL, TC
+from resolver.message.constants import REFUSED, SERVFAIL, TC, Cancellable
 from resolver.message.query import Query
 from resolver.upstream.selection import Health
 
@@ -28,10 +28,6 @@ ROUNDS = 2  # times each upstream is tried for one query
 MOVE_ON = (SERVFAIL, REFUSED)  # rcodes after which another upstream is asked
 ERROR_KINDS = ("timeout", "network", "mismatch", "rcode")  # and "tls", over TLS
 _TC = TC >> 8  # the TC bit in the header's third byte
-
-
-class Cancellable(Protocol):
-    def cancel(self) -> object: ...
 
 
 class UdpIo(Protocol):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import signal
 import socket
@@ -121,10 +120,15 @@ class RunningServer:
     chain: Chain
     metrics: Metrics
     metrics_address: tuple[str, int] | None
-    config: Config  # as given at startup, with the `blocking` section in force
+    config: Config  # as given at startup (the `blocking` section in force: current.blocking)
+    current: Install  # the rules in force, the `blocking` section they came with, and when
     reloads: Reloads | None = None
-    installed_at: float = 0.0  # wall-clock time the rules in force were installed
     _turn: asyncio.Lock = field(default_factory=asyncio.Lock)  # fair: reloads in order
+
+    @property
+    def installed_at(self) -> float:
+        """Wall-clock time the rules in force were installed."""
+        return self.current.at
 
     @property
     def blocker(self) -> Blocker:
@@ -137,8 +141,7 @@ class RunningServer:
     def install(self, install: Install) -> None:
         """Swap in a compiled rule set, in one step on the event loop."""
         self.blocker.install(install.rules, install.blocking)
-        self.config = dataclasses.replace(self.config, blocking=install.blocking)
-        self.installed_at = install.at
+        self.current = install
 
     async def reload(self, force: bool = False, trigger: str = "signal") -> ReloadOutcome:
         """Read the files again and swap in what they say, unless it is broken, refused by
@@ -159,7 +162,7 @@ class RunningServer:
                 log.exception("reload (%s) failed", trigger)
                 judged = ReloadOutcome(FAILED, self.rules.version, (f"internal error: {exc!r}",))
             # an unchanged reload may still bring a new watch interval or guard
-            self.config = dataclasses.replace(self.config, blocking=reloads.current.blocking)
+            self.current = reloads.current
             return reloads.report(judged, trigger)
 
     async def reload_rules(self) -> bool:
@@ -200,16 +203,16 @@ async def running_server(config: Config, rules: RuleSet, clock: Clock | None = N
         await upstreams.open()  # in here: a failure part-way still closes what it opened
         addresses = [await _bind(address, chain, outbox, limits, closers, reuse_port)
                      for address in config.server.listen]
-        server = RunningServer(addresses, chain, metrics, None, config)
-        if worker is None:
-            server.reloads = reloads = Reloads(config, overrides, rules, metrics.reloads, wall)
-            server.installed_at = reloads.current.at
+        reloads = None if worker is not None else Reloads(config, overrides, rules,
+                                                          metrics.reloads, wall)
+        current = worker if reloads is None else reloads.current
+        assert current is not None
+        server = RunningServer(addresses, chain, metrics, None, config, current, reloads)
+        if reloads is not None:
             # the baseline: given, taken before the rules were read, so a change made
             # meanwhile is seen; else what the files hold now
             watching = loop.create_task(
                 _watch_files(server, watcher or Watcher(reloads.watch_paths)))
-        else:
-            server.installed_at = worker.at
         _rule_gauges(metrics, server)
         listen = config.metrics.listen
         if serve_metrics and listen is not None:
@@ -267,7 +270,7 @@ async def _watch_files(server: RunningServer, watcher: Watcher) -> None:
     assert reloads is not None
     loop = asyncio.get_running_loop()
     while True:
-        interval = server.config.blocking.watch_interval
+        interval = server.current.blocking.watch_interval
         await asyncio.sleep(interval or WATCH_IDLE)
         if not interval:
             continue

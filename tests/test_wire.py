@@ -13,7 +13,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from resolver.message import constants, wire
-from tests.dnsmsg import CLIENT, dnslib_rcode, parse, query, query_packet, records, summary
+from tests.dnsmsg import (
+    CLIENT,
+    dnslib_rcode,
+    parse,
+    query,
+    query_packet,
+    records,
+    response,
+    summary,
+)
 
 WWW = b"\x03www\x07example\x03org\x00"
 
@@ -325,3 +334,16 @@ def test_read_name_raises_only_value_error_on_any_bytes(data: bytes, pos: int) -
     except ValueError:
         return
     assert name.endswith(b"\x00") and len(name) <= 255 and pos < end <= len(data)
+
+
+@pytest.mark.parametrize(("reply", "answers"), [
+    (response("www.example.org"), True),
+    (response("WWW.Example.ORG"), True),  # the upstream may answer in any case
+    (response("www.example.net"), False),  # another name
+    (response("www.example.org", "AAAA"), False),  # another type
+    (response("www.example.org")[:2] + b"\x01\x00" + response("www.example.org")[4:], False),
+    (response("www.example.org")[:20], False),  # cut short
+    (response("www.example.org")[:4] + b"\x00\x02" + response("www.example.org")[6:], False),
+], ids=["same", "case", "name", "type", "not a response", "short", "two questions"])
+def test_answers_says_whether_a_reply_is_to_our_question(reply: bytes, answers: bool) -> None:
+    assert wire.answers(reply, query("www.example.org")) is answers

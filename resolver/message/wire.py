@@ -16,6 +16,7 @@ from resolver.message.constants import (
     CLASSIC_UDP,
     EDE_OPTION,
     FORMERR,
+    HEADER_SIZE,
     MAX_MESSAGE,
     MAX_NAME,
     NOERROR,
@@ -237,6 +238,15 @@ def fit(q: Query, answer: bytes) -> bytes:
     elif len(answer) > MAX_MESSAGE:
         return error_answer(q, SERVFAIL)
     return answer
+
+
+def answers(data: bytes, q: Query) -> bool:
+    """Whether an upstream's reply answers q: a response with one question, the same name (in
+    any case), type and class. The ID is the caller's to check (it knows what it sent)."""
+    end = HEADER_SIZE + len(q.question)
+    return bool(len(data) >= end and data[2] & (QR >> 8) and data[4:6] == b"\x00\x01"
+                and data[HEADER_SIZE:end - 4].lower() == q.name
+                and data[end - 4:end] == q.question[-4:])
 
 
 def framed(message: bytes) -> bytes:

@@ -19,7 +19,6 @@ from resolver.message.query import Query
 from resolver.upstream.attempts import Exchange
 from resolver.upstream.dot import DotClient
 from resolver.upstream.ids import random_id
-from resolver.upstream.udp import matches
 
 
 class _Failed(Exception):
@@ -97,7 +96,7 @@ class Streams:
             raise _Failed("network") from exc
         finally:
             writer.close()
-        if data[:2] != packet[:2] or not matches(data, q):
+        if data[:2] != packet[:2] or not wire.answers(data, q):
             raise _Failed("mismatch")
         return data
 
@@ -113,6 +112,6 @@ class Streams:
             raise _Failed("tls") from exc
         except OSError as exc:
             raise _Failed("network") from exc
-        if not matches(data, q):
+        if not wire.answers(data, q):
             raise _Failed("mismatch")
         return data

@@ -21,7 +21,6 @@ from collections.abc import Iterable
 
 from resolver.message import wire
 from resolver.message.constants import HEADER_SIZE, Clock
-from resolver.message.query import Query
 from resolver.server.outbox import Outbox
 from resolver.upstream.attempts import Exchange
 from resolver.upstream.ids import random_id
@@ -33,13 +32,6 @@ SWEEP_INTERVAL = 0.02  # seconds between timeout sweeps: how late a timeout may 
 SOCKET_QUERIES = 200  # queries one socket carries before a fresh one (a new port) replaces it
 
 Ticket = tuple["_UdpSocket", int]  # the socket and ID an attempt went out with
-
-
-def matches(data: bytes, q: Query) -> bool:
-    """A reply to our question: a response, one question, same name (any case), type, class."""
-    end = HEADER_SIZE + len(q.question)
-    return bool(len(data) >= end and data[2] & 0x80 and data[4:6] == b"\x00\x01"
-                and data[12:end - 4].lower() == q.name and data[end - 4:end] == q.question[-4:])
 
 
 class _UdpSocket(asyncio.DatagramProtocol):
@@ -63,7 +55,7 @@ class _UdpSocket(asyncio.DatagramProtocol):
             return
         qid = (data[0] << 8) | data[1]
         exchange = self.pending.get(qid)
-        if exchange is not None and matches(data, exchange.q):  # else late, or a guess
+        if exchange is not None and wire.answers(data, exchange.q):  # else late, or a guess
             del self.pending[qid]
             exchange.udp_reply(data, self._clock())
 

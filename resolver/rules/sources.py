@@ -299,13 +299,14 @@ class Feeds:
             return any(feed.schedule.due <= now and feed.pending is None
                        for feed in self._feeds.values())
 
-    def refresh_due(self) -> bool:
-        """Fetch every source that is due, side by side (blocking: run it in a thread). True
-        when one brought new content, which a reload should now read."""
+    def refresh_due(self, everything: bool = False) -> bool:
+        """Fetch every source that is due (every one: everything), side by side (blocking:
+        run it in a thread). True when one brought new content, which a reload should now
+        read."""
         now = self.wall()
         with self._lock:
-            due = [feed.source for feed in self._feeds.values()
-                   if feed.schedule.due <= now and feed.pending is None]
+            due = [feed.source for feed in self._feeds.values() if feed.pending is None
+                   and (everything or feed.schedule.due <= now)]
         return self._fetch(due)
 
     def fetch_missing(self) -> bool:

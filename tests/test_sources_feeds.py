@@ -303,3 +303,21 @@ def test_workers_take_a_changed_feed_from_the_supervisor(
     finally:
         process.kill()
         process.wait()
+
+
+async def test_a_local_source_is_watched_like_a_rule_file(
+        tmp_path: Path, nsd_upstream: NsdServer) -> None:
+    source = tmp_path / "hosts.txt"
+    source.write_text("0.0.0.0 n1.ads.test n2.ads.test n3.ads.test\n")
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("lists:\n  - name: local\n    source: hosts.txt\n    format: hosts\n")
+    config = resolver_config([nsd_upstream], [str(rules)])
+    config = replace(config, blocking=replace(config.blocking, watch_interval=0.1))
+    async with serving(config, Feeds(None)) as server:
+        assert await rcode(server, WWW) == "NOERROR"
+        source.write_text(f"0.0.0.0 n1.ads.test n2.ads.test n3.ads.test {WWW}\n")
+        for _ in range(100):
+            if server.rules.counts["local"] == 4:
+                break
+            await asyncio.sleep(0.05)
+        assert await rcode(server, WWW) == "NXDOMAIN"

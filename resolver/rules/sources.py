@@ -345,7 +345,7 @@ class Feeds:
         with self._lock:
             feed = self._feeds.get(url)
             known = (feed.good if feed is not None else None) or Validators()
-            if self._path(url, "feed").is_file() is False:
+            if not self._path(url, "feed").is_file():
                 known = Validators()  # nothing to be 'not modified' from
         try:
             fresh = download(source, known, self._path(url, "pending"), self.wall,
@@ -375,14 +375,16 @@ class Feeds:
         return True
 
     def _failed(self, source: Source, reason: str, message: str) -> None:
+        retry = 0.0
         with self._lock:
             feed = self._feeds.get(source.location)
             if feed is not None:
-                feed.schedule = feed.schedule.failed(self.wall(), source.refresh)
-                retry = feed.schedule.due - self.wall()
+                now = self.wall()
+                feed.schedule = feed.schedule.failed(now, source.refresh)
+                retry = feed.schedule.due - now
         self.failures.inc((source.list_name, reason))
         log.error("source %s (list %s): %s; the previous copy stays, next try in %.0f s",
-                  source.location, source.list_name, message, retry if feed else 0.0)
+                  source.location, source.list_name, message, retry)
 
     def _discard(self, feed: _Feed, reason: str, why: str) -> None:
         """Drop a pending copy (the lock is held): the previous copy and rules stay. The

@@ -13,6 +13,7 @@ import hashlib
 from collections.abc import Iterable
 
 from resolver.rules.model import ENFORCE, EVERYONE, Network, Rule, RuleList
+from resolver.rules.table import Domains, split
 
 LENGTH = 12  # hex digits shown: 48 bits, ample to tell rule sets apart
 
@@ -27,6 +28,33 @@ def version_of(lists: Iterable[RuleList], domains: Iterable[tuple[bytes, Rule]])
     for rule_list in sorted(lists, key=lambda item: item.name):
         digest.update(settings(rule_list).encode() + b"\x01")
         for line in sorted(by_list.get(rule_list.name, ())):
+            digest.update(line + b"\x02")
+    return digest.hexdigest()[:LENGTH]
+
+
+def version_of_domains(lists: Iterable[RuleList], domains: Domains) -> str:
+    """version_of for names kept flat (rules/table.py), the same digest without a tuple or
+    a formatted line per name: a list whose names all belong to one plain rule (no entry
+    id or name: every list read from a domain file) has lines `wire NUL NUL`, which sort as
+    their names do (a name that is a prefix of another is followed by NUL, the least
+    octet), so its names are sorted bare and fed to the digest in one join."""
+    by_list: dict[str, list[Rule]] = {}
+    for rule in domains.rules():
+        by_list.setdefault(rule.list.name, []).append(rule)
+    digest = hashlib.sha256()
+    for rule_list in sorted(lists, key=lambda item: item.name):
+        digest.update(settings(rule_list).encode() + b"\x01")
+        rules = by_list.get(rule_list.name, [])
+        if len(rules) == 1 and not rules[0].entry_id and not rules[0].entry_name:
+            bare = bytes(domains.names(rules[0])).split(b"\x00")[:-1]
+            bare.sort()
+            end = b"\x00\x00\x00\x02"  # the root octet, two empty fields, the separator
+            digest.update(end.join(bare) + end if bare else b"")
+            del bare
+            continue
+        lines = [b"%s\x00%s\x00%s" % (wire, rule.entry_id.encode(), rule.entry_name.encode())
+                 for rule in rules for wire in split(domains.names(rule))]
+        for line in sorted(lines):
             digest.update(line + b"\x02")
     return digest.hexdigest()[:LENGTH]
 

@@ -47,6 +47,7 @@ from resolver.rules.model import (
     RuleList,
 )
 from resolver.rules.scope import utc
+from resolver.rules.table import Domains
 
 YAML_SUFFIXES = (".yaml", ".yml")
 TEXT_SUFFIXES = (".txt", ".list")
@@ -117,20 +118,33 @@ class _Loader:
         self._yaml_loader = yaml_loader
         self.problems: list[str] = []
         self.lists: list[RuleList] = []
-        self.domains: list[tuple[bytes, Rule]] = []
+        self.domains = Domains()  # (wire, rule) pairs, kept flat: a list may hold millions
         self._first: dict[str, str] = {}  # list name -> where it was first defined
 
     def load_text(self, path: Path) -> None:
-        """One domain per line, '#' starts a comment; the list is named after the file."""
-        text = self._read(path)
-        if text is None:
-            return
+        """One domain per line, '#' starts a comment; the list is named after the file.
+
+        Read line by line, so a million-line file never becomes a million strings at once."""
         rule = Rule(RuleList(name=path.stem, source=str(path)))
         problems = [self.add_list(rule.list, str(path), "")]
-        for number, line in enumerate(text.splitlines(), 1):
-            domain = line.split("#", 1)[0].strip()
-            if domain:
-                problems.append(self.add_domain(domain, rule, f"{path}:{number}"))
+        add = self.add_domain
+        read = 0  # bytes before the line, to say where a byte that is not UTF-8 is
+        try:
+            with path.open("rb") as lines:
+                for number, raw in enumerate(lines, 1):
+                    line = raw.decode()
+                    read += len(raw)
+                    if "#" in line:
+                        line = line.split("#", 1)[0]
+                    domain = line.strip()
+                    if domain:
+                        problem = add(domain, rule, path, number)
+                        if problem:
+                            problems.append(problem)
+        except UnicodeDecodeError as error:
+            problems = [f"{path}: not UTF-8 text (byte {read + error.start})"]
+        except OSError as error:
+            problems = [f"{path}: cannot read: {error.strerror}"]
         self.problems += filter(None, problems)
 
     def load_yaml(self, path: Path) -> None:
@@ -161,12 +175,15 @@ class _Loader:
         self.lists.append(rule_list)
         return problem and problem_text(location, where, problem)
 
-    def add_domain(self, text: str, rule: Rule, location: str) -> str | None:
-        """Normalize one rule domain; returns the problem, showing the name as written."""
+    def add_domain(self, text: str, rule: Rule, location: str | Path, line: int = 0
+                   ) -> str | None:
+        """Normalize one rule domain; returns the problem, showing the name as written.
+        location: 'file:line', or the file with its line apart (not formatted unless used)."""
         try:
-            self.domains.append((to_wire(normalize(text)), rule))
+            name = normalize(text)
         except ValueError as error:
-            return f"{location}: {error}"
+            return f"{location}:{line}: {error}" if line else f"{location}: {error}"
+        self.domains.add(to_wire(name), rule, name.count(".") + 1)
         return None
 
     def _read(self, path: Path) -> str | None:

@@ -172,11 +172,6 @@ class RuleSet:
         return _rebuild, (self.lists, self.domain_count, self.counts, self.version,
                           self._table, self._staged, self._depths, self._example)
 
-    def shared(self) -> list[int]:
-        """The memory files of the set's compact table (none for a dict), for a process
-        that sends the set to another with table.dumps."""
-        return [self._table.fileno()] if isinstance(self._table, Table) else []
-
     def __setattr__(self, name: str, value: object) -> None:
         """Refuse changes: readers on other tasks rely on a set never changing under them."""
         raise AttributeError("RuleSet is immutable; build a new one")

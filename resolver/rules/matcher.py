@@ -25,9 +25,9 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Final
 
 from resolver.message.names import from_wire, label_offsets, normalize, to_wire
+from resolver.rules import table as table_module
 from resolver.rules.model import ALLOW, ENFORCE, Rule, RuleList
 from resolver.rules.scope import Address, Staging, client_address
-from resolver.rules import table as table_module
 from resolver.rules.table import Domains, Table, rank, split
 from resolver.rules.version import version_of_domains
 

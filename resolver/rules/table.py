@@ -36,7 +36,7 @@ import mmap
 import os
 import pickle
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 from resolver.message.names import label_offsets
 from resolver.rules.model import ALLOW, Rule
@@ -286,7 +286,7 @@ def _attach(fd: int, size: int, layout: tuple[int, int, int, str, int], rules: t
     table.rules = rules
     table.blocks = blocks
     table._keys = view[:ids_at].cast("q")
-    table._ids = view[ids_at:names_at].cast(typecode)
+    table._ids = view[ids_at:names_at].cast("H" if typecode == "H" else "B")
     table._names = view[names_at:size]
     table._sections = sections
     table._map = mapped
@@ -343,7 +343,8 @@ class _Unpickler(pickle.Unpickler):
         self.fds = fds
 
     def persistent_load(self, pid: object) -> object:
-        tag, index, size, layout, rules, sections, blocks, seed = pid  # type: ignore[misc]
+        assert isinstance(pid, tuple) and len(pid) == 8
+        tag, index, size, layout, rules, sections, blocks, seed = pid
         if tag != "table" or seed != _SEED:
             raise pickle.UnpicklingError("a shared table from a process with another hash "
                                          "key (not forked from the same parent)")

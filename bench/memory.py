@@ -389,6 +389,124 @@ def fill(server: Server, names: list[str], names_file: Path, client: str, work: 
             f"meanwhile (all sockets): {udp_drops() - drops}")
 
 
+# --------------------------------------------------------------------------- rule goals
+
+def smaps(pid: int) -> dict[str, float]:
+    """Rss, Pss and Pss_Shmem of pid in MiB (/proc/PID/smaps_rollup)."""
+    found = {}
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            if key in ("Rss", "Pss", "Pss_Shmem"):
+                found[key] = int(rest.split()[0]) / 1024
+    return found
+
+
+def tables_mib(pid: int) -> float:
+    """Size of the rule tables (memfd resolver-rules) pid maps, each counted once."""
+    sizes: dict[str, int] = {}
+    with open(f"/proc/{pid}/maps") as f:
+        for line in f:
+            if "/memfd:resolver-rules" in line:
+                span, _, _, _, inode = line.split()[:5]
+                start, end = (int(x, 16) for x in span.split("-"))
+                sizes[inode] = sizes.get(inode, 0) + end - start
+    return sum(sizes.values()) / MIB
+
+
+class Plain:
+    """`python -m resolver serve` from this checkout, no upstream needed (port 9)."""
+
+    def __init__(self, workers: int, rules: list[Path]):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "resolver", "serve", "--workers", str(workers), "--listen",
+             f"{HOST}:0", "--upstream", f"{HOST}:9", "--metrics", "off",
+             *(arg for path in rules for arg in ("--rules", str(path)))],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        started = time.monotonic()
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        self.seconds = time.monotonic() - started
+        m = re.search(r"listening on 127\.0\.0\.1:(\d+)", line)
+        if not m:
+            self.proc.kill()
+            sys.exit(f"resolver did not start: {line!r}")
+        self.port = int(m.group(1))
+
+    def touch(self, count: int) -> None:
+        """Queries over the whole table, so every page of it a lookup can touch is resident."""
+        for i in range(0, count, max(1, count // 3000)):
+            ask(self.port, f"www.d{i}.example", 2.0)
+
+    def workers(self) -> list[int]:
+        path = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
+        return [int(pid) for pid in path.read_text().split()]
+
+    def reload(self, path: Path, marker: str) -> None:
+        """Add a name to the list, SIGHUP, and wait until the name is blocked."""
+        with path.open("a") as f:
+            f.write(f"{marker}\n")
+        self.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 120
+        while ask(self.port, marker, 2.0) != 3:
+            if time.monotonic() > deadline:
+                sys.exit(f"reload did not block {marker}")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+def rules_goals(count: int, work: Path) -> None:
+    """The four goals of a large list (docs/performance.md): load time and extra memory of
+    one process, its peak during a reload, the PSS of 4 workers after 1 and 10 reloads."""
+    big = work / "big.txt"
+    big.write_text("".join(f"d{i}.example\n" for i in range(count)))
+    shipped = ROOT / "rules" / "exchanges.yaml"
+    base = Plain(1, [shipped])
+    time.sleep(1)
+    base_rss, base_load = proc_status(base.proc.pid)["VmRSS"] / 1024, base.seconds
+    base.stop()
+    one = Plain(1, [shipped, big])
+    one.touch(count)
+    time.sleep(1)
+    rss = proc_status(one.proc.pid)["VmRSS"] / 1024
+    table = tables_mib(one.proc.pid)
+    steady = smaps(one.proc.pid)
+    print(f"rules: {count:,} domains in one process: loaded in {one.seconds - base_load:.2f} s "
+          f"more than the shipped rules; RSS {rss:.1f} MiB ({rss - base_rss:+.1f} MiB), "
+          f"its table file {table:.1f} MiB (resident part counted in RSS)")
+    with open(f"/proc/{one.proc.pid}/clear_refs", "w") as f:
+        f.write("5")  # VmHWM := VmRSS
+    one.reload(big, "reloaded.example")
+    peak = proc_status(one.proc.pid)["VmHWM"] / 1024
+    print(f"rules: reload peak (VmHWM) {peak:.1f} MiB = {peak / steady['Rss']:.2f}x the steady "
+          f"RSS {steady['Rss']:.1f} MiB; with the new table file while both exist: "
+          f"{(peak + table) / (steady['Rss'] + table - steady['Pss_Shmem']):.2f}x of RSS + "
+          f"table")
+    one.stop()
+    four = Plain(4, [shipped, big])
+    four.touch(count)
+
+    def pss(when: str) -> None:
+        time.sleep(1)
+        rows = [smaps(pid) for pid in four.workers()]
+        print(f"rules: 4 workers {when}: sum of PSS {sum(r['Pss'] for r in rows):.1f} MiB "
+              f"(shared table part {sum(r['Pss_Shmem'] for r in rows):.1f} MiB), sum of RSS "
+              f"{sum(r['Rss'] for r in rows):.1f}; supervisor PSS "
+              f"{smaps(four.proc.pid)['Pss']:.1f}; tables mapped per worker "
+              f"{tables_mib(four.workers()[0]):.1f} MiB")
+
+    pss("after start")
+    for n in range(1, 11):
+        four.reload(big, f"reload{n}.example")
+        four.touch(count)
+        if n in (1, 10):
+            pss(f"after {n} reload{'s' if n > 1 else ''}")
+    four.stop()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fill", type=int, default=100_000,
@@ -404,7 +522,15 @@ def main() -> int:
                         help="what sends the fill (default dnsperf when installed); "
                              "'python' is the built-in windowed UDP client")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    parser.add_argument("--rules-goals", action="store_true",
+                        help="only the large-list goals (load, reload peak, PSS of 4 "
+                             "workers over 10 reloads), from this checkout; no nsd needed")
     args = parser.parse_args()
+    if args.rules_goals:
+        with tempfile.TemporaryDirectory(prefix="resolver-memory-") as scratch:
+            print(f"Python {sys.version.split()[0]}, commit {revision()}")
+            rules_goals(args.rules_count, Path(scratch))
+        return 0
 
     subprocess.run(["make", "-s", "-C", str(ROOT), ".venv/.installed"], check=True)
     print(machine())

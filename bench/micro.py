@@ -32,9 +32,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from resolver.cli import settle_memory
 from resolver.message import wire
+from resolver.message.names import label_offsets, to_wire
 from resolver.message.reply import TtlPolicy, render, scan_reply
 from resolver.ops.config import Config, UpstreamConfig, UpstreamServer
 from resolver.ops.metrics import Metrics
+from resolver.rules import table
 from resolver.rules.loader import load_rules
 from resolver.rules.matcher import RuleSet
 from resolver.server.app import build_pipeline
@@ -204,6 +206,39 @@ def staged_rules(shipped: tuple[str, ...]) -> RuleSet:
         return load_rules([*shipped, extra.name])
 
 
+def lookup_rows(shipped: RuleSet, count: int) -> list[tuple[str, Callable[[], object]]]:
+    """RuleSet.lookup alone: the shipped set (a dict) against `count` generated domains with
+    the shipped ones (the compact table of rules/table.py), and the shipped set forced
+    compact: a blocked name (two labels tried) and a miss (three)."""
+    with tempfile.TemporaryDirectory() as work:
+        path = Path(work) / "big.txt"
+        path.write_text("".join(f"d{i}.example\n" for i in range(count)))
+        big = load_rules([*shipped_paths(), str(path)])
+        forced = table.COMPACT_FROM
+        table.COMPACT_FROM = 0
+        try:
+            small_compact = load_rules(shipped_paths())
+        finally:
+            table.COMPACT_FROM = forced
+    blocked, missed = to_wire("x.www.binance.com"), to_wire("www.example.org")
+    rows: list[tuple[str, Callable[[], object]]] = []
+    for label, rules in ((f"{shipped.domain_count} (dict)", shipped),
+                         (f"{shipped.domain_count} (compact)", small_compact),
+                         (f"{big.domain_count:,} (compact)", big)):
+        for what, name in (("hit", blocked), ("miss", missed)):
+            rows.append((f"lookup {what}, {label}", bound_lookup(rules, name)))
+    return rows
+
+
+def bound_lookup(rules: RuleSet, name: bytes) -> Callable[[], object]:
+    offsets = label_offsets(name)
+    return lambda: rules.lookup(name, offsets)
+
+
+def shipped_paths() -> list[str]:
+    return list(Config().blocking.rules)
+
+
 def per_query_us(func: Callable[[], object], number: int) -> float:
     best = min(timeit.repeat(func, number=number, repeat=5))
     return best / number * 1e6
@@ -213,6 +248,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-n", "--number", type=int, default=100_000)
     parser.add_argument("--edns", action="store_true", help="queries carry EDNS (adds EDE)")
+    parser.add_argument("--rules-count", type=int, default=1_000_000,
+                        help="domains of the large set in the lookup lines (0: none)")
     args = parser.parse_args()
 
     config = Config(upstream=UpstreamConfig(servers=(UpstreamServer("127.0.0.1", 9),)))
@@ -236,7 +273,7 @@ def main() -> None:
     q_scoped = wire.parse_query(packet("www.scoped.example", args.edns), CLIENT, "udp")
     q_canary = wire.parse_query(packet("www.canary.example", args.edns), CLIENT, "udp")
 
-    rows = [
+    rows: list[tuple[str, Callable[[], object]]] = [
         ("decode (parse_query)", lambda: wire.parse_query(blocked, CLIENT, "udp")),
         ("policy: blocked (lookup + count + build)", lambda: blocker.answer(q_blocked)),
         ("policy: pass (lookup miss)", lambda: blocker.answer(q_allowed)),
@@ -254,6 +291,8 @@ def main() -> None:
         ("datagram: blocked, packet cache replay", lambda: udp.datagram_received(blocked, CLIENT)),
         ("datagram: cached, packet cache replay", lambda: udp.datagram_received(allowed, CLIENT)),
     ]
+    if args.rules_count:
+        rows += lookup_rows(rules, args.rules_count)
     print(f"{'stage':44} {'us/query':>9} {'queries/s':>11}")
     for label, func in rows:
         us = per_query_us(func, args.number)

@@ -52,6 +52,7 @@ from resolver.rules.model import (
 )
 from resolver.rules.scope import utc
 from resolver.rules.sources import DEFAULT_MAX_BYTES, DEFAULT_REFRESH, YAML, Feeds, Source, is_url
+from resolver.rules.table import Domains
 
 log = logging.getLogger(__name__)
 
@@ -161,20 +162,33 @@ class _Loader:
         self.sources: list[Source] = []
         self.notes: list[str] = []
         self.lists: list[RuleList] = []
-        self.domains: list[tuple[bytes, Rule]] = []
+        self.domains = Domains()  # (wire, rule) pairs, kept flat: a list may hold millions
         self._first: dict[str, str] = {}  # list name -> where it was first defined
 
     def load_text(self, path: Path) -> None:
-        """One domain per line, '#' starts a comment; the list is named after the file."""
-        text = self._read(path)
-        if text is None:
-            return
+        """One domain per line, '#' starts a comment; the list is named after the file.
+
+        Read line by line, so a million-line file never becomes a million strings at once."""
         rule = Rule(RuleList(name=path.stem, source=str(path)))
         problems = [self.add_list(rule.list, str(path), "")]
-        for number, line in enumerate(text.splitlines(), 1):
-            domain = line.split("#", 1)[0].strip()
-            if domain:
-                problems.append(self.add_domain(domain, rule, f"{path}:{number}"))
+        add = self.add_domain
+        read = 0  # bytes before the line, to say where a byte that is not UTF-8 is
+        try:
+            with path.open("rb") as lines:
+                for number, raw in enumerate(lines, 1):
+                    line = raw.decode()
+                    read += len(raw)
+                    if "#" in line:
+                        line = line.split("#", 1)[0]
+                    domain = line.strip()
+                    if domain:
+                        problem = add(domain, rule, path, number)
+                        if problem:
+                            problems.append(problem)
+        except UnicodeDecodeError as error:
+            problems = [f"{path}: not UTF-8 text (byte {read + error.start})"]
+        except OSError as error:
+            problems = [f"{path}: cannot read: {error.strerror}"]
         self.problems += filter(None, problems)
 
     def load_yaml(self, path: Path) -> None:
@@ -205,12 +219,15 @@ class _Loader:
         self.lists.append(rule_list)
         return problem and problem_text(location, where, problem)
 
-    def add_domain(self, text: str, rule: Rule, location: str) -> str | None:
-        """Normalize one rule domain; returns the problem, showing the name as written."""
+    def add_domain(self, text: str, rule: Rule, location: str | Path, line: int = 0
+                   ) -> str | None:
+        """Normalize one rule domain; returns the problem, showing the name as written.
+        location: 'file:line', or the file with its line apart (not formatted unless used)."""
         try:
-            self.domains.append((to_wire(normalize(text)), rule))
+            name = normalize(text)
         except ValueError as error:
-            return f"{location}: {error}"
+            return f"{location}:{line}: {error}" if line else f"{location}: {error}"
+        self.domains.add(to_wire(name), rule, name.count(".") + 1)
         return None
 
     def add_source(self, source: Source, rule: Rule) -> None:
@@ -261,7 +278,7 @@ class _Loader:
         shown = source.location if source.is_url else str(path)
         if source.format == YAML:
             return self._read_yaml_source(shown, path, rule)
-        found: list[tuple[bytes, Rule]] = []
+        found = Domains()  # kept apart: a source is taken whole or not at all
         unusable = 0
         notes: list[str] = []
         try:
@@ -271,7 +288,7 @@ class _Loader:
                         _, name, is_allow = item
                         target = (allow if is_allow else rule)
                         if target is not None:
-                            found.append((to_wire(name), target))
+                            found.add(to_wire(name), target, name.count(".") + 1)
                             continue
                         item = (item[0], "an exception (allow) in a dry-run list: not used")
                     unusable += 1
@@ -287,7 +304,7 @@ class _Loader:
             notes.append(f"{shown}: {unusable - NOTES_PER_SOURCE} more unusable lines "
                          f"({unusable} in all, {len(found)} names taken)")
         self.notes += notes
-        self.domains += found
+        self.domains.absorb(found)
         return None
 
     def _read_yaml_source(self, shown: str, path: Path, rule: Rule) -> str | None:
@@ -298,11 +315,15 @@ class _Loader:
         root, problem = compose(shown, text, self._yaml_loader)
         if problem is not None:
             return problem
-        before = len(self.domains)
-        problems = _YamlFile(self, Path(shown)).parse_source(root, rule)
+        kept, self.domains = self.domains, Domains()  # the source's names apart, as above
+        try:
+            problems = _YamlFile(self, Path(shown)).parse_source(root, rule)
+            found = self.domains
+        finally:
+            self.domains = kept
         if problems:
-            del self.domains[before:]
             return "; ".join(problems[:NOTES_PER_SOURCE])
+        self.domains.absorb(found)
         return None
 
     def _read(self, path: Path) -> str | None:

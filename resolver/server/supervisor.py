@@ -13,9 +13,13 @@ hash. The supervisor answers no queries. It:
   later is forked with the last set that loaded;
 - stops every worker on SIGTERM/SIGINT, and starts again a worker that died.
 
-The pipe carries tagged messages. Supervisor to worker: ("snapshot",), or ("install",)
-followed by the pickled Install as raw bytes, which the worker reads in a thread so its
-event loop keeps answering meanwhile. Worker to supervisor: ("ready", addresses) once,
+The pipe carries tagged messages. Supervisor to worker: ("snapshot",), or ("install", N)
+followed by the pickled Install as raw bytes and N file descriptors (SCM_RIGHTS), which the
+worker reads in a thread so its event loop keeps answering meanwhile. The descriptors are
+the memory files of the set's compact table (rules/table.py), pickled by reference: every
+worker maps the one copy the supervisor built, so the rules cost one copy of memory however
+many workers there are, after any number of reloads (a table's memory goes back when the
+last process mapping it drops its set). Worker to supervisor: ("ready", addresses) once,
 ("snapshot", samples), ("installed", version).
 """
 
@@ -30,12 +34,12 @@ import dataclasses
 import logging
 import multiprocessing
 import os
-import pickle
 import signal
 import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from multiprocessing import reduction
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from types import FrameType
@@ -50,6 +54,7 @@ from resolver.ops.config import Address, Config, Overrides
 from resolver.ops.http import Endpoint
 from resolver.ops.metrics import Metrics, Sample, merge_samples
 from resolver.ops.watch import Watcher
+from resolver.rules import table
 from resolver.rules.matcher import RuleSet
 from resolver.rules.sources import Feeds
 from resolver.server.app import (
@@ -129,12 +134,15 @@ class Worker:
             return self.last
         return [sample for sample in self.last if sample.kind == "counter"]
 
-    def send(self, install: bytes) -> bool:
-        """Send a pickled Install; False when the worker is gone (it is started again with
-        the last set that loaded)."""
+    def send(self, install: bytes, fds: list[int]) -> bool:
+        """Send a pickled Install and the memory files it refers to (table.dumps); False
+        when the worker is gone (it is started again with the last set that loaded)."""
         try:
-            self.conn.send(("install",))
+            self.conn.send(("install", len(fds)))
             self.conn.send_bytes(install)
+            if fds:
+                with socket.socket(fileno=os.dup(self.conn.fileno())) as sock:
+                    reduction.sendfds(sock, fds)
         except (EOFError, OSError):
             return False
         return True
@@ -225,14 +233,14 @@ class _Listener:
             return
         if message[0] == "install":
             self.loop.remove_reader(self.conn.fileno())  # the bytes are the thread's to read
-            task = self.loop.create_task(self._install())
+            task = self.loop.create_task(self._install(message[1]))
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
 
-    async def _install(self) -> None:
+    async def _install(self, fds: int) -> None:
         try:
             try:
-                install = await asyncio.to_thread(_receive, self.conn)
+                install = await asyncio.to_thread(_receive, self.conn, fds)
                 self.server.install(install)
                 log.info("worker %d: rules %s in force", os.getpid(), install.rules.version)
             except (EOFError, OSError):
@@ -266,16 +274,20 @@ def send_whole(conn: Connection, message: tuple[str, object]) -> None:
         os.set_blocking(conn.fileno(), False)
 
 
-def _receive(conn: Connection) -> Install:
-    """Read and unpickle a rule set (in a thread). The event loop made the pipe non-blocking
-    for its reader, which would have this read fail the moment it outpaced the writer; the
-    reader is off meanwhile, so the read may block."""
+def _receive(conn: Connection, count: int) -> Install:
+    """Read and unpickle a rule set and map its shared tables (in a thread). The event loop
+    made the pipe non-blocking for its reader, which would have this read fail the moment it
+    outpaced the writer; the reader is off meanwhile, so the read may block."""
     os.set_blocking(conn.fileno(), True)
     try:
         data = conn.recv_bytes()
+        fds: list[int] = []
+        if count:
+            with socket.socket(fileno=os.dup(conn.fileno())) as sock:
+                fds = reduction.recvfds(sock, count)
     finally:
         os.set_blocking(conn.fileno(), False)
-    install = pickle.loads(data)
+    install = table.loads(data, fds)
     assert isinstance(install, Install)
     return install
 
@@ -415,11 +427,11 @@ class Supervisor:
 
     def _push(self, install: Install) -> list[str]:
         """Send install to every worker and wait for each to confirm it; what went wrong."""
-        data = pickle.dumps(install, protocol=pickle.HIGHEST_PROTOCOL)  # once for all
+        data, fds = table.dumps(install)  # once for all; compact tables by reference
         version = install.rules.version
         problems = []
         with self.lock:
-            sent = [worker for worker in self.workers if worker.send(data)]
+            sent = [worker for worker in self.workers if worker.send(data, fds)]
             deadline = time.monotonic() + INSTALL_TIMEOUT
             for worker in self.workers:
                 if worker not in sent:

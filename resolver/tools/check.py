@@ -15,9 +15,16 @@ from resolver.ops.config import Config
 from resolver.ops.errors import ConfigError
 from resolver.rules.matcher import RuleSet
 from resolver.rules.model import ALLOW, ENFORCE, RuleList
-from resolver.rules.scope import utc
 from resolver.server.reload import guard_problems
-from resolver.tools.common import CHANGES, OK, REFUSED, Loaded, config_or_default, plural
+from resolver.tools.common import (
+    CHANGES,
+    OK,
+    REFUSED,
+    Loaded,
+    config_or_default,
+    plural,
+    scope_parts,
+)
 
 
 def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]
@@ -30,7 +37,7 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]
                         help="rule files or directories (default: the config's blocking.rules)")
     parser.add_argument("-c", "--config", metavar="FILE",
                         help="also check this config file; its blocking.guard is the guard")
-    parser.add_argument("--guard", nargs="+", metavar="OLD",
+    parser.add_argument("--guard", nargs="+", action="extend", metavar="OLD",
                         help="the rules in force: exit 3 if the reload guard would refuse PATH "
                         "in their place")
     parser.set_defaults(run=run)
@@ -85,19 +92,3 @@ def list_line(rule_list: RuleList, count: int) -> str:
     mode = rule_list.mode if rule_list.action != ALLOW else ENFORCE
     return f"{rule_list.name}: {rule_list.action}, {mode}, {plural(count, 'domain')}" + "".join(
         f", {part}" for part in scope_parts(rule_list))
-
-
-def scope_parts(rule_list: RuleList) -> list[str]:
-    """The staging settings a list has, as a person reads them (none for a plain list)."""
-    parts = []
-    if rule_list.clients:
-        parts.append("clients " + " ".join(str(net) for net in rule_list.clients))
-    if rule_list.except_clients:
-        parts.append("except " + " ".join(str(net) for net in rule_list.except_clients))
-    if rule_list.rollout < 100:
-        parts.append(f"rollout {rule_list.rollout:g}%")
-    if rule_list.starts is not None:
-        parts.append(f"starts {utc(rule_list.starts)}")
-    if rule_list.expires is not None:
-        parts.append(f"expires {utc(rule_list.expires)}")
-    return parts

@@ -20,7 +20,8 @@ from resolver.ops.config import Config, load_config
 from resolver.ops.shipped import SHIPPED_RULES
 from resolver.rules.loader import read_rules
 from resolver.rules.matcher import RuleSet
-from resolver.rules.model import Rule, RuleList
+from resolver.rules.model import EVERYONE, Rule, RuleList
+from resolver.rules.scope import utc
 
 # Exit codes of every `resolver rules` command (docs/tools.md#exit-codes)
 OK = 0  # valid, no change
@@ -98,3 +99,19 @@ def write_json(data: object, out: TextIO = sys.stdout) -> None:
 
 def plural(number: int, noun: str, nouns: str | None = None) -> str:
     return f"{number} {noun if number == 1 else nouns or noun + 's'}"
+
+
+def scope_parts(rule_list: RuleList) -> list[str]:
+    """The staging settings a list has, as a person reads them (none for a plain list)."""
+    parts = []
+    if rule_list.clients:
+        parts.append("clients " + " ".join(str(net) for net in rule_list.clients))
+    if rule_list.except_clients:
+        parts.append("except " + " ".join(str(net) for net in rule_list.except_clients))
+    if rule_list.rollout < EVERYONE:
+        parts.append(f"rollout {rule_list.rollout:g}%")
+    if rule_list.starts is not None:
+        parts.append(f"starts {utc(rule_list.starts)}")
+    if rule_list.expires is not None:
+        parts.append(f"expires {utc(rule_list.expires)}")
+    return parts

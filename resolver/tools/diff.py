@@ -28,7 +28,7 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]
         "domains and entries added and removed and the changed settings. Exit 0 when "
         "nothing changes, 1 when something does.")
     parser.add_argument("old", nargs="+", metavar="OLD", help="the rules now (files, dirs)")
-    parser.add_argument("--to", nargs="+", required=True, metavar="NEW",
+    parser.add_argument("--to", nargs="+", action="extend", required=True, metavar="NEW",
                         help="the rules to compare with")
     parser.add_argument("--json", action="store_true", help="one JSON document")
     parser.set_defaults(run=run)

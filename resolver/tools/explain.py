@@ -52,7 +52,7 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]
                         help="query type: A, AAAA, MX, TYPE65280... (default A)")
     parser.add_argument("--at", type=instant, metavar="TIME",
                         help="RFC 3339 time to judge at, e.g. 2027-03-01T06:00:00Z (default now)")
-    parser.add_argument("--rules", nargs="+", default=[], metavar="PATH",
+    parser.add_argument("--rules", nargs="+", action="extend", default=[], metavar="PATH",
                         help="rule files or directories (default: the config's, else the "
                         "shipped rules)")
     parser.add_argument("-c", "--config", metavar="FILE",
@@ -124,7 +124,7 @@ def explain(loaded: Loaded, name: str, client: str, now: float) -> Explanation:
     elif not candidates:
         why = f"allowed: no list names {name} or a domain above it"
     else:
-        why = "allowed: no list that names it applies to this client at this time"
+        why = "allowed: no enforcing block list naming it applies to this client at this time"
     return Explanation(name, "allowed", why, None, dry_runs, candidates)
 
 
@@ -144,8 +144,9 @@ def _candidate(rule: Rule, domain: str, reason: str | None, block: tuple[Rule, s
     if rule.list.mode == DRY_RUN:
         where = counted.get(rule.list.name)
         if where == domain:
-            return Candidate(rule, domain, "would-block", f"would {rule.list.action} it: "
-                             "dry run, counted in resolver_would_block_total, answer unchanged")
+            return Candidate(rule, domain, "would-block", f"would block it (action "
+                             f"{rule.list.action}): a dry run, counted in "
+                             "resolver_would_block_total; the answer is unchanged")
         if where is not None:
             return Candidate(rule, domain, "counted-elsewhere",
                              f"dry run counted at its more specific domain {where}")
@@ -155,9 +156,12 @@ def _candidate(rule: Rule, domain: str, reason: str | None, block: tuple[Rule, s
     if allow is not None:
         return Candidate(rule, domain, "overridden",
                          f"overridden: {_label(*allow)} allows the name (allow wins)")
-    answering = f"{_label(*block)} answers" if block else "another rule answers"
-    return Candidate(rule, domain, "shadowed", f"shadowed: {answering} (a more specific "
-                     "domain, or a list first in name order)")
+    if block is None:  # an applicable block that neither answers nor is allowed: a bug
+        raise AssertionError(f"{_label(rule, domain)} applies, but nothing blocks or allows")
+    why = ("first in name order (then entry id) at that domain" if block[1] == domain
+           else "its more specific domain answers first")
+    return Candidate(rule, domain, "shadowed", f"shadowed: {_label(*block)} answers, "
+                     f"{why}")
 
 
 def _label(rule: Rule, domain: str) -> str:
@@ -200,8 +204,8 @@ def blocked_answer(loaded: Loaded, decider: Candidate, blocking: BlockingConfig,
             if option.code == EDE_OPTION and option.data[:2] == struct.pack(
                     "!H", EDE_BLOCKED):
                 ede = f"{EDE_BLOCKED} (Blocked): {option.data[2:].decode()}"
-    return Answer(str(dnslib.RCODE[record.header.rcode]), tuple(str(rr) for rr in record.rr),
-                  tuple(str(rr) for rr in record.auth), ede)
+    return Answer(str(dnslib.RCODE[record.header.rcode]), tuple(_text(rr) for rr in record.rr),
+                  tuple(_text(rr) for rr in record.auth), ede)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -236,11 +240,16 @@ def run(args: argparse.Namespace) -> int:
     else:
         print("answer: forwarded upstream or from the cache (the rules leave it alone)")
     for candidate in result.dry_runs:
-        print(f"dry run: {_label(candidate.rule, candidate.domain)} would "
-              f"{candidate.rule.list.action} it")
+        print(f"dry run: {_label(candidate.rule, candidate.domain)} would block it (action "
+              f"{candidate.rule.list.action})")
     if result.candidates:
         print("rules naming it or a domain above it:")
     for candidate in result.candidates:
         print(f"  {_label(candidate.rule, candidate.domain)} ({candidate.rule.list.action}, "
               f"{candidate.rule.list.mode}): {candidate.reason}")
     return OK
+
+
+def _text(record: dnslib.RR) -> str:
+    """A record on one line, single-spaced (dnslib pads its fields into columns)."""
+    return " ".join(str(record).split())

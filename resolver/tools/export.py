@@ -22,7 +22,15 @@ from resolver.message.names import from_wire, to_wire
 from resolver.ops.config import BlockingConfig
 from resolver.rules.model import ALLOW, DEFAULT_SINKHOLE_V4, DEFAULT_SINKHOLE_V6, RuleList
 from resolver.stages.blocking import SOA_TIMERS
-from resolver.tools.common import OK, Loaded, ToolError, config_or_default, plural, rule_paths
+from resolver.tools.common import (
+    OK,
+    Loaded,
+    ToolError,
+    config_or_default,
+    plural,
+    rule_paths,
+    scope_parts,
+)
 
 FORMATS = ("rpz", "hosts", "dnsmasq", "unbound")
 DEFAULT_ORIGIN = "rpz.local."
@@ -55,7 +63,7 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]
         description="Export the lists that apply to everyone, always, and enforce. A header "
         "comment says what the format cannot express and what was left out.")
     parser.add_argument("--format", required=True, choices=FORMATS)
-    parser.add_argument("--rules", nargs="+", default=[], metavar="PATH",
+    parser.add_argument("--rules", nargs="+", action="extend", default=[], metavar="PATH",
                         help="rule files or directories (default: the config's, else the "
                         "shipped rules)")
     parser.add_argument("-c", "--config", metavar="FILE",
@@ -95,21 +103,21 @@ def plan(loaded: Loaded, fmt: str, fits: int = MAX_WIRE) -> Plan:
     allows: set[str] = set()
     covered = too_long = 0
     for wire, rule in loaded.domains:
-        rule_list = kept.get(rule.list.name)
-        if rule_list is None:
+        exported = kept.get(rule.list.name)
+        if exported is None:
             continue
         if len(wire) > fits:
             too_long += 1
             continue
         domain = from_wire(wire)
-        if rule_list.action == ALLOW:
+        if exported.action == ALLOW:
             allows.add(domain)
             continue
-        found = loaded.rules.match(domain)
+        found = loaded.rules.match(domain)  # the server's answer for the domain itself
         if found is None:
             covered += 1
-        elif found[0].list.name == rule_list.name:
-            blocks[domain] = rule_list
+        elif found[0].list.name == exported.name:
+            blocks[domain] = exported
     if covered:
         result.left_out.append(f"{plural(covered, 'block domain')} at or below an allowed "
                                "domain (allow wins; nothing to export)")
@@ -124,7 +132,7 @@ def _left_out(rule_list: RuleList, fmt: str) -> str | None:
     if rule_list.mode != "enforce":
         return "dry-run"
     if rule_list.staged:
-        return "staged (client scope, rollout or time window)"
+        return f"staged ({', '.join(scope_parts(rule_list))})"
     if rule_list.action not in ACTIONS[fmt]:
         return f"action {rule_list.action} has no {fmt} equivalent"
     return None

@@ -67,9 +67,9 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]
         "newly blocked and newly allowed, per list and entry, and the names most affected. "
         "Exit 0 when no answer changes, 1 when some do.")
     parser.add_argument("logs", nargs="+", metavar="LOG", help="log files; - reads stdin")
-    parser.add_argument("--rules", nargs="+", required=True, metavar="NEW",
+    parser.add_argument("--rules", nargs="+", action="extend", required=True, metavar="NEW",
                         help="the candidate rules")
-    parser.add_argument("--baseline", nargs="+", metavar="OLD",
+    parser.add_argument("--baseline", nargs="+", action="extend", metavar="OLD",
                         help="the rules to compare with (default: the rules of -c, or the "
                         "shipped rules, whichever has the log's rules_version; else the "
                         "shipped rules)")
@@ -170,7 +170,7 @@ class LogFiles:
         if path == "-":
             return sys.stdin.buffer
         try:
-            return open(path, "rb")  # noqa: SIM115 (closed by lines())
+            return open(path, "rb")
         except OSError as error:
             raise ToolError([f"{path}: cannot read: {error.strerror}"]) from None
 

@@ -172,8 +172,9 @@ def _label(rule: Rule, domain: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Answer:
-    """The blocked answer as the client would decode it."""
+    """The blocked answer as the client would decode it (data: its bytes)."""
 
+    data: bytes
     rcode: str
     answer: tuple[str, ...]
     authority: tuple[str, ...]
@@ -204,8 +205,9 @@ def blocked_answer(loaded: Loaded, decider: Candidate, blocking: BlockingConfig,
             if option.code == EDE_OPTION and option.data[:2] == struct.pack(
                     "!H", EDE_BLOCKED):
                 ede = f"{EDE_BLOCKED} (Blocked): {option.data[2:].decode()}"
-    return Answer(str(dnslib.RCODE[record.header.rcode]), tuple(_text(rr) for rr in record.rr),
-                  tuple(_text(rr) for rr in record.auth), ede)
+    return Answer(data, str(dnslib.RCODE[record.header.rcode]),
+                  tuple(_text(rr) for rr in record.rr), tuple(_text(rr) for rr in record.auth),
+                  ede)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -103,7 +103,7 @@ def parse_line(raw: bytes, where: str, plain_time: float) -> Record | None:
         return None
     fields = text.decode("utf-8", "replace").split()
     if len(fields) not in (2, 3):
-        raise Bad(f"expected 'client qname [qtype]', got {len(fields)} fields")
+        raise Bad(f"expected 'client qname [qtype]', got {plural(len(fields), 'field')}")
     if client_address(fields[0]) is None:
         raise Bad(f"{fields[0]!r} is not a client IP address")
     return fields[0], fields[1], fields[2] if len(fields) == 3 else "A", plain_time, None

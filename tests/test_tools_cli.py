@@ -3,9 +3,15 @@ text and its JSON."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
+import pty
+import struct
 import subprocess
 import sys
+import termios
 from pathlib import Path
 
 import pytest
@@ -227,3 +233,26 @@ def test_import_clean_feed_is_0_and_writes_the_file(tmp_path):
     loaded = load_rules([str(out)])
     assert [(lst.name, lst.action) for lst in loaded.lists] == [("mine", "refused")]
     assert rules("import", "--format", "hosts", str(feed), "--list", "Bad Name").returncode == 2
+
+
+def test_replay_draws_a_progress_bar_on_a_terminal_only(files, tmp_path):
+    """stderr a terminal (a pty of 100 columns): the bar is drawn there; piped (the other
+    tests), stderr stays empty."""
+    log = tmp_path / "queries.log"
+    log.write_text("192.0.2.1 www.gone.test\n" * 20_000)
+    controller, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 100, 0, 0))
+    with os.fdopen(controller, "rb", buffering=0) as screen:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "resolver", "rules", "replay", str(log), "--rules",
+             files["new"], "--baseline", files["old"]], cwd=ROOT, stdout=subprocess.PIPE,
+            stderr=terminal, stdin=subprocess.DEVNULL)
+        os.close(terminal)
+        drawn = b""
+        with contextlib.suppress(OSError):  # EIO: the process closed the terminal
+            while chunk := screen.read(4096):
+                drawn += chunk
+        assert process.wait(timeout=60) == 1
+        assert process.stdout is not None and b"newly allowed" in process.stdout.read()
+        process.stdout.close()
+    assert b"replay: " in drawn and b"B/s]" in drawn  # then cleared: leave=False

@@ -26,7 +26,7 @@ import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import IO
+from typing import IO, TYPE_CHECKING, NoReturn
 
 from resolver.message.names import label_offsets, normalize, to_wire
 from resolver.ops.config import Config
@@ -45,6 +45,9 @@ from resolver.tools.common import (
     positive,
     write_json,
 )
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 SCHEMA = 1  # the query log schema this reader knows (docs/tools.md)
 CLIENT_CAP = 10_000  # exact distinct clients per counter; beyond, "at least"
@@ -111,7 +114,7 @@ def parse_line(raw: bytes, where: str, plain_time: float) -> Record | None:
 
 def _json_record(text: bytes, where: str) -> Record:
     try:
-        record = json.loads(text)
+        record = json.loads(text.decode("utf-8", "replace"))  # str: json skips its sniffing
     except ValueError as error:
         raise Bad(f"not JSON: {error}") from None
     if not isinstance(record, dict):
@@ -383,8 +386,9 @@ def replay(logs: LogFiles, replayer: Replay, plain_time: float, progress: bool) 
     return report
 
 
-def _bar(total: int | None):  # type: ignore[no-untyped-def]
-    """A progress bar on stderr, in bytes of log read (only on a terminal: run() asks)."""
+def _bar(total: int | None) -> tqdm[NoReturn]:
+    """A progress bar on stderr, in bytes of log read (only on a terminal: run() asks).
+    Imported here: every `resolver` command imports this module, few draw a bar."""
     from tqdm import tqdm
 
     return tqdm(total=total, unit="B", unit_scale=True, desc="replay", file=sys.stderr,

@@ -10,6 +10,7 @@ unreadable input, 3 the reload guard would refuse (`check --guard`).
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Callable
 
@@ -43,6 +44,9 @@ def _guarded(prog: str, run: Run) -> Run:
     code 2, the same shape for every tool."""
 
     def guarded(args: argparse.Namespace) -> int:
+        # Output piped into `head` ends quietly when the reader goes, as with other Unix
+        # tools, instead of a BrokenPipeError traceback.
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
         try:
             return run(args)
         except (ConfigError, ToolError) as error:

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from resolver.message.names import from_wire, to_wire
+from resolver.message.names import from_wire, normalize, to_wire
 from resolver.ops.config import BlockingConfig
 from resolver.rules.model import ALLOW, DEFAULT_SINKHOLE_V4, DEFAULT_SINKHOLE_V6, RuleList
 from resolver.stages.blocking import SOA_TIMERS
@@ -35,6 +35,7 @@ from resolver.tools.common import (
 FORMATS = ("rpz", "hosts", "dnsmasq", "unbound")
 DEFAULT_ORIGIN = "rpz.local."
 MAX_WIRE = 255  # octets in a wire-form name (RFC 1035)
+MAX_SERIAL = 2**32 - 1
 # The actions each format can answer with ("allow" = an exception to a broader block)
 ACTIONS = {
     "rpz": ("nxdomain", "nodata", "sinkhole", ALLOW),
@@ -68,13 +69,29 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]
                         "shipped rules)")
     parser.add_argument("-c", "--config", metavar="FILE",
                         help="config file: blocking.ttl and the SOA names, and the rules")
-    parser.add_argument("--origin", default=DEFAULT_ORIGIN, metavar="ZONE",
+    parser.add_argument("--origin", type=origin_name, default=DEFAULT_ORIGIN, metavar="ZONE",
                         help=f"RPZ zone name (default {DEFAULT_ORIGIN})")
-    parser.add_argument("--serial", type=int, metavar="N",
+    parser.add_argument("--serial", type=serial_number, metavar="N",
                         help="RPZ SOA serial (default: from the rule-set version)")
     parser.add_argument("-o", "--output", metavar="FILE", help="write here, not to stdout")
     parser.set_defaults(run=run)
     return parser
+
+
+def origin_name(text: str) -> str:
+    """argparse type: a zone name, written absolute (with its trailing dot)."""
+    try:
+        return normalize(text) + "."
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def serial_number(text: str) -> int:
+    """argparse type: an SOA serial, 0 to 2**32 - 1 (RFC 1982)."""
+    if not text.isdigit() or int(text) > MAX_SERIAL:
+        raise argparse.ArgumentTypeError(f"expected a whole number 0 to {MAX_SERIAL}, got "
+                                         f"{text!r}")
+    return int(text)
 
 
 @dataclass(slots=True)
@@ -158,7 +175,10 @@ def _ttl(rule_list: RuleList, blocking: BlockingConfig) -> int:
 
 def rpz(loaded: Loaded, blocking: BlockingConfig, origin: str, serial: int | None
         ) -> Iterator[str]:
-    """An RPZ zone (BIND's response policy zones): QNAME triggers, `name` and `*.name`."""
+    """An RPZ zone (BIND's response policy zones): QNAME triggers, `name` and `*.name`.
+    The SOA serial, unless given, is the first 32 bits of the rule-set version: the same
+    rules give the same serial, but a change may lower it (secondaries that transfer the
+    zone need --serial from a counter or a clock)."""
     origin = origin if origin.endswith(".") else origin + "."
     fits = MAX_WIRE - (len(to_wire(origin.rstrip("."))) - 1) - 2  # owner, origin, "*."
     result = plan(loaded, "rpz", fits)

@@ -475,7 +475,7 @@ def run(args: argparse.Namespace) -> int:
     candidate = Loaded.read(args.rules)
     logs = LogFiles(args.logs)
     baseline, why = choose_baseline(args, config, logs.log_version())
-    plain_time = args.at if args.at is not None else time.time()
+    plain_time = args.at if args.at is not None else float(int(time.time()))
     report = replay(logs, Replay(baseline.rules, candidate.rules), plain_time,
                     progress=sys.stderr.isatty())
     new = f"rules {candidate.rules.version}"

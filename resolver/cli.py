@@ -21,11 +21,11 @@ import uvloop
 from resolver.ops.config import TLS_SCHEME, Config, Overrides, load_config
 from resolver.ops.errors import ConfigError
 from resolver.ops.watch import Watcher
-from resolver.rules.loader import load_rules
 from resolver.rules.matcher import RuleSet
 from resolver.rules.model import ALLOW, DRY_RUN, ENFORCE
+from resolver.rules.sources import Feeds
 from resolver.server.app import serve_until_signalled
-from resolver.server.reload import watched
+from resolver.server.reload import load_at_start, watched
 from resolver.server.supervisor import Supervisor, default_workers
 from resolver.tools import add_rules_command
 from resolver.upstream.pool import address_label
@@ -94,7 +94,8 @@ def _serve(args: argparse.Namespace) -> int:
         # what the files hold before they are read: a change made while the rules load (or
         # the workers start) is then seen by the first look, and reloads
         watcher = Watcher(watched(config))
-        rules = load_rules(config.blocking.rules)
+        feeds = Feeds(config.blocking.state_dir)
+        rules = load_at_start(config, feeds)
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"resolver: {problem}", file=sys.stderr)
@@ -104,7 +105,7 @@ def _serve(args: argparse.Namespace) -> int:
     workers = args.workers or default_workers()
     try:
         if workers > 1:
-            Supervisor(config, rules, workers, overrides, watcher=watcher).run(
+            Supervisor(config, rules, workers, overrides, watcher=watcher, feeds=feeds).run(
                 lambda addresses, _: print(banner(config, rules, addresses, workers),
                                            flush=True))
         else:
@@ -113,7 +114,7 @@ def _serve(args: argparse.Namespace) -> int:
                     config, rules,
                     lambda server: print(banner(config, rules, server.addresses, 1),
                                          flush=True), overrides=overrides,
-                    watcher=watcher))
+                    watcher=watcher, feeds=feeds))
     except (OSError, RuntimeError) as exc:
         print(f"resolver: cannot serve: {exc}", file=sys.stderr)
         return 2

@@ -432,6 +432,14 @@ class BlockingConfig:
         "Seconds between looks at the rule files, the files in rule directories and the config "
         "file; a change that stays the same for one interval reloads the rules (as SIGHUP "
         "does). 0 turns watching off.")
+    state_dir: str | None = setting(
+        None, PATH,
+        "A directory where the last good copy of each URL rule source is kept (with its ETag), "
+        "so that a restart while a feed is down still serves it, and a restart within a "
+        "source's refresh interval does not download it again. Without it, copies are kept "
+        "in a temporary directory for the life of the process (docs/rules.md, lists from "
+        "files and URLs).",
+        shown="none", example="/var/lib/resolver")
     guard: GuardConfig = section(
         GuardConfig, "Checks a reload must pass, or it is refused and the rules in force stay "
         "(SIGHUP, a file change, `POST /-/reload`); `POST /-/reload?force=1` skips them.",

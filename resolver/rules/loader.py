@@ -8,9 +8,12 @@ builds a new one and the server swaps one reference.
 
 import datetime
 import ipaddress
+import logging
 import math
 import re
+import urllib.parse
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -31,6 +34,7 @@ from resolver.ops.yamlnodes import (
     line_of,
     problem_text,
 )
+from resolver.rules.formats import FORMATS, parse
 from resolver.rules.matcher import RuleSet
 from resolver.rules.model import (
     ACTIONS,
@@ -47,6 +51,9 @@ from resolver.rules.model import (
     RuleList,
 )
 from resolver.rules.scope import utc
+from resolver.rules.sources import DEFAULT_MAX_BYTES, DEFAULT_REFRESH, YAML, Feeds, Source, is_url
+
+log = logging.getLogger(__name__)
 
 YAML_SUFFIXES = (".yaml", ".yml")
 TEXT_SUFFIXES = (".txt", ".list")
@@ -58,8 +65,19 @@ _TOKEN_RULE = "use only a-z 0-9 _ . -"
 # and so the same messages (tests/test_rules.py loads its error table through both).
 FAST_LOADER: YamlLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _TOP_KEYS = frozenset({"lists"})
+_SOURCE_KEYS = frozenset({"source", "format", "refresh", "sha256", "max_bytes"})
 _LIST_KEYS = frozenset({"name", "action", "ttl", "sinkhole", "description", "entries", "domains",
-                        "mode", "clients", "except_clients", "rollout", "starts", "expires"})
+                        "mode", "clients", "except_clients", "rollout", "starts", "expires",
+                        *_SOURCE_KEYS})
+_SOURCE_BODY_KEYS = frozenset({"domains", "entries"})  # a `format: yaml` source's keys
+SOURCE_FORMATS = (*FORMATS, YAML)
+ALLOW_SUFFIX = "-allow"  # the allow list of an AdBlock or RPZ source's exceptions
+NOTES_PER_SOURCE = 20  # unusable lines reported one by one; the rest are counted
+_DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?) ?(s|m|h|d)")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_SIZE = re.compile(r"([0-9]+) ?(B|KiB|MiB|GiB)")
+_SIZES = {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 _ENTRY_KEYS = frozenset({"id", "name", "domains"})
 _FLOAT = "tag:yaml.org,2002:float"
 _TIMESTAMP = "tag:yaml.org,2002:timestamp"  # what YAML makes of an unquoted 2026-01-01T00:00Z
@@ -72,26 +90,55 @@ _Texts = tuple[str, ...]
 _Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
-def load_rules(paths: Sequence[str], *, yaml_loader: YamlLoader = FAST_LOADER) -> RuleSet:
+def load_rules(paths: Sequence[str], *, yaml_loader: YamlLoader = FAST_LOADER,
+               feeds: Feeds | None = None) -> RuleSet:
     """Load rule files and directories into one RuleSet, or raise ConfigError with all problems.
 
     A directory contributes its *.yaml, *.yml, *.txt and *.list files in sorted order (list
     names must be unique across them; which list answers a domain two lists name does not
     depend on the order: see matcher.RuleSet). A .yaml/.yml file holds lists (see _YamlFile); any
     other file is a plain list of domains named after the file. yaml_loader: the YAML loader
-    class, libyaml's where PyYAML has it.
+    class, libyaml's where PyYAML has it. feeds: the copies of URL sources (without it, a
+    list with a URL source is empty). The notes (unusable lines of sources) are logged.
     """
-    lists, domains = read_rules(paths, yaml_loader=yaml_loader)
-    return RuleSet(lists, domains)
+    loaded = load_rule_set(paths, yaml_loader=yaml_loader, feeds=feeds)
+    for note in loaded.notes:
+        log.warning("%s", note)
+    return loaded.rules
 
 
-def read_rules(paths: Sequence[str], *, yaml_loader: YamlLoader = FAST_LOADER
-               ) -> tuple[list[RuleList], list[tuple[bytes, Rule]]]:
-    """What load_rules compiles: the lists, and every (wire name, rule) pair as the files
-    give them, or ConfigError with all problems. For the rule tools (resolver/tools/), which
-    compare, explain and export the domains as written, where a compiled RuleSet keeps only
-    what answers."""
-    loader = _Loader(yaml_loader)
+@dataclass(frozen=True, slots=True)
+class Loaded:
+    """A load's rule set, the sources its lists name, and what was noted without failing it:
+    the lines of sources that could not be used, a URL source with no copy yet."""
+
+    rules: RuleSet
+    sources: tuple[Source, ...]
+    notes: tuple[str, ...]
+
+
+def load_rule_set(paths: Sequence[str], *, yaml_loader: YamlLoader = FAST_LOADER,
+                  feeds: Feeds | None = None) -> Loaded:
+    """load_rules, with the sources and notes (for the reloads, which schedule the sources,
+    and for tools, which show the notes)."""
+    loader = _load(paths, yaml_loader, feeds)
+    return Loaded(RuleSet(loader.lists, loader.domains), tuple(loader.sources),
+                  tuple(loader.notes))
+
+
+def read_rules(paths: Sequence[str], *, yaml_loader: YamlLoader = FAST_LOADER,
+               feeds: Feeds | None = None
+               ) -> tuple[list[RuleList], list[tuple[bytes, Rule]], tuple[str, ...]]:
+    """What load_rule_set compiles: the lists and every (wire name, rule) pair as the files
+    give them, and the notes; or ConfigError with all problems. For the rule tools
+    (resolver/tools/), which compare, explain and export the domains as written, where a
+    compiled RuleSet keeps only what answers."""
+    loader = _load(paths, yaml_loader, feeds)
+    return loader.lists, loader.domains, tuple(loader.notes)
+
+
+def _load(paths: Sequence[str], yaml_loader: YamlLoader, feeds: Feeds | None) -> "_Loader":
+    loader = _Loader(yaml_loader, feeds)
     for path in _rule_files(paths, loader.problems):
         if path.suffix in YAML_SUFFIXES:
             loader.load_yaml(path)
@@ -99,7 +146,7 @@ def read_rules(paths: Sequence[str], *, yaml_loader: YamlLoader = FAST_LOADER
             loader.load_text(path)
     if loader.problems:
         raise ConfigError(loader.problems)
-    return loader.lists, loader.domains
+    return loader
 
 
 def _rule_files(paths: Sequence[str], problems: list[str]) -> list[Path]:
@@ -123,9 +170,12 @@ def _rule_files(paths: Sequence[str], problems: list[str]) -> list[Path]:
 class _Loader:
     """Accumulates lists, (wire, rule) pairs and problems across all files of one load."""
 
-    def __init__(self, yaml_loader: YamlLoader) -> None:
+    def __init__(self, yaml_loader: YamlLoader, feeds: Feeds | None = None) -> None:
         self._yaml_loader = yaml_loader
+        self._feeds = feeds
         self.problems: list[str] = []
+        self.sources: list[Source] = []
+        self.notes: list[str] = []
         self.lists: list[RuleList] = []
         self.domains: list[tuple[bytes, Rule]] = []
         self._first: dict[str, str] = {}  # list name -> where it was first defined
@@ -179,6 +229,98 @@ class _Loader:
             return f"{location}: {error}"
         return None
 
+    def add_source(self, source: Source, rule: Rule) -> None:
+        """Read a list's source. A local one that cannot be read, or holds nothing usable, is
+        a problem like a broken rule file; a URL source's newest copy that is broken is
+        rejected (its reload then reads the previous copy); with no copy, the list is empty
+        until a fetch succeeds."""
+        self.sources.append(source)
+        allow = self._allow_rule(source, rule)
+        if not source.is_url:
+            problem = self._read_source(source, Path(source.location), rule, allow)
+            if problem is not None:
+                self.problems.append(problem)
+            return
+        copies = self._feeds.copies(source) if self._feeds is not None else []
+        for path in copies:
+            problem = self._read_source(source, path, rule, allow)
+            if problem is None:
+                return
+            self.notes.append(problem)
+            if self._feeds is not None:
+                self._feeds.reject(source, problem)
+        self.notes.append(f"{source.declared}: source {source.location}: no usable copy yet; "
+                          f"list {source.list_name!r} is empty until a fetch succeeds")
+
+    def _allow_rule(self, source: Source, rule: Rule) -> Rule | None:
+        """Where a source's exception lines go: the list itself when it is an allow list,
+        else its `-allow` list (made for every AdBlock and RPZ source, so the set of lists
+        does not depend on what a feed holds today); None in a dry-run list, which an allow
+        list cannot be."""
+        rule_list = rule.list
+        if rule_list.action == ALLOW:
+            return rule
+        if source.format not in ("adblock", "rpz") or rule_list.mode != ENFORCE:
+            return None
+        allow_list = RuleList(rule_list.name + ALLOW_SUFFIX, ALLOW, source=rule_list.source,
+                              clients=rule_list.clients, except_clients=rule_list.except_clients,
+                              rollout=rule_list.rollout, starts=rule_list.starts,
+                              expires=rule_list.expires)
+        problem = self.add_list(allow_list, source.declared, "")
+        if problem is not None:
+            self.problems.append(problem)
+        return Rule(allow_list)
+
+    def _read_source(self, source: Source, path: Path, rule: Rule, allow: Rule | None
+                     ) -> str | None:
+        """Add a source file's names (all or none); the problem that kept them out."""
+        shown = source.location if source.is_url else str(path)
+        if source.format == YAML:
+            return self._read_yaml_source(shown, path, rule)
+        found: list[tuple[bytes, Rule]] = []
+        unusable = 0
+        notes: list[str] = []
+        try:
+            with path.open(encoding="utf-8") as lines:
+                for item in parse(source.format, lines):
+                    if len(item) == 3:  # usable (formats.is_usable, which mypy cannot see into)
+                        _, name, is_allow = item
+                        target = (allow if is_allow else rule)
+                        if target is not None:
+                            found.append((to_wire(name), target))
+                            continue
+                        item = (item[0], "an exception (allow) in a dry-run list: not used")
+                    unusable += 1
+                    if unusable <= NOTES_PER_SOURCE:
+                        notes.append(f"{shown}:{item[0]}: {item[1]}")
+        except UnicodeDecodeError as error:
+            return f"{shown}: not UTF-8 text (byte {error.start} of a read)"
+        except OSError as error:
+            return f"{shown}: cannot read: {error.strerror}"
+        if unusable and not found:
+            return f"{shown}: no usable line ({unusable} unusable; format {source.format})"
+        if unusable > NOTES_PER_SOURCE:
+            notes.append(f"{shown}: {unusable - NOTES_PER_SOURCE} more unusable lines "
+                         f"({unusable} in all, {len(found)} names taken)")
+        self.notes += notes
+        self.domains += found
+        return None
+
+    def _read_yaml_source(self, shown: str, path: Path, rule: Rule) -> str | None:
+        """A `format: yaml` source: a list's `domains:` and `entries:`, as in a rule file."""
+        text = self._read(path)
+        if text is None:
+            return self.problems.pop()
+        root, problem = compose(shown, text, self._yaml_loader)
+        if problem is not None:
+            return problem
+        before = len(self.domains)
+        problems = _YamlFile(self, Path(shown)).parse_source(root, rule)
+        if problems:
+            del self.domains[before:]
+            return "; ".join(problems[:NOTES_PER_SOURCE])
+        return None
+
     def _read(self, path: Path) -> str | None:
         """Read UTF-8 text, turning I/O and decoding failures into problems."""
         try:
@@ -229,6 +371,13 @@ class _YamlFile:
             self._parse_list(node, f"lists[{index}]")
         return [problem for _, problem in sorted(self.problems, key=lambda item: item[0])]
 
+    def parse_source(self, root: Node | None, rule: Rule) -> list[str]:
+        """A `format: yaml` source's body into rule's list; its problems in line order."""
+        if root is not None:
+            keys = self._mapping(root, "", _SOURCE_BODY_KEYS, required=())
+            self._parse_names(keys, "", rule)
+        return [problem for _, problem in sorted(self.problems, key=lambda item: item[0])]
+
     def _parse_list(self, node: Node, where: str) -> None:
         """One list: settings first, so that entries can share the finished RuleList."""
         keys = self._mapping(node, where, _LIST_KEYS, required=("name",))
@@ -254,11 +403,106 @@ class _YamlFile:
             location = self._location(keys["name"])
             self._file(keys["name"], self.loader.add_list(rule_list, location, f"{where}.name"))
         plain = Rule(rule_list)
+        source = self._source(keys, where, name or "")
+        if source is not None and name is not None:
+            self.loader.add_source(source, plain)
+        self._parse_names(keys, where, plain)
+
+    def _parse_names(self, keys: dict[str, Node], where: str, plain: Rule) -> None:
+        """A list's `entries:` and `domains:`."""
         ids: dict[str, int] = {}
-        for index, item in enumerate(self._sequence(keys.get("entries"), f"{where}.entries")):
-            self._parse_entry(item, f"{where}.entries[{index}]", plain, ids)
-        for index, item in enumerate(self._sequence(keys.get("domains"), f"{where}.domains")):
-            self._domain(item, f"{where}.domains[{index}]", plain)
+        entries = dotted(where, "entries")
+        for index, item in enumerate(self._sequence(keys.get("entries"), entries)):
+            self._parse_entry(item, f"{entries}[{index}]", plain, ids)
+        domains = dotted(where, "domains")
+        for index, item in enumerate(self._sequence(keys.get("domains"), domains)):
+            self._domain(item, f"{domains}[{index}]", plain)
+
+    def _source(self, keys: dict[str, Node], where: str, list_name: str) -> Source | None:
+        """A list's `source:` and the keys that go with it (docs/rules.md, lists from files
+        and URLs); None when the list has none, or after reporting a problem."""
+        node = keys.get("source")
+        if node is None:
+            for key in sorted(_SOURCE_KEYS & keys.keys()):
+                self._error(keys[key], f"{where}.{key}", "only with source")
+            return None
+        for key in ("domains", "entries"):
+            if key in keys:
+                self._error(keys[key], f"{where}.{key}", "a list takes its names from source "
+                            "or from domains and entries, not both")
+        location = self._string(node, f"{where}.source")
+        if location is None:
+            return None
+        if is_url(location):
+            parts = urllib.parse.urlsplit(location)
+            if not parts.hostname:
+                self._error(node, f"{where}.source", f"{location!r} is not a URL with a host")
+                return None
+        elif "://" in location:
+            self._error(node, f"{where}.source", f"{location!r}: only http:// and https:// "
+                        "URLs, or a path relative to this file")
+            return None
+        else:
+            location = str((self.path.parent / location).resolve())
+        fmt = "domains"
+        if "format" in keys:
+            fmt = self._one_of(keys["format"], f"{where}.format", SOURCE_FORMATS) or fmt
+        refresh = self._refresh(keys.get("refresh"), f"{where}.refresh", is_url(location))
+        sha256 = self._sha256(keys.get("sha256"), f"{where}.sha256")
+        max_bytes = self._max_bytes(keys.get("max_bytes"), f"{where}.max_bytes")
+        return Source(list_name, location, fmt, refresh, sha256, max_bytes,
+                      self._location(node))
+
+    def _refresh(self, node: Node | None, where: str, url: bool) -> float:
+        """Seconds (a number, or '30m', '6h', '1d'); URL sources only, since a local source
+        is watched like the rule files."""
+        if node is None:
+            return DEFAULT_REFRESH
+        if not url:
+            self._error(node, where, "only for URL sources (a local source is watched for "
+                        "changes like the rule files)")
+            return DEFAULT_REFRESH
+        value: float | None = None
+        if isinstance(node, ScalarNode) and node.tag in (INT, _FLOAT):
+            try:
+                value = float(node.value.replace("_", ""))
+            except ValueError:
+                value = None
+        elif isinstance(node, ScalarNode) and node.tag == STR:
+            match = _DURATION.fullmatch(node.value.strip())
+            if match is not None:
+                value = float(match.group(1)) * _UNITS[match.group(2)]
+        if value is None or not 1 <= value <= 366 * 86400:  # NaN too
+            self._error(node, where, "expected seconds from 1 to a year, or a duration like "
+                        f"30m, 6h or 1d, got {kind_of(node)}")
+            return DEFAULT_REFRESH
+        return value
+
+    def _sha256(self, node: Node | None, where: str) -> str | None:
+        if node is None:
+            return None
+        value = self._string(node, where)
+        if value is not None and not _SHA256.fullmatch(value.lower()):
+            self._error(node, where, f"{value!r} is not a SHA-256 digest (64 hex digits)")
+            return None
+        return value.lower() if value is not None else None
+
+    def _max_bytes(self, node: Node | None, where: str) -> int:
+        """Bytes: a whole number, or '64 MiB' (B, KiB, MiB, GiB)."""
+        if node is None:
+            return DEFAULT_MAX_BYTES
+        if isinstance(node, ScalarNode) and node.tag == INT and node.value.isdigit():
+            value = int(node.value)
+        elif isinstance(node, ScalarNode) and node.tag == STR and (
+                match := _SIZE.fullmatch(node.value.strip())):
+            value = int(match.group(1)) * _SIZES[match.group(2)]
+        else:
+            value = 0
+        if value < 1:
+            self._error(node, where, f"expected bytes > 0, or a size like 64 MiB, got "
+                        f"{kind_of(node)}")
+            return DEFAULT_MAX_BYTES
+        return value
 
     def _parse_entry(self, node: Node, where: str, plain: Rule, ids: dict[str, int]) -> None:
         """A plain domain string, or a mapping naming a group of domains (an exchange)."""

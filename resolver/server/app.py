@@ -26,6 +26,7 @@ from resolver.ops.http import Endpoint, Reload
 from resolver.ops.metrics import Metrics
 from resolver.ops.watch import Watcher
 from resolver.rules.matcher import RuleSet
+from resolver.rules.sources import Feeds
 from resolver.server.outbox import Outbox
 from resolver.server.packetcache import PacketCache
 from resolver.server.pipeline import Delivery, Pipeline
@@ -176,8 +177,8 @@ class RunningServer:
 async def running_server(config: Config, rules: RuleSet, clock: Clock | None = None,
                          reuse_port: bool = False, serve_metrics: bool = True, *,
                          overrides: Overrides = Overrides(), wall: Clock = time.time,
-                         worker: Install | None = None, watcher: Watcher | None = None
-                         ) -> AsyncIterator[RunningServer]:
+                         worker: Install | None = None, watcher: Watcher | None = None,
+                         feeds: Feeds | None = None) -> AsyncIterator[RunningServer]:
     """Serve until the context exits; yields the bound addresses (port 0 resolved).
 
     reuse_port: bind with SO_REUSEPORT so several worker processes share the ports.
@@ -187,6 +188,7 @@ async def running_server(config: Config, rules: RuleSet, clock: Clock | None = N
     worker: in a worker process, the rule set it was forked with (and when that was
     installed); its supervisor reloads and sends it new sets, so it neither watches files
     nor reloads itself.
+    feeds: the URL sources the rules were loaded with (reload.load_at_start), refreshed here.
     """
     registry = CollectorRegistry()
     metrics = Metrics(registry)
@@ -198,13 +200,13 @@ async def running_server(config: Config, rules: RuleSet, clock: Clock | None = N
     limits = TcpLimits(config.server.tcp_idle_timeout, config.server.tcp_max_connections)
     closers: list[Callable[[], None]] = []
     endpoint = None
-    watching = None
+    watching = refreshing = None
     try:
         await upstreams.open()  # in here: a failure part-way still closes what it opened
         addresses = [await _bind(address, chain, outbox, limits, closers, reuse_port)
                      for address in config.server.listen]
         reloads = None if worker is not None else Reloads(config, overrides, rules,
-                                                          metrics.reloads, wall)
+                                                          metrics.reloads, wall, feeds)
         current = worker if reloads is None else reloads.current
         assert current is not None
         server = RunningServer(addresses, chain, metrics, None, config, current, reloads)
@@ -213,6 +215,8 @@ async def running_server(config: Config, rules: RuleSet, clock: Clock | None = N
             # meanwhile is seen; else what the files hold now
             watching = loop.create_task(
                 _watch_files(server, watcher or Watcher(reloads.watch_paths)))
+            reloads.feeds.export(metrics)
+            refreshing = loop.create_task(_refresh_sources(server, reloads.feeds))
         _rule_gauges(metrics, server)
         listen = config.metrics.listen
         if serve_metrics and listen is not None:
@@ -221,10 +225,11 @@ async def running_server(config: Config, rules: RuleSet, clock: Clock | None = N
             server.metrics_address = endpoint.address
         yield server
     finally:
-        if watching is not None:
-            watching.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watching
+        for task in (watching, refreshing):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         for close in reversed(closers):
             close()
         for connection in list(limits.open):
@@ -280,6 +285,19 @@ async def _watch_files(server: RunningServer, watcher: Watcher) -> None:
                 await server.reload(trigger="watch")
         except Exception:  # a bug must not end watching without a word
             log.exception("watching the rule files failed; trying again")
+
+
+async def _refresh_sources(server: RunningServer, feeds: Feeds) -> None:
+    """Fetch URL sources when due, in a thread (a slow feed must not stall answering), and
+    reload when one brought new content: the same reload as a file change's, whose outcome
+    keeps or drops the new copy (Reloads.report)."""
+    while True:
+        await asyncio.sleep(feeds.sleep())
+        try:
+            if feeds.due() and await asyncio.to_thread(feeds.refresh_due):
+                await server.reload(trigger="source")
+        except Exception:  # a bug must not end refreshing without a word
+            log.exception("refreshing the rule sources failed; trying again")
 
 
 def _grow_receive_buffer(sock: socket.socket) -> None:
@@ -344,7 +362,8 @@ async def serve_until_signalled(config: Config, rules: RuleSet,
                                 reuse_port: bool = False, serve_metrics: bool = True, *,
                                 overrides: Overrides = Overrides(),
                                 worker: Install | None = None,
-                                watcher: Watcher | None = None) -> None:
+                                watcher: Watcher | None = None,
+                                feeds: Feeds | None = None) -> None:
     """Serve until SIGTERM or SIGINT; SIGHUP reloads the rules (keeping them on error), but
     in a worker, whose supervisor reloads and sends it the new set (see running_server)."""
     loop = asyncio.get_running_loop()
@@ -353,7 +372,7 @@ async def serve_until_signalled(config: Config, rules: RuleSet,
         loop.add_signal_handler(signum, stop.set)
     async with running_server(config, rules, reuse_port=reuse_port,
                               serve_metrics=serve_metrics, overrides=overrides,
-                              worker=worker, watcher=watcher) as server:
+                              worker=worker, watcher=watcher, feeds=feeds) as server:
         reloads: set[asyncio.Task[ReloadOutcome]] = set()
 
         def reload() -> None:

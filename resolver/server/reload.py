@@ -29,8 +29,9 @@ from resolver.message.constants import Clock
 from resolver.ops.config import BlockingConfig, Config, GuardConfig, Overrides, load_config
 from resolver.ops.errors import ConfigError
 from resolver.ops.metrics import Tally
-from resolver.rules.loader import load_rules
+from resolver.rules.loader import load_rule_set
 from resolver.rules.matcher import RuleSet
+from resolver.rules.sources import Feeds, Source
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,7 @@ class Candidate:
 
     config: Config
     rules: RuleSet
+    sources: tuple[Source, ...] = ()  # what the rules' lists take from files and URLs
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,12 +79,32 @@ def pending(version: str) -> Outcome:
                                       "ended",))
 
 
-def read_candidate(given: Config, overrides: Overrides) -> Candidate:
+def read_candidate(given: Config, overrides: Overrides, feeds: Feeds | None = None
+                   ) -> Candidate:
     """The config file again (when the server was started with one; the flags still override
-    it) and the rules it names. Raises ConfigError with every problem. Reads files: run it
-    off the event loop."""
+    it) and the rules it names, with the copies of URL sources in feeds. Raises ConfigError
+    with every problem. Reads files: run it off the event loop."""
     config = load_config(given.source, overrides) if given.source is not None else given
-    return Candidate(config, load_rules(config.blocking.rules))
+    loaded = load_rule_set(config.blocking.rules, feeds=feeds)
+    for note in loaded.notes:
+        log.warning("%s", note)
+    return Candidate(config, loaded.rules, loaded.sources)
+
+
+def load_at_start(config: Config, feeds: Feeds) -> RuleSet:
+    """The rules at startup. A URL source with no copy on disk is fetched first (blocking,
+    within its timeouts), so a first start serves it; one that cannot be fetched leaves its
+    list empty until a retry succeeds (logged and counted), as Blocky starts with the lists
+    that load. A source with a copy starts from it, and is refreshed in the background when
+    due. Raises ConfigError."""
+    loaded = load_rule_set(config.blocking.rules, feeds=feeds)
+    feeds.declare(loaded.sources)
+    if feeds.fetch_missing():
+        loaded = load_rule_set(config.blocking.rules, feeds=feeds)
+        feeds.settle(OK)  # no guard at startup: nothing is in force to compare with
+    for note in loaded.notes:
+        log.warning("%s", note)
+    return loaded.rules
 
 
 def restart_only(given: Config, new: Config) -> list[str]:
@@ -151,16 +173,18 @@ class Reloads:
     """The state reloads compare against, and the steps around the install."""
 
     def __init__(self, given: Config, overrides: Overrides, rules: RuleSet, counts: Tally,
-                 wall: Clock):
+                 wall: Clock, feeds: Feeds | None = None):
         """given: the config as loaded at startup (its file is read again on each reload;
         restart-only keys are compared with it). counts: resolver_reloads_total. wall: the
-        wall clock, for the time a set was installed."""
+        wall clock, for the time a set was installed. feeds: the URL sources of the rules in
+        force and their copies (load_at_start's), else none until a reload reads some."""
         self.given = given
         self.overrides = overrides
         self.counts = counts
         self.wall = wall
+        self.feeds = feeds or Feeds(given.blocking.state_dir, wall)
         self.current = Install(rules, given.blocking, wall())
-        self.watch_paths = watched(given)  # what the file watcher looks at
+        self.watch_paths = watched(given, self.feeds)  # what the file watcher looks at
         self._was = self.version  # the version an ok reload replaced, for its log line
         for name in given.blocking.guard.must_resolve:
             blocker = would_block(rules, name, wall())
@@ -175,7 +199,7 @@ class Reloads:
     def read(self) -> Candidate | Outcome:
         """Step 1; a failed Outcome on any problem. Reads files: call it off the event loop."""
         try:
-            candidate = read_candidate(self.given, self.overrides)
+            candidate = read_candidate(self.given, self.overrides, self.feeds)
         except ConfigError as exc:
             return Outcome(FAILED, self.version, tuple(exc.problems))
         except Exception as exc:  # a bug must not end reloading, nor go unsaid
@@ -188,7 +212,8 @@ class Reloads:
         if isinstance(read, Outcome):
             return read
         config, rules = read.config, read.rules
-        self.watch_paths = watched(config)
+        self.feeds.declare(read.sources)
+        self.watch_paths = watched(config, self.feeds)
         for key in restart_only(self.given, config):
             log.warning("reload (%s): %s differs from the running value; it takes effect "
                         "at restart", trigger, key)
@@ -213,8 +238,10 @@ class Reloads:
         return Outcome(OK, self.version, tuple(problems))
 
     def report(self, outcome: Outcome, trigger: str) -> Outcome:
-        """Step 4: count and log it; returns it."""
+        """Step 4: count and log it, and keep or drop the new copies of URL sources it read;
+        returns it."""
         self.counts.inc((outcome.result,))
+        self.feeds.settle(outcome.result)
         if outcome.result == OK:
             log.info("reload (%s) ok: %s in force (was %s)", trigger,
                      describe(self.current.rules), self._was)
@@ -233,10 +260,11 @@ def _answers(blocking: BlockingConfig) -> BlockingConfig:
     """The part of a blocking section that shapes answers: a reload that changes only the
     rest (and not the rules' version) is `unchanged`, though the new values are taken. The
     rule paths are left out because the version covers what they hold."""
-    return replace(blocking, rules=(), watch_interval=0.0, guard=GuardConfig())
+    return replace(blocking, rules=(), watch_interval=0.0, guard=GuardConfig(), state_dir=None)
 
 
-def watched(config: Config) -> tuple[str, ...]:
-    """The rule paths, and the config file, whose changes reload."""
+def watched(config: Config, feeds: Feeds | None = None) -> tuple[str, ...]:
+    """The rule paths, the config file and the local sources, whose changes reload."""
     extra: Iterable[str] = () if config.source is None else (config.source,)
-    return (*config.blocking.rules, *extra)
+    local = feeds.local_paths() if feeds is not None else ()
+    return (*config.blocking.rules, *extra, *local)

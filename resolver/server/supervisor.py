@@ -51,6 +51,7 @@ from resolver.ops.http import Endpoint
 from resolver.ops.metrics import Metrics, Sample, merge_samples
 from resolver.ops.watch import Watcher
 from resolver.rules.matcher import RuleSet
+from resolver.rules.sources import Feeds
 from resolver.server.app import (
     WATCH_IDLE,
     RunningServer,
@@ -293,13 +294,16 @@ class Supervisor:
 
     def __init__(self, config: Config, rules: RuleSet, count: int,
                  overrides: Overrides = Overrides(), wall: Clock = time.time,
-                 watcher: Watcher | None = None):
+                 watcher: Watcher | None = None, feeds: Feeds | None = None):
         """watcher: one whose baseline was taken before the rules were read (see
-        running_server); else the baseline is taken once the workers are ready."""
+        running_server); else the baseline is taken once the workers are ready. feeds: the
+        URL sources the rules were loaded with, refreshed here (not in the workers)."""
         self.config = _concrete_ports(config)
         self.count = count
         self.own = Metrics()  # the supervisor's own counts: reloads
-        self.reloads = Reloads(config, overrides, rules, self.own.reloads, wall)
+        self.reloads = Reloads(config, overrides, rules, self.own.reloads, wall, feeds)
+        self.reloads.feeds.export(self.own)
+        self._fetching = threading.Event()  # a refresh of the URL sources is under way
         self._watcher = watcher
         self.workers: list[Worker] = []
         self.retired: list[Sample] = []  # counters of workers that died, so sums never drop
@@ -364,13 +368,36 @@ class Supervisor:
                     self.requests.append(Request(False, "watch"))
                     continue
                 next_look = now + interval
+            self._refresh_sources()
             timeout = max(0.0, next_look - now) if interval else WATCH_IDLE
+            timeout = min(timeout, self.reloads.feeds.sleep())
             ended = wait([*(w.process.sentinel for w in self.workers), self._woken], timeout)
             with contextlib.suppress(BlockingIOError):
                 self._woken.recv(4096, socket.MSG_DONTWAIT)
             for worker in [w for w in self.workers if w.process.sentinel in ended]:
                 if not self.stopping:
                     self._restart(worker)
+
+    def _refresh_sources(self) -> None:
+        """Fetch the URL sources that are due, in a thread (the main loop keeps restarting
+        workers and running reloads meanwhile), then queue a reload if one brought new
+        content; its outcome keeps or drops the new copy (Reloads.report)."""
+        feeds = self.reloads.feeds
+        if self._fetching.is_set() or not feeds.due():
+            return
+        self._fetching.set()
+
+        def fetch() -> None:
+            try:
+                if feeds.refresh_due():
+                    self.requests.append(Request(False, "source"))
+            except Exception:  # a bug must not end refreshing without a word
+                log.exception("refreshing the rule sources failed; trying again")
+            finally:
+                self._fetching.clear()
+                self._poke()
+
+        threading.Thread(target=fetch, name="resolver-sources", daemon=True).start()
 
     def _run(self, request: Request) -> None:
         """One reload: read and judge here, send what loaded to every worker."""
@@ -470,7 +497,7 @@ class Supervisor:
             deadline = time.monotonic() + SNAPSHOT_TIMEOUT
             snapshots = [worker.answer(deadline) for worker in self.workers]
             alive = sum(worker.process.is_alive() for worker in self.workers)
-        for sample in merge_samples([*snapshots, self.retired, [self.own.reloads.sample()]]):
+        for sample in merge_samples([*snapshots, self.retired, self.own.snapshot()]):
             yield sample.family()
         yield Sample("gauge", "workers", "Worker processes alive.", (), {(): alive}).family()
 

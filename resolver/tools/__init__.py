@@ -53,5 +53,8 @@ def _guarded(prog: str, run: Run) -> Run:
             for problem in error.problems:
                 print(f"{prog}: {problem}", file=sys.stderr)
             return USAGE
+        except OSError as error:  # a state_dir or an output that cannot be written...
+            print(f"{prog}: {error}", file=sys.stderr)
+            return USAGE
 
     return guarded

@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     paths = tuple(args.paths) or config.blocking.rules
     loaded: Loaded | None = None
     try:
-        loaded = Loaded.read(paths)
+        loaded = Loaded.read(paths, config)
     except ConfigError as error:
         problems += error.problems
     for problem in problems:
@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {list_line(rule_list, loaded.rules.counts.get(rule_list.name, 0))}")
     if args.guard is None:
         return OK
-    return _guard(Loaded.read(args.guard).rules, loaded.rules, config)
+    return _guard(Loaded.read(args.guard, config).rules, loaded.rules, config)
 
 
 def _guard(old: RuleSet, new: RuleSet, config: Config) -> int:

@@ -22,6 +22,7 @@ from resolver.rules.loader import read_rules
 from resolver.rules.matcher import RuleSet
 from resolver.rules.model import EVERYONE, Rule, RuleList
 from resolver.rules.scope import utc
+from resolver.rules.sources import Feeds
 
 # Exit codes of every `resolver rules` command (docs/tools.md#exit-codes)
 OK = 0  # valid, no change
@@ -47,9 +48,16 @@ class Loaded:
     rules: RuleSet
 
     @classmethod
-    def read(cls, paths: Sequence[str]) -> Loaded:
-        """Load and compile; raises ConfigError listing every problem, as load_rules does."""
-        lists, domains = read_rules(paths)
+    def read(cls, paths: Sequence[str], config: Config | None = None) -> Loaded:
+        """Load and compile; raises ConfigError listing every problem, as load_rules does.
+        URL sources are read from the config's blocking.state_dir, where the server keeps
+        its last good copies (nothing is downloaded; without one such a list is empty).
+        The loader's notes (unusable lines of sources) go to stderr."""
+        state_dir = config.blocking.state_dir if config is not None else None
+        feeds = Feeds(state_dir) if state_dir is not None else None
+        lists, domains, notes = read_rules(paths, feeds=feeds)
+        for note in notes:
+            print(f"note: {note}", file=sys.stderr)
         return cls(tuple(lists), domains, RuleSet(lists, domains))
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from resolver.message.names import from_wire
 from resolver.rules.model import Network, RuleList
 from resolver.rules.scope import utc
-from resolver.tools.common import CHANGES, OK, Loaded, plural, write_json
+from resolver.tools.common import CHANGES, OK, Loaded, config_or_default, plural, write_json
 
 Pair = tuple[str, str]  # (domain, entry id)
 
@@ -30,6 +30,8 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]
     parser.add_argument("old", nargs="+", metavar="OLD", help="the rules now (files, dirs)")
     parser.add_argument("--to", nargs="+", action="extend", required=True, metavar="NEW",
                         help="the rules to compare with")
+    parser.add_argument("-c", "--config", metavar="FILE",
+                        help="config whose blocking.state_dir holds URL sources' copies")
     parser.add_argument("--json", action="store_true", help="one JSON document")
     parser.set_defaults(run=run)
     return parser
@@ -177,7 +179,8 @@ def print_change(change: ListChange, new: Loaded) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    old, new = Loaded.read(args.old), Loaded.read(args.to)
+    config = config_or_default(args.config)
+    old, new = Loaded.read(args.old, config), Loaded.read(args.to, config)
     changes = compare(old, new)
     counts = summary(old, new, changes)
     if args.json:

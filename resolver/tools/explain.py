@@ -212,7 +212,7 @@ def blocked_answer(loaded: Loaded, decider: Candidate, blocking: BlockingConfig,
 
 def run(args: argparse.Namespace) -> int:
     config = config_or_default(args.config)
-    loaded = Loaded.read(rule_paths(args.rules, config))
+    loaded = Loaded.read(rule_paths(args.rules, config), config)
     now = args.at if args.at is not None else float(int(time.time()))  # to the second
     try:
         result = explain(loaded, args.name, args.client, now)

@@ -265,7 +265,7 @@ def unbound(loaded: Loaded, blocking: BlockingConfig) -> Iterator[str]:
 
 def run(args: argparse.Namespace) -> int:
     config = config_or_default(args.config)
-    loaded = Loaded.read(rule_paths(args.rules, config))
+    loaded = Loaded.read(rule_paths(args.rules, config), config)
     blocking = config.blocking
     if args.format == "rpz":
         lines = rpz(loaded, blocking, args.origin, args.serial)

@@ -24,7 +24,7 @@ import yaml
 
 from resolver.ops.errors import ConfigError
 from resolver.rules import formats
-from resolver.rules.loader import load_rules
+from resolver.rules.loader import ALLOW_SUFFIX, load_rules
 from resolver.rules.model import ACTIONS, ALLOW, DEFAULT_ACTION
 from resolver.tools.common import CHANGES, OK, ToolError, plural
 
@@ -115,7 +115,7 @@ def rule_file(found: Imported, name: str, action: str, fmt: str, files: list[str
            f"{plural(found.unusable, 'line')} could not be used (reported when imported).",
            "lists:" if found.taken else "lists: []"]
     for list_name_, list_action, names in ((name, action, found.blocks),
-                                           (f"{name}-allow", ALLOW, found.allows)):
+                                           (f"{name}{ALLOW_SUFFIX}", ALLOW, found.allows)):
         if names:
             out += [f"  - name: {list_name_}", f"    action: {list_action}", "    domains:"]
             out += [f"      - {_scalar(domain)}" for domain in names]

@@ -404,20 +404,20 @@ def choose_baseline(args: argparse.Namespace, config: Config, logged: str | None
     --baseline if given; else, of the config's rules (-c) and the shipped rules, the first
     whose version is the log's rules_version; else the shipped rules."""
     if args.baseline:
-        loaded = Loaded.read(args.baseline)
+        loaded = Loaded.read(args.baseline, config)
         return loaded, f"rules {loaded.rules.version} (--baseline)"
     places = ([("the config's blocking.rules", config.blocking.rules)] if args.config else [])
     places.append(("the shipped rules", (SHIPPED_RULES,)))
     tried = []
     for label, paths in places:
         try:
-            loaded = Loaded.read(paths)
+            loaded = Loaded.read(paths, config)
         except ConfigError as error:
             raise ToolError([f"baseline ({label}): {p}" for p in error.problems]) from None
         if logged is not None and loaded.rules.version == logged:
             return loaded, f"rules {logged} ({label}: the log's rules_version)"
         tried.append(f"{label} are {loaded.rules.version}")
-    shipped = Loaded.read((SHIPPED_RULES,))
+    shipped = Loaded.read((SHIPPED_RULES,), config)
     why = ("the log names no rules_version" if logged is None else
            f"the log's rules_version {logged} was not found: {'; '.join(tried)}")
     return shipped, f"rules {shipped.rules.version} (the shipped rules; {why})"
@@ -472,7 +472,7 @@ def print_report(report: Report, baseline: str, candidate: str, files: int, top:
 
 def run(args: argparse.Namespace) -> int:
     config = config_or_default(args.config)
-    candidate = Loaded.read(args.rules)
+    candidate = Loaded.read(args.rules, config)
     logs = LogFiles(args.logs)
     baseline, why = choose_baseline(args, config, logs.log_version())
     plain_time = args.at if args.at is not None else float(int(time.time()))

@@ -256,3 +256,16 @@ def test_replay_draws_a_progress_bar_on_a_terminal_only(files, tmp_path):
         assert process.stdout is not None and b"newly allowed" in process.stdout.read()
         process.stdout.close()
     assert b"replay: " in drawn and b"B/s]" in drawn  # then cleared: leave=False
+
+
+def test_lists_from_sources_are_seen_and_their_notes_shown(tmp_path):
+    """A list whose names come from a feed file: the tools see its names (as the server
+    does), and the feed's unusable lines are noted on stderr without failing the command."""
+    (tmp_path / "feed.txt").write_text("0.0.0.0 ads.test\n192.0.2.1 redirect.test\n")
+    rule_file = tmp_path / "rules.yaml"
+    rule_file.write_text("lists:\n  - name: feed\n    source: feed.txt\n    format: hosts\n")
+    result = rules("explain", "www.ads.test", "--rules", str(rule_file))
+    assert result.returncode == 0
+    assert result.stdout.splitlines()[1].startswith("blocked by list feed, domain ads.test")
+    assert "feed.txt:2: address '192.0.2.1' is not one that blocks" in result.stderr
+    assert result.stderr.startswith("note: ")

@@ -159,15 +159,12 @@ class LogFiles:
 
     def size(self) -> int | None:
         """Total bytes, for the progress bar (None when a log is a pipe)."""
-        total = 0
-        for path in self.paths:
-            try:
-                total += os.stat(path).st_size if path != "-" else 0
-            except OSError:
-                return None
-            if path == "-":
-                return None
-        return total
+        if "-" in self.paths:
+            return None
+        try:
+            return sum(os.stat(path).st_size for path in self.paths)
+        except OSError:  # said when the file is opened
+            return None
 
     def _open(self, path: str) -> IO[bytes]:
         if path == "-":

@@ -122,6 +122,23 @@ def load_rule_set(paths: Sequence[str], *, yaml_loader: YamlLoader = FAST_LOADER
                   feeds: Feeds | None = None) -> Loaded:
     """load_rules, with the sources and notes (for the reloads, which schedule the sources,
     and for tools, which show the notes)."""
+    loader = _load(paths, yaml_loader, feeds)
+    return Loaded(RuleSet(loader.lists, loader.domains), tuple(loader.sources),
+                  tuple(loader.notes))
+
+
+def read_rules(paths: Sequence[str], *, yaml_loader: YamlLoader = FAST_LOADER,
+               feeds: Feeds | None = None
+               ) -> tuple[list[RuleList], list[tuple[bytes, Rule]], tuple[str, ...]]:
+    """What load_rule_set compiles: the lists and every (wire name, rule) pair as the files
+    give them, and the notes; or ConfigError with all problems. For the rule tools
+    (resolver/tools/), which compare, explain and export the domains as written, where a
+    compiled RuleSet keeps only what answers."""
+    loader = _load(paths, yaml_loader, feeds)
+    return loader.lists, loader.domains, tuple(loader.notes)
+
+
+def _load(paths: Sequence[str], yaml_loader: YamlLoader, feeds: Feeds | None) -> "_Loader":
     loader = _Loader(yaml_loader, feeds)
     for path in _rule_files(paths, loader.problems):
         if path.suffix in YAML_SUFFIXES:
@@ -130,8 +147,7 @@ def load_rule_set(paths: Sequence[str], *, yaml_loader: YamlLoader = FAST_LOADER
             loader.load_text(path)
     if loader.problems:
         raise ConfigError(loader.problems)
-    return Loaded(RuleSet(loader.lists, loader.domains), tuple(loader.sources),
-                  tuple(loader.notes))
+    return loader
 
 
 def _rule_files(paths: Sequence[str], problems: list[str]) -> list[Path]:

@@ -129,11 +129,11 @@ def load_rule_set(paths: Sequence[str], *, yaml_loader: YamlLoader = FAST_LOADER
 
 def read_rules(paths: Sequence[str], *, yaml_loader: YamlLoader = FAST_LOADER,
                feeds: Feeds | None = None
-               ) -> tuple[list[RuleList], list[tuple[bytes, Rule]], tuple[str, ...]]:
+               ) -> tuple[list[RuleList], Domains, tuple[str, ...]]:
     """What load_rule_set compiles: the lists and every (wire name, rule) pair as the files
-    give them, and the notes; or ConfigError with all problems. For the rule tools
-    (resolver/tools/), which compare, explain and export the domains as written, where a
-    compiled RuleSet keeps only what answers."""
+    give them (a Domains, which iterates as such pairs), and the notes; or ConfigError with
+    all problems. For the rule tools (resolver/tools/), which compare, explain and export the
+    domains as written, where a compiled RuleSet keeps only what answers."""
     loader = _load(paths, yaml_loader, feeds)
     return loader.lists, loader.domains, tuple(loader.notes)
 

@@ -20,9 +20,10 @@ from resolver.ops.config import Config, load_config
 from resolver.ops.shipped import SHIPPED_RULES
 from resolver.rules.loader import read_rules
 from resolver.rules.matcher import RuleSet
-from resolver.rules.model import EVERYONE, Rule, RuleList
+from resolver.rules.model import EVERYONE, RuleList
 from resolver.rules.scope import utc
 from resolver.rules.sources import Feeds
+from resolver.rules.table import Domains
 
 # Exit codes of every `resolver rules` command (docs/tools.md#exit-codes)
 OK = 0  # valid, no change
@@ -44,7 +45,7 @@ class Loaded:
     """Rules as the files give them (lists, every (wire name, rule) pair) and compiled."""
 
     lists: tuple[RuleList, ...]
-    domains: list[tuple[bytes, Rule]]
+    domains: Domains  # iterates as (wire name, rule) pairs
     rules: RuleSet
 
     @classmethod

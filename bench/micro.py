@@ -34,7 +34,7 @@ from resolver.cli import settle_memory
 from resolver.message import wire
 from resolver.message.reply import TtlPolicy, render, scan_reply
 from resolver.ops.config import Config, UpstreamConfig, UpstreamServer
-from resolver.ops.metrics import Metrics
+from resolver.ops.metrics import Metrics, new_row, observe
 from resolver.rules.loader import load_rules
 from resolver.rules.matcher import RuleSet
 from resolver.server.app import build_pipeline
@@ -43,6 +43,7 @@ from resolver.server.packetcache import PacketCache
 from resolver.server.udp import UdpServer
 from resolver.stages.blocking import Blocker
 from resolver.stages.cache import CacheLookup
+from resolver.stages.contract import Answered
 from resolver.stages.prefetch import Prefetch
 from resolver.upstream import udp as upstream_udp
 from resolver.upstream.pool import UpstreamPool
@@ -235,6 +236,9 @@ def main() -> None:
     staged = Blocker(staged_rules(config.blocking.rules), config.blocking, Metrics())
     q_scoped = wire.parse_query(packet("www.scoped.example", args.edns), CLIENT, "udp")
     q_canary = wire.parse_query(packet("www.canary.example", args.edns), CLIENT, "udp")
+    made = blocker.answer(q_blocked)
+    assert isinstance(made, Answered)
+    record, answer, row = Metrics().queries.record, made.data, new_row()
 
     rows = [
         ("decode (parse_query)", lambda: wire.parse_query(blocked, CLIENT, "udp")),
@@ -249,8 +253,14 @@ def main() -> None:
         # the fenced shortcut: a miss says FORWARD, skipping the stages that read entries
         ("cache miss (lookup, FORWARD)", lambda: cache_stage.answer(q_blocked)),
         ("encode cached reply (render, aged)", lambda: render(q_allowed, reply, 7)),
-        ("whole handle(): blocked", lambda: pipeline.handle(blocked, CLIENT, sink)),
-        ("whole handle(): cache hit", lambda: pipeline.handle(allowed, CLIENT, sink)),
+        # the per-answer bookkeeping every path below includes: queries_total with its qtype
+        # and rcode and the duration histogram in one record, and a histogram row's observe
+        # alone (what a packet-cache replay and an upstream reply pay)
+        ("count + time an answer (Queries.record)",
+         lambda: record("udp", "blocked", 1, answer, 0.000003)),
+        ("histogram: observe one value (a row)", lambda: observe(row, 0.000003)),
+        ("whole handle(): blocked", lambda: pipeline.handle(blocked, CLIENT, sink, 1000.0)),
+        ("whole handle(): cache hit", lambda: pipeline.handle(allowed, CLIENT, sink, 1000.0)),
         ("datagram: blocked, packet cache replay", lambda: udp.datagram_received(blocked, CLIENT)),
         ("datagram: cached, packet cache replay", lambda: udp.datagram_received(allowed, CLIENT)),
     ]

@@ -40,6 +40,7 @@ from resolver.rules.matcher import RuleSet
 from resolver.server.app import build_pipeline
 from resolver.server.outbox import Outbox
 from resolver.server.packetcache import PacketCache
+from resolver.server.pipeline import LOCAL
 from resolver.server.udp import UdpServer
 from resolver.stages.blocking import Blocker
 from resolver.stages.cache import CacheLookup
@@ -253,14 +254,17 @@ def main() -> None:
         # the fenced shortcut: a miss says FORWARD, skipping the stages that read entries
         ("cache miss (lookup, FORWARD)", lambda: cache_stage.answer(q_blocked)),
         ("encode cached reply (render, aged)", lambda: render(q_allowed, reply, 7)),
-        # the per-answer bookkeeping every path below includes: queries_total with its qtype
-        # and rcode and the duration histogram in one record, and a histogram row's observe
-        # alone (what a packet-cache replay and an upstream reply pay)
-        ("count + time an answer (Queries.record)",
-         lambda: record("udp", "blocked", 1, answer, 0.000003)),
-        ("histogram: observe one value (a row)", lambda: observe(row, 0.000003)),
-        ("whole handle(): blocked", lambda: pipeline.handle(blocked, CLIENT, sink, 1000.0)),
-        ("whole handle(): cache hit", lambda: pipeline.handle(allowed, CLIENT, sink, 1000.0)),
+        # the per-answer bookkeeping: queries_total with its qtype and rcode and the
+        # duration histogram in one record, for a local answer (untimed, the first bucket:
+        # pipeline.LOCAL) and a forwarded one (a bisect); a histogram row's observe alone
+        # (an upstream reply's)
+        ("record a local answer (Queries.record)",
+         lambda: record("udp", "blocked", 1, answer, LOCAL)),
+        ("record a forwarded answer (+ bisect)",
+         lambda: record("udp", "forwarded", 1, answer, 0.0042)),
+        ("histogram: observe one value (a row)", lambda: observe(row, 0.0042)),
+        ("whole handle(): blocked", lambda: pipeline.handle(blocked, CLIENT, sink)),
+        ("whole handle(): cache hit", lambda: pipeline.handle(allowed, CLIENT, sink)),
         ("datagram: blocked, packet cache replay", lambda: udp.datagram_received(blocked, CLIENT)),
         ("datagram: cached, packet cache replay", lambda: udp.datagram_received(allowed, CLIENT)),
     ]

@@ -27,9 +27,9 @@ from collections import OrderedDict
 from typing import Protocol
 
 from resolver.message import wire
-from resolver.message.constants import Clock
-from resolver.ops.metrics import Queries, Row, Tally, observe
-from resolver.server.pipeline import offer
+from resolver.message.constants import NEVER, Clock
+from resolver.ops.metrics import Queries, Row, Tally
+from resolver.server.pipeline import LOCAL, offer
 from resolver.stages.contract import Answered, Drop, Later, QueryObserver, Replay, Sink
 
 MAX_QUERY = 512  # bytes: a longest name with EDNS and a cookie fits in well under this
@@ -42,7 +42,7 @@ _Kept = tuple[bytes, float, str, Row, Tally, tuple[str, ...]]  # answer after it
 class Handler(Protocol):
     """What the packet cache wraps (server.pipeline.Pipeline)."""
 
-    def handle(self, data: bytes, client: tuple[str, int], sink: Sink, received: float
+    def handle(self, data: bytes, client: tuple[str, int], sink: Sink
                ) -> Answered | Later | Drop: ...
 
 
@@ -63,22 +63,19 @@ class PacketCache:
 
     def handle(self, data: bytes, client: tuple[str, int], sink: Sink) -> bytes | None:
         """The answer to send now, replayed or from the pipeline; None when there is none
-        (dropped, or coming later through sink.deliver). The receipt time is read here, once,
-        for the replay's expiry and every answer's duration."""
-        now = self._clock()
+        (dropped, or coming later through sink.deliver)."""
         found = self._entries.get(data[2:])
         if found is not None:
             tail, until, outcome, row, tally, key = found
-            if now < until:  # NEVER, blocked answers' until, is never reached
+            if until == NEVER or self._clock() < until:  # blocked answers need no clock
                 counts = tally.counts
                 counts[key] = counts.get(key, 0) + 1
+                row[0] += 1  # Queries.record of a LOCAL answer, its row kept with it
                 answer = data[:2] + tail
-                duration = self._clock() - now
-                observe(row, duration)
                 if self._observer is not None:
-                    self._offer(data, client, now, outcome, answer, duration)
+                    self._offer(data, client, outcome, answer)
                 return answer
-        result = self._inner(data, client, sink, now)
+        result = self._inner(data, client, sink)
         if not isinstance(result, Answered):
             return None
         answer, replay = result.data, result.replay
@@ -96,13 +93,13 @@ class PacketCache:
         if len(entries) > self._max:
             entries.popitem(last=False)
 
-    def _offer(self, data: bytes, client: tuple[str, int], now: float, outcome: str,
-               answer: bytes, duration: float) -> None:
+    def _offer(self, data: bytes, client: tuple[str, int], outcome: str, answer: bytes
+               ) -> None:
         """Show the observer a replay, with its query decoded again (the pipeline decoded
         the same bytes once, so they decode; the cost is paid only with an observer)."""
         assert self._observer is not None
-        q = wire.parse_query(data, client, "udp", now)
-        offer(self._observer, q, "udp", outcome, answer, duration, "")
+        q = wire.parse_query(data, client, "udp")
+        offer(self._observer, q, "udp", outcome, answer, LOCAL, "")
 
     def clear(self) -> None:
         """Forget everything (the rules changed)."""

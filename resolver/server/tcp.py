@@ -54,10 +54,8 @@ class TcpConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self._buffer += data
         messages = wire.unframe(self._buffer)
-        if messages:
-            received = self._pipeline.clock()  # the messages in one read came together
         for message in messages:
-            result = self._pipeline.handle(message, self.peer, self, received)
+            result = self._pipeline.handle(message, self.peer, self)
             if isinstance(result, Answered):
                 self._write(result.data)
             elif result is LATER:

@@ -35,16 +35,18 @@ from resolver.message import wire
 from resolver.message.names import label_offsets, to_wire
 from resolver.message.reply import TtlPolicy, render, scan_reply
 from resolver.ops.config import Config, UpstreamConfig, UpstreamServer
-from resolver.ops.metrics import Metrics
+from resolver.ops.metrics import Metrics, new_row, observe
 from resolver.rules import table
 from resolver.rules.loader import load_rules
 from resolver.rules.matcher import RuleSet
 from resolver.server.app import build_pipeline
 from resolver.server.outbox import Outbox
 from resolver.server.packetcache import PacketCache
+from resolver.server.pipeline import LOCAL
 from resolver.server.udp import UdpServer
 from resolver.stages.blocking import Blocker
 from resolver.stages.cache import CacheLookup
+from resolver.stages.contract import Answered
 from resolver.stages.prefetch import Prefetch
 from resolver.upstream import udp as upstream_udp
 from resolver.upstream.pool import UpstreamPool
@@ -272,6 +274,9 @@ def main() -> None:
     staged = Blocker(staged_rules(config.blocking.rules), config.blocking, Metrics())
     q_scoped = wire.parse_query(packet("www.scoped.example", args.edns), CLIENT, "udp")
     q_canary = wire.parse_query(packet("www.canary.example", args.edns), CLIENT, "udp")
+    made = blocker.answer(q_blocked)
+    assert isinstance(made, Answered)
+    record, answer, row = Metrics().queries.record, made.data, new_row()
 
     rows: list[tuple[str, Callable[[], object]]] = [
         ("decode (parse_query)", lambda: wire.parse_query(blocked, CLIENT, "udp")),
@@ -286,6 +291,15 @@ def main() -> None:
         # the fenced shortcut: a miss says FORWARD, skipping the stages that read entries
         ("cache miss (lookup, FORWARD)", lambda: cache_stage.answer(q_blocked)),
         ("encode cached reply (render, aged)", lambda: render(q_allowed, reply, 7)),
+        # the per-answer bookkeeping: queries_total with its qtype and rcode and the
+        # duration histogram in one record, for a local answer (untimed, the first bucket:
+        # pipeline.LOCAL) and a forwarded one (a bisect); a histogram row's observe alone
+        # (an upstream reply's)
+        ("record a local answer (Queries.record)",
+         lambda: record("udp", "blocked", 1, answer, LOCAL)),
+        ("record a forwarded answer (+ bisect)",
+         lambda: record("udp", "forwarded", 1, answer, 0.0042)),
+        ("histogram: observe one value (a row)", lambda: observe(row, 0.0042)),
         ("whole handle(): blocked", lambda: pipeline.handle(blocked, CLIENT, sink)),
         ("whole handle(): cache hit", lambda: pipeline.handle(allowed, CLIENT, sink)),
         ("datagram: blocked, packet cache replay", lambda: udp.datagram_received(blocked, CLIENT)),

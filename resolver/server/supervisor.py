@@ -96,7 +96,7 @@ class Worker:
     def start(cls, index: int, config: Config, install: Install) -> Worker:
         ours, theirs = multiprocessing.Pipe()
         process = multiprocessing.get_context("fork").Process(
-            target=_worker_main, args=(config, install, theirs),
+            target=_worker_main, args=(config, install, theirs, index),
             name=f"resolver-worker-{index}", daemon=True)
         process.start()
         theirs.close()
@@ -132,7 +132,7 @@ class Worker:
         answering, as serving rules or holding a cache."""
         if self._until("snapshot", deadline):
             return self.last
-        return [sample for sample in self.last if sample.kind == "counter"]
+        return [sample for sample in self.last if sample.monotonic]
 
     def send(self, install: bytes, fds: list[int]) -> bool:
         """Send a pickled Install and the memory files it refers to (table.dumps); False
@@ -181,7 +181,7 @@ class Worker:
         return kind
 
 
-def _worker_main(config: Config, install: Install, conn: Connection) -> None:
+def _worker_main(config: Config, install: Install, conn: Connection, index: int) -> None:
     """Body of a worker process: serve with SO_REUSEPORT until told to stop."""
     _die_with_parent()
 
@@ -192,7 +192,8 @@ def _worker_main(config: Config, install: Install, conn: Connection) -> None:
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             runner.run(serve_until_signalled(config, install.rules, on_ready, reuse_port=True,
-                                             serve_metrics=False, worker=install))
+                                             serve_metrics=False, worker=install,
+                                             process=f"worker-{index}"))
     except OSError as exc:
         conn.send(("error", str(exc)))
 
@@ -312,7 +313,7 @@ class Supervisor:
         URL sources the rules were loaded with, refreshed here (not in the workers)."""
         self.config = _concrete_ports(config)
         self.count = count
-        self.own = Metrics()  # the supervisor's own counts: reloads
+        self.own = Metrics(process="supervisor")  # its own: reloads, sources, resource use
         self.reloads = Reloads(config, overrides, rules, self.own.reloads, wall, feeds)
         self.reloads.feeds.export(self.own)
         self._fetching = threading.Event()  # a refresh of the URL sources is under way
@@ -477,7 +478,7 @@ class Supervisor:
             return
         with self.lock:
             self.retired = merge_samples([self.retired,
-                                          [s for s in worker.last if s.kind == "counter"]])
+                                          [s for s in worker.last if s.monotonic]])
             worker.conn.close()
             self.workers[self.workers.index(worker)] = fresh
 

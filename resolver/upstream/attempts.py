@@ -117,7 +117,7 @@ class Exchange:
         elif data[3] & 0xF in MOVE_ON:
             self._got(data, now)
         else:  # the usual ending, without _got's and _finish's calls
-            self._upstream.health.success(now - self._sent)
+            self._upstream.health.success(now - self._sent, now)
             if not self._over:
                 self._over = True
                 self.done(data)
@@ -182,7 +182,7 @@ class Exchange:
 
     def _got(self, data: bytes, now: float) -> None:
         upstream = self._upstream
-        upstream.health.success(now - self._sent)
+        upstream.health.success(now - self._sent, now)
         if data[3] & 0xF in MOVE_ON:
             self._plan.count_error(upstream, "rcode")
             self._last = data

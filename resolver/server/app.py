@@ -26,6 +26,7 @@ from resolver.ops.config import Address, Config, Overrides
 from resolver.ops.health import LOOP_DEADLINE, Probe, Probed, Status
 from resolver.ops.http import Endpoint, Reload
 from resolver.ops.metrics import Metrics
+from resolver.ops.querylog import QueryLog
 from resolver.ops.watch import Watcher
 from resolver.rules.matcher import RuleSet
 from resolver.server.outbox import Outbox
@@ -61,6 +62,7 @@ class Chain:
     blocker: Blocker
     cache: Cache
     forwarder: Forwarder
+    querylog: QueryLog | None = None  # None: the query log is off
 
 
 def build_pipeline(config: Config, rules: RuleSet, metrics: Metrics, upstreams: UpstreamPool,
@@ -89,6 +91,9 @@ def build_pipeline(config: Config, rules: RuleSet, metrics: Metrics, upstreams: 
     """
     blocker = Blocker(rules, config.blocking, metrics, clock=clock, wall=wall,
                       schedule=schedule)
+    # its writer thread runs until running_server closes it
+    querylog = (QueryLog(config.query_log, lambda: blocker.rules, metrics, wall=wall,
+                         clock=clock) if config.query_log.path is not None else None)
     cname = CnameCheck(blocker)
     cache = Cache(config.cache, metrics, clock, inspect=cname.verdict)
     blocker.on_install(cache.recheck)
@@ -110,7 +115,7 @@ def build_pipeline(config: Config, rules: RuleSet, metrics: Metrics, upstreams: 
     blocker.on_install(packets.clear)
     metrics.gauge("packet_cache_entries", "Whole UDP answers kept by query bytes.", (),
                   lambda: {(): len(packets)})
-    return Chain(pipeline, packets, blocker, cache, forwarder)
+    return Chain(pipeline, packets, blocker, cache, forwarder, querylog)
 
 
 @dataclass
@@ -242,6 +247,8 @@ async def running_server(config: Config, rules: RuleSet, clock: Clock | None = N
             connection.transport.close()
         chain.forwarder.drain()
         chain.blocker.close()
+        if chain.querylog is not None:
+            chain.querylog.close()
         upstreams.close()
         if endpoint is not None:
             endpoint.stop()

@@ -56,6 +56,7 @@ from resolver.ops.config import Address, Config, Overrides
 from resolver.ops.health import LOOP_DEADLINE, Probed, Status
 from resolver.ops.http import Endpoint
 from resolver.ops.metrics import Metrics, Sample, merge_samples
+from resolver.ops.querylog import worker_path
 from resolver.ops.watch import Watcher
 from resolver.rules.matcher import RuleSet
 from resolver.server.app import (
@@ -391,9 +392,13 @@ class Supervisor:
                                                       ("the server is stopping",)))
 
     def _fork(self, index: int) -> Worker:
-        """A worker with the rule set in force and the blocking section it came with."""
+        """A worker with the rule set in force and the blocking section it came with, and a
+        query log file of its own."""
         current = self.reloads.current
-        config = dataclasses.replace(self.config, blocking=current.blocking)
+        query_log = self.config.query_log
+        config = dataclasses.replace(
+            self.config, blocking=current.blocking,
+            query_log=dataclasses.replace(query_log, path=worker_path(query_log.path, index)))
         return Worker.start(index, config, current)
 
     def _watch(self, watcher: Watcher) -> None:

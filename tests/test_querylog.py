@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
-from dnslib import QTYPE, RR, SOA, DNSRecord
+from dnslib import QTYPE, RR, SOA, DNSLabel, DNSRecord
 
 from resolver.message import wire
 from resolver.message.query import Outcome, Query
@@ -32,6 +32,7 @@ from resolver.ops.querylog import (
     QueryLog,
     RotatingFile,
     chunks,
+    qname,
     rcode,
     rfc3339,
     worker_path,
@@ -240,6 +241,18 @@ def test_client_truncation(address, settings, expected):
     assert Format(QueryLogConfig(**settings)).client(address) == expected
 
 
+@pytest.mark.parametrize(("labels", "text"), [
+    ([b"www", b"example", b"org"], "www.example.org"),
+    ([b"_dmarc", b"x-y", b"test"], "_dmarc.x-y.test"),
+    ([], "."),
+    ([b"a.b", b"test"], "a\\046b.test"),  # a dot inside a label, escaped as from_wire does
+    ([b"a\x07", b"test"], "a\\007.test"),
+])
+def test_qname_text(labels, text):
+    packet = bytes(DNSRecord.question(DNSLabel(labels)).pack())
+    assert qname(wire.parse_query(packet, ("192.0.2.1", 53), "udp")) == text
+
+
 @pytest.mark.parametrize(("wall", "text"), [
     (0.0, "1970-01-01T00:00:00.000Z"),
     (WALL, "2026-12-06T20:39:35.123Z"),
@@ -247,6 +260,9 @@ def test_client_truncation(address, settings, expected):
 ])
 def test_time_format(wall, text):
     assert rfc3339(wall) == text
+    made = Format(QueryLogConfig())
+    assert [made.time(wall), made.time(wall + 0.5), made.time(wall + 1)] == [
+        rfc3339(wall), rfc3339(wall + 0.5), rfc3339(wall + 1)]  # each second's text anew
 
 
 @pytest.mark.parametrize(("code", "name"), [

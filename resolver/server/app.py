@@ -39,7 +39,7 @@ from resolver.server.udp import UdpServer
 from resolver.stages.blocking import Blocker
 from resolver.stages.cache import Cache, CacheLookup
 from resolver.stages.cname import CnameBlocker, CnameCheck
-from resolver.stages.contract import CallLater, Stage
+from resolver.stages.contract import CallLater, QueryObserver, Stage
 from resolver.stages.forward import Forwarder
 from resolver.stages.prefetch import Prefetch
 from resolver.stages.stale import ServeStale
@@ -88,30 +88,34 @@ def build_pipeline(config: Config, rules: RuleSet, metrics: Metrics, upstreams: 
 
     schedule (loop.call_later) arms the forwarder's client response timers and the
     blocker's list-window timer; wall (epoch seconds) is what list windows are written in.
+    The query log (config.query_log; ops/querylog.py), when on, is offered every query
+    answered or dropped, wherever that happened.
     """
     blocker = Blocker(rules, config.blocking, metrics, clock=clock, wall=wall,
                       schedule=schedule)
     # its writer thread runs until running_server closes it
     querylog = (QueryLog(config.query_log, lambda: blocker.rules, metrics, wall=wall,
                          clock=clock) if config.query_log.path is not None else None)
+    observer: QueryObserver | None = querylog
     cname = CnameCheck(blocker)
     cache = Cache(config.cache, metrics, clock, inspect=cname.verdict)
     blocker.on_install(cache.recheck)
     stale = ServeStale(cache, config.cache, metrics)
     policy = TtlPolicy(config.cache.min_ttl, config.cache.max_ttl, config.cache.negative_ttl,
                        config.cache.servfail_ttl)
-    forwarder = Forwarder(upstreams, cache, policy, stale, cname, Delivery(metrics).deliver,
-                          schedule, clock, metrics, config.server.max_inflight)
+    forwarder = Forwarder(upstreams, cache, policy, stale, cname,
+                          Delivery(metrics, clock, observer).deliver, schedule, clock, metrics,
+                          config.server.max_inflight)
     stages: list[Stage] = [
         blocker,
         CacheLookup(cache, metrics, Prefetch(config.cache, metrics, forwarder.refresh)),
         CnameBlocker(cname, cache),
         stale,
     ]
-    metrics.queries.expect((sink.name, outcome) for sink in (UdpServer, TcpConnection)
-                           for outcome in Outcome.ALL)
-    pipeline = Pipeline(stages, forwarder, metrics, config.server.max_inflight)
-    packets = PacketCache(pipeline, config.cache.packet_entries, clock, metrics.queries)
+    metrics.queries.expect((UdpServer.name, TcpConnection.name), Outcome.ALL)
+    pipeline = Pipeline(stages, forwarder, metrics, config.server.max_inflight, clock, observer)
+    packets = PacketCache(pipeline, config.cache.packet_entries, clock, metrics.queries,
+                          observer)
     blocker.on_install(packets.clear)
     metrics.gauge("packet_cache_entries", "Whole UDP answers kept by query bytes.", (),
                   lambda: {(): len(packets)})
@@ -190,8 +194,8 @@ class RunningServer:
 async def running_server(config: Config, rules: RuleSet, clock: Clock | None = None,
                          reuse_port: bool = False, serve_metrics: bool = True, *,
                          overrides: Overrides = Overrides(), wall: Clock = time.time,
-                         worker: Install | None = None, watcher: Watcher | None = None
-                         ) -> AsyncIterator[RunningServer]:
+                         worker: Install | None = None, watcher: Watcher | None = None,
+                         process: str = "main") -> AsyncIterator[RunningServer]:
     """Serve until the context exits; yields the bound addresses (port 0 resolved).
 
     reuse_port: bind with SO_REUSEPORT so several worker processes share the ports.
@@ -201,9 +205,10 @@ async def running_server(config: Config, rules: RuleSet, clock: Clock | None = N
     worker: in a worker process, the rule set it was forked with (and when that was
     installed); its supervisor reloads and sends it new sets, so it neither watches files
     nor reloads itself.
+    process: the `process` label of this process' resolver_process_* metrics.
     """
     registry = CollectorRegistry()
-    metrics = Metrics(registry)
+    metrics = Metrics(registry, process)
     outbox = Outbox()
     clock = clock or time.monotonic
     upstreams = UpstreamPool(config.upstream, metrics, outbox=outbox, clock=clock)
@@ -384,7 +389,7 @@ async def serve_until_signalled(config: Config, rules: RuleSet,
                                 reuse_port: bool = False, serve_metrics: bool = True, *,
                                 overrides: Overrides = Overrides(),
                                 worker: Install | None = None,
-                                watcher: Watcher | None = None) -> None:
+                                watcher: Watcher | None = None, process: str = "main") -> None:
     """Serve until SIGTERM or SIGINT; SIGHUP reloads the rules (keeping them on error), but
     in a worker, whose supervisor reloads and sends it the new set (see running_server)."""
     loop = asyncio.get_running_loop()
@@ -393,7 +398,7 @@ async def serve_until_signalled(config: Config, rules: RuleSet,
         loop.add_signal_handler(signum, stop.set)
     async with running_server(config, rules, reuse_port=reuse_port,
                               serve_metrics=serve_metrics, overrides=overrides,
-                              worker=worker, watcher=watcher) as server:
+                              worker=worker, watcher=watcher, process=process) as server:
         reloads: set[asyncio.Task[ReloadOutcome]] = set()
 
         def reload() -> None:

@@ -99,7 +99,7 @@ class Worker:
         ours, theirs = multiprocessing.Pipe()
         pings, pinged = multiprocessing.Pipe()
         process = multiprocessing.get_context("fork").Process(
-            target=_worker_main, args=(config, install, theirs, pinged),
+            target=_worker_main, args=(config, install, theirs, pinged, index),
             name=f"resolver-worker-{index}", daemon=True)
         process.start()
         theirs.close()
@@ -136,7 +136,7 @@ class Worker:
         answering, as serving rules or holding a cache."""
         if self._until("snapshot", deadline):
             return self.last
-        return [sample for sample in self.last if sample.kind == "counter"]
+        return [sample for sample in self.last if sample.monotonic]
 
     def send(self, install: bytes) -> bool:
         """Send a pickled Install; False when the worker is gone (it is started again with
@@ -204,8 +204,8 @@ class Worker:
         return kind
 
 
-def _worker_main(config: Config, install: Install, conn: Connection, pings: Connection
-                 ) -> None:
+def _worker_main(config: Config, install: Install, conn: Connection, pings: Connection,
+                 index: int) -> None:
     """Body of a worker process: serve with SO_REUSEPORT until told to stop."""
     _die_with_parent()
 
@@ -218,7 +218,8 @@ def _worker_main(config: Config, install: Install, conn: Connection, pings: Conn
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             runner.run(serve_until_signalled(config, install.rules, on_ready, reuse_port=True,
-                                             serve_metrics=False, worker=install))
+                                             serve_metrics=False, worker=install,
+                                             process=f"worker-{index}"))
     except OSError as exc:
         conn.send(("error", str(exc)))
 
@@ -342,7 +343,7 @@ class Supervisor:
         running_server); else the baseline is taken once the workers are ready."""
         self.config = _concrete_ports(config)
         self.count = count
-        self.own = Metrics()  # the supervisor's own counts: reloads
+        self.own = Metrics(process="supervisor")  # its own: reloads and resource use
         self.reloads = Reloads(config, overrides, rules, self.own.reloads, wall)
         self._watcher = watcher
         self.workers: list[Worker] = []
@@ -501,7 +502,7 @@ class Supervisor:
             return
         with self.lock, self.pinging:
             self.retired = merge_samples([self.retired,
-                                          [s for s in worker.last if s.kind == "counter"]])
+                                          [s for s in worker.last if s.monotonic]])
             worker.close()
             self.workers[self.workers.index(worker)] = fresh
 
@@ -533,7 +534,8 @@ class Supervisor:
             deadline = time.monotonic() + SNAPSHOT_TIMEOUT
             snapshots = [worker.answer(deadline) for worker in self.workers]
             alive = sum(worker.process.is_alive() for worker in self.workers)
-        for sample in merge_samples([*snapshots, self.retired, [self.own.reloads.sample()]]):
+        for sample in merge_samples([*snapshots, self.retired,
+                                     [self.own.reloads.sample(), *self.own.process_samples()]]):
             yield sample.family()
         yield Sample("gauge", "workers", "Worker processes alive.", (), {(): alive}).family()
 

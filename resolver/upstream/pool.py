@@ -123,7 +123,8 @@ class UpstreamPool:
         metrics.upstream_queries.expect(keys)
         kinds = (*ERROR_KINDS, "tls") if tls is not None else ERROR_KINDS
         metrics.upstream_errors.expect((name, kind) for kind in kinds)
-        return Upstream(name, timeout, health, udp, streams)
+        return Upstream(name, timeout, health, udp, streams,
+                        metrics.upstream_durations.row((name,)))
 
     def _rtts(self) -> dict[tuple[str, ...], float]:
         return {(u.name,): u.health.srtt for u in self.upstreams if u.health.srtt is not None}

@@ -33,9 +33,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from resolver.cli import settle_memory
 from resolver.message import wire
 from resolver.message.names import label_offsets, to_wire
+from resolver.message.query import Outcome, Query
 from resolver.message.reply import TtlPolicy, render, scan_reply
-from resolver.ops.config import Config, UpstreamConfig, UpstreamServer
+from resolver.ops.config import Config, QueryLogConfig, UpstreamConfig, UpstreamServer
 from resolver.ops.metrics import Metrics, new_row, observe
+from resolver.ops.querylog import BATCH, Format, QueryLog, RotatingFile
 from resolver.rules import table
 from resolver.rules.loader import load_rules
 from resolver.rules.matcher import RuleSet
@@ -241,6 +243,40 @@ def shipped_paths() -> list[str]:
     return list(Config().blocking.rules)
 
 
+class NullDestination:
+    def write(self, lines: object) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def querylog_rows(rules: RuleSet, q: Query, answer: bytes
+                  ) -> list[tuple[str, Callable[[], object]]]:
+    """The query log's cost: `offer` on the event loop when the record is sampled out and
+    when it is queued (the writer stopped, so its thread does not share the measurement),
+    and the writer thread's work per record: formatting, and writing in batches."""
+    config = QueryLogConfig(path="-", queue=10**8)
+    sampled = QueryLog(QueryLogConfig(path="-", sample=10**9), lambda: rules, Metrics(),
+                       destination=NullDestination())
+    sampled.offer(q, "udp", Outcome.BLOCKED, answer, 0.0, "")  # the 1st is logged; no more
+    queued = QueryLog(config, lambda: rules, Metrics(), destination=NullDestination())
+    queued.close()  # no writer: offer only appends
+    item = (time.time(), q, "udp", Outcome.BLOCKED, answer, 0.00004, "", rules)
+    line = Format(config).line
+    lines = [line(item)] * BATCH
+    devnull = RotatingFile("/dev/null", 0, 0)
+    return [
+        ("query log: offer, sampled out", lambda: sampled.offer(
+            q, "udp", Outcome.BLOCKED, answer, 0.0, "")),
+        ("query log: offer, queued", lambda: queued.offer(
+            q, "udp", Outcome.BLOCKED, answer, 0.0, "")),
+        ("query log: format a blocked record (thread)", lambda: line(item)),
+        # per batch: the per-record cost is this over BATCH
+        (f"query log: write {BATCH} lines (thread)", lambda: devnull.write(lines)),
+    ]
+
+
 def per_query_us(func: Callable[[], object], number: int) -> float:
     best = min(timeit.repeat(func, number=number, repeat=5))
     return best / number * 1e6
@@ -307,6 +343,7 @@ def main() -> None:
     ]
     if args.rules_count:
         rows += lookup_rows(rules, args.rules_count)
+    rows += querylog_rows(rules, q_blocked, made.data)
     print(f"{'stage':44} {'us/query':>9} {'queries/s':>11}")
     for label, func in rows:
         us = per_query_us(func, args.number)

@@ -8,6 +8,7 @@ on the same port (so port 0 gives one port for both), and everything is closed o
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import signal
@@ -22,8 +23,10 @@ from resolver.message.constants import Clock
 from resolver.message.query import Outcome
 from resolver.message.reply import TtlPolicy
 from resolver.ops.config import Address, Config, Overrides
+from resolver.ops.health import LOOP_DEADLINE, Probe, Probed, Status
 from resolver.ops.http import Endpoint, Reload
 from resolver.ops.metrics import Metrics
+from resolver.ops.querylog import QueryLog
 from resolver.ops.watch import Watcher
 from resolver.rules.matcher import RuleSet
 from resolver.rules.sources import Feeds
@@ -60,11 +63,11 @@ class Chain:
     blocker: Blocker
     cache: Cache
     forwarder: Forwarder
+    querylog: QueryLog | None = None  # None: the query log is off
 
 
 def build_pipeline(config: Config, rules: RuleSet, metrics: Metrics, upstreams: UpstreamPool,
-                   clock: Clock, schedule: CallLater, wall: Clock = time.time,
-                   observer: QueryObserver | None = None) -> Chain:
+                   clock: Clock, schedule: CallLater, wall: Clock = time.time) -> Chain:
     """The chain, in order, and why:
 
     0. the packet cache (UDP only, before decoding; server/packetcache.py): answers that a
@@ -85,11 +88,16 @@ def build_pipeline(config: Config, rules: RuleSet, metrics: Metrics, upstreams: 
        checks CNAME chains, and falls back on stale answers when upstreams fail.
 
     schedule (loop.call_later) arms the forwarder's client response timers and the
-    blocker's list-window timer; wall (epoch seconds) is what list windows are written in;
-    observer (the query log) sees every query answered or dropped, wherever it was.
+    blocker's list-window timer; wall (epoch seconds) is what list windows are written in.
+    The query log (config.query_log; ops/querylog.py), when on, is offered every query
+    answered or dropped, wherever that happened.
     """
     blocker = Blocker(rules, config.blocking, metrics, clock=clock, wall=wall,
                       schedule=schedule)
+    # its writer thread runs until running_server closes it
+    querylog = (QueryLog(config.query_log, lambda: blocker.rules, metrics, wall=wall,
+                         clock=clock) if config.query_log.path is not None else None)
+    observer: QueryObserver | None = querylog
     cname = CnameCheck(blocker)
     cache = Cache(config.cache, metrics, clock, inspect=cname.verdict)
     blocker.on_install(cache.recheck)
@@ -112,7 +120,7 @@ def build_pipeline(config: Config, rules: RuleSet, metrics: Metrics, upstreams: 
     blocker.on_install(packets.clear)
     metrics.gauge("packet_cache_entries", "Whole UDP answers kept by query bytes.", (),
                   lambda: {(): len(packets)})
-    return Chain(pipeline, packets, blocker, cache, forwarder)
+    return Chain(pipeline, packets, blocker, cache, forwarder, querylog)
 
 
 @dataclass
@@ -127,6 +135,8 @@ class RunningServer:
     config: Config  # as given at startup (the `blocking` section in force: current.blocking)
     current: Install  # the rules in force, the `blocking` section they came with, and when
     reloads: Reloads | None = None
+    upstreams: UpstreamPool | None = None  # what readiness asks when upstreams last answered
+    clock: Clock = time.monotonic  # the server's, which the upstream times are read on
     _turn: asyncio.Lock = field(default_factory=asyncio.Lock)  # fair: reloads in order
 
     @property
@@ -141,6 +151,11 @@ class RunningServer:
     @property
     def rules(self) -> RuleSet:
         return self.chain.blocker.rules
+
+    def status(self) -> Status:
+        """What this event loop tells /healthz and /readyz (called on the loop)."""
+        answered, failed = (None, None) if self.upstreams is None else self.upstreams.heard()
+        return Status(self.rules.version, self.clock(), answered, failed)
 
     def install(self, install: Install) -> None:
         """Swap in a compiled rule set, in one step on the event loop."""
@@ -214,7 +229,8 @@ async def running_server(config: Config, rules: RuleSet, clock: Clock | None = N
                                                           metrics.reloads, wall, feeds)
         current = worker if reloads is None else reloads.current
         assert current is not None
-        server = RunningServer(addresses, chain, metrics, None, config, current, reloads)
+        server = RunningServer(addresses, chain, metrics, None, config, current, reloads,
+                               upstreams, clock)
         if reloads is not None:
             # the baseline: given, taken before the rules were read, so a change made
             # meanwhile is seen; else what the files hold now
@@ -226,7 +242,8 @@ async def running_server(config: Config, rules: RuleSet, clock: Clock | None = N
         listen = config.metrics.listen
         if serve_metrics and listen is not None:
             endpoint = Endpoint(listen.host, listen.port, registry,
-                                _reload_from(server, loop) if worker is None else None)
+                                _reload_from(server, loop) if worker is None else None,
+                                _probe_from(server, loop))
             server.metrics_address = endpoint.address
         yield server
     finally:
@@ -241,6 +258,8 @@ async def running_server(config: Config, rules: RuleSet, clock: Clock | None = N
             connection.transport.close()
         chain.forwarder.drain()
         chain.blocker.close()
+        if chain.querylog is not None:
+            chain.querylog.close()
         upstreams.close()
         if endpoint is not None:
             endpoint.stop()
@@ -269,6 +288,28 @@ def _reload_from(server: RunningServer, loop: asyncio.AbstractEventLoop) -> Relo
             return pending(server.rules.version)
 
     return reload
+
+
+def _probe_from(server: RunningServer, loop: asyncio.AbstractEventLoop) -> Probe:
+    """What the HTTP thread calls for /healthz and /readyz: the event loop runs a callback
+    that reads the server's status, and the request waits LOOP_DEADLINE for it."""
+
+    def probe() -> Probed:
+        answer: concurrent.futures.Future[Status] = concurrent.futures.Future()
+
+        def report() -> None:
+            try:
+                answer.set_result(server.status())
+            except Exception as exc:  # a bug: the check fails saying so, not by timing out
+                answer.set_exception(exc)
+
+        try:
+            loop.call_soon_threadsafe(report)
+            return [("main", answer.result(LOOP_DEADLINE))]
+        except (TimeoutError, RuntimeError):  # no answer in time, or the loop is closed
+            return [("main", None)]
+
+    return probe
 
 
 async def _watch_files(server: RunningServer, watcher: Watcher) -> None:

@@ -67,9 +67,9 @@ class Upstream:
         self.stream = stream
         self.durations = durations
 
-    def replied(self, rtt: float) -> None:
-        """A reply of any kind came rtt seconds after the attempt was sent."""
-        self.health.success(rtt)
+    def replied(self, rtt: float, now: float) -> None:
+        """A reply of any kind came at now, rtt seconds after the attempt was sent."""
+        self.health.success(rtt, now)
         observe(self.durations, rtt)
 
 
@@ -129,7 +129,7 @@ class Exchange:
             self._got(data, now)
         else:  # the usual ending, without _got's and _finish's calls
             upstream = self._upstream
-            upstream.replied(now - self._sent)
+            upstream.replied(now - self._sent, now)
             if not self._over:
                 self._over = True
                 self.by = upstream.name
@@ -195,7 +195,7 @@ class Exchange:
 
     def _got(self, data: bytes, now: float) -> None:
         upstream = self._upstream
-        upstream.replied(now - self._sent)
+        upstream.replied(now - self._sent, now)
         self.by = upstream.name  # kept with _last, or with the reply that ends it here
         if data[3] & 0xF in MOVE_ON:
             self._plan.count_error(upstream, "rcode")

@@ -8,7 +8,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 
 # Debian packages the tests drive: a real authoritative upstream (nsd), peers and tools.
-TEST_PACKAGES := make python3 python3-venv nsd unbound dnsperf bind9-dnsutils knot-dnsutils curl
+TEST_PACKAGES := make python3 python3-venv nsd unbound dnsperf bind9-dnsutils knot-dnsutils curl \
+	prometheus
 
 .PHONY: run test test-unit lint deps clean
 

@@ -32,9 +32,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from resolver.cli import settle_memory
 from resolver.message import wire
+from resolver.message.query import Outcome, Query
 from resolver.message.reply import TtlPolicy, render, scan_reply
-from resolver.ops.config import Config, UpstreamConfig, UpstreamServer
+from resolver.ops.config import Config, QueryLogConfig, UpstreamConfig, UpstreamServer
 from resolver.ops.metrics import Metrics
+from resolver.ops.querylog import BATCH, Format, QueryLog, RotatingFile
 from resolver.rules.loader import load_rules
 from resolver.rules.matcher import RuleSet
 from resolver.server.app import build_pipeline
@@ -43,6 +45,7 @@ from resolver.server.packetcache import PacketCache
 from resolver.server.udp import UdpServer
 from resolver.stages.blocking import Blocker
 from resolver.stages.cache import CacheLookup
+from resolver.stages.contract import Answered
 from resolver.stages.prefetch import Prefetch
 from resolver.upstream import udp as upstream_udp
 from resolver.upstream.pool import UpstreamPool
@@ -204,6 +207,40 @@ def staged_rules(shipped: tuple[str, ...]) -> RuleSet:
         return load_rules([*shipped, extra.name])
 
 
+class NullDestination:
+    def write(self, lines: object) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def querylog_rows(rules: RuleSet, q: Query, answer: bytes
+                  ) -> list[tuple[str, Callable[[], object]]]:
+    """The query log's cost: `offer` on the event loop when the record is sampled out and
+    when it is queued (the writer stopped, so its thread does not share the measurement),
+    and the writer thread's work per record: formatting, and writing in batches."""
+    config = QueryLogConfig(path="-", queue=10**8)
+    sampled = QueryLog(QueryLogConfig(path="-", sample=10**9), lambda: rules, Metrics(),
+                       destination=NullDestination())
+    sampled.offer(q, "udp", Outcome.BLOCKED, answer, 0.0, "")  # the 1st is logged; no more
+    queued = QueryLog(config, lambda: rules, Metrics(), destination=NullDestination())
+    queued.close()  # no writer: offer only appends
+    item = (time.time(), q, "udp", Outcome.BLOCKED, answer, 0.00004, "", rules)
+    line = Format(config).line
+    lines = [line(item)] * BATCH
+    devnull = RotatingFile("/dev/null", 0, 0)
+    return [
+        ("query log: offer, sampled out", lambda: sampled.offer(
+            q, "udp", Outcome.BLOCKED, answer, 0.0, "")),
+        ("query log: offer, queued", lambda: queued.offer(
+            q, "udp", Outcome.BLOCKED, answer, 0.0, "")),
+        ("query log: format a blocked record (thread)", lambda: line(item)),
+        # per batch: the per-record cost is this over BATCH
+        (f"query log: write {BATCH} lines (thread)", lambda: devnull.write(lines)),
+    ]
+
+
 def per_query_us(func: Callable[[], object], number: int) -> float:
     best = min(timeit.repeat(func, number=number, repeat=5))
     return best / number * 1e6
@@ -236,7 +273,7 @@ def main() -> None:
     q_scoped = wire.parse_query(packet("www.scoped.example", args.edns), CLIENT, "udp")
     q_canary = wire.parse_query(packet("www.canary.example", args.edns), CLIENT, "udp")
 
-    rows = [
+    rows: list[tuple[str, Callable[[], object]]] = [
         ("decode (parse_query)", lambda: wire.parse_query(blocked, CLIENT, "udp")),
         ("policy: blocked (lookup + count + build)", lambda: blocker.answer(q_blocked)),
         ("policy: pass (lookup miss)", lambda: blocker.answer(q_allowed)),
@@ -254,6 +291,9 @@ def main() -> None:
         ("datagram: blocked, packet cache replay", lambda: udp.datagram_received(blocked, CLIENT)),
         ("datagram: cached, packet cache replay", lambda: udp.datagram_received(allowed, CLIENT)),
     ]
+    answered = blocker.answer(q_blocked)
+    assert isinstance(answered, Answered)
+    rows += querylog_rows(rules, q_blocked, answered.data)
     print(f"{'stage':44} {'us/query':>9} {'queries/s':>11}")
     for label, func in rows:
         us = per_query_us(func, args.number)

@@ -63,6 +63,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--rules", action="append", default=[], metavar="PATH",
                        help="rule file or directory (repeatable)")
     serve.add_argument("--metrics", metavar="HOST:PORT|off", help="Prometheus endpoint")
+    serve.add_argument("--query-log", metavar="PATH|-",
+                       help="log answered queries as JSON lines to a file, or - for stdout")
     serve.add_argument("--workers", type=_positive, default=None, metavar="N",
                        help="worker processes sharing the ports (default: one per core)")
     serve.set_defaults(run=_serve)
@@ -80,7 +82,8 @@ def _serve(args: argparse.Namespace) -> int:
     # default action. The event loop (or the supervisor) installs the real handler.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     overrides = Overrides(listen=tuple(args.listen), upstreams=tuple(args.upstream),
-                          rules=tuple(args.rules), metrics=args.metrics)
+                          rules=tuple(args.rules), metrics=args.metrics,
+                          query_log=args.query_log)
     try:
         config = load_config(args.config, overrides)
         # what the files hold before they are read: a change made while the rules load (or

@@ -43,14 +43,16 @@ class Query:
         udp_size: the largest UDP answer the client accepts (512 without EDNS).
         do: the client's DNSSEC OK bit.
         client: the client's address tuple; transport: "udp" or "tcp".
+        received: when the packet came, by the server's clock: a forwarded answer's
+            duration (resolver_request_duration_seconds) is measured from it.
     """
 
     __slots__ = ("data", "flags", "question", "name", "offsets", "qtype", "qclass",
-                 "edns", "udp_size", "do", "client", "transport", "cache_key")
+                 "edns", "udp_size", "do", "client", "transport", "received", "cache_key")
 
     def __init__(self, data: bytes, flags: int, question: bytes, name: bytes,
                  offsets: list[int], qtype: int, qclass: int, edns: bool, udp_size: int,
-                 do: bool, client: tuple[str, int], transport: str):
+                 do: bool, client: tuple[str, int], transport: str, received: float = 0.0):
         self.data = data
         self.flags = flags
         self.question = question
@@ -63,6 +65,7 @@ class Query:
         self.do = do
         self.client = client
         self.transport = transport
+        self.received = received
         # What makes two questions share an answer: name, type, class, DO and CD. Built once:
         # the cache, its stages and the forwarder each look it up.
         self.cache_key = (name, qtype, qclass, do, flags & 0x0010)

@@ -47,8 +47,10 @@ class FormError(Exception):
         self.response = response
 
 
-def parse_query(data: bytes, client: tuple[str, int], transport: str) -> Query:
+def parse_query(data: bytes, client: tuple[str, int], transport: str, received: float = 0.0
+                ) -> Query:
     """Decode header, question and EDNS; raise FormError for anything we won't answer.
+    received: when the packet came (Query.received).
 
     Written flat, with the common shapes first, because it runs for every packet.
     """
@@ -91,7 +93,7 @@ def parse_query(data: bytes, client: tuple[str, int], transport: str) -> Query:
     else:
         edns, udp_size, do = _read_edns(data, flags, qend, ancount + nscount, arcount)
     return Query(data, flags, data[12:qend], data[12:end].lower(), offsets, qtype, qclass,
-                 edns, udp_size, do, client, transport)
+                 edns, udp_size, do, client, transport, received)
 
 
 def _header_error(data: bytes, flags: int) -> FormError:

@@ -497,6 +497,61 @@ class MetricsConfig:
         "`null` (or `--metrics off`) disables the endpoint.")
 
 
+STDOUT, STDERR = "-", "stderr"  # query_log.path values that are not files
+
+
+def _log_destination(base: Path) -> Parse[str | None]:
+    """`-` (or `stdout`), `stderr`, a file path (relative to the config file), or null."""
+    resolve = PATH.parser(base)
+
+    def parse(value: object) -> str | None:
+        if value is None:
+            return None
+        if value in (STDOUT, "stdout", STDERR):
+            return STDERR if value == STDERR else STDOUT
+        return resolve(value)
+
+    return parse
+
+
+LOG_DESTINATION = Kind("a path, `-` for stdout, `stderr`, or null for off", _log_destination)
+
+
+@dataclass(frozen=True, slots=True)
+class QueryLogConfig:
+    """One JSON object per answered query (docs/querylog.md), written by a thread."""
+
+    path: str | None = setting(
+        None, LOG_DESTINATION,
+        "Where the query log goes: a file (rotated by size), `-` for stdout, `stderr`; `null` "
+        "turns it off (`--query-log PATH` sets it). With `--workers N`, worker K writes "
+        "`PATH.worker-K` (and rotates only that), so no two processes share a file; stdout and "
+        "stderr are shared, each line written whole.", example="/var/log/resolver/queries.jsonl")
+    sample: int = setting(
+        1, integer(1), "Log 1 query in this many (counted, not random: 100 logs the 1st, 101st, "
+        "...), of those `query_log.only_blocked` keeps.")
+    only_blocked: bool = setting(
+        False, BOOLEAN, "Log only blocked answers and those a dry-run list would have blocked.")
+    truncate_clients: bool = setting(
+        True, BOOLEAN, "Log client addresses with their host bits zeroed, to the prefixes "
+        "below, for privacy; false logs them whole.")
+    ipv4_prefix: int = setting(
+        24, integer(0, 32), "Bits of an IPv4 client address kept when truncating.")
+    ipv6_prefix: int = setting(
+        56, integer(0, 128), "Bits of an IPv6 client address kept when truncating.")
+    max_bytes: int = setting(
+        100 * 2**20, integer(0), "Size at which a log file is rotated: renamed to `PATH.1` "
+        "(`PATH.1` to `PATH.2`, ...), and a new one begun; 0 never rotates. Files only.",
+        note="100 MiB")
+    backups: int = setting(
+        5, integer(0, 1000), "Rotated files kept (`PATH.1` the newest); the oldest beyond are "
+        "deleted, so a file log holds at most (backups + 1) x max_bytes.")
+    queue: int = setting(
+        10_000, integer(1), "Records waiting for the writer thread at most; when it falls "
+        "behind, further ones are dropped and counted (`resolver_querylog_dropped_total`), "
+        "so answering never waits for the log.")
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig = section(
@@ -510,6 +565,9 @@ class Config:
         CacheConfig, "Answers kept in memory, so repeated questions are not asked upstream "
         "again.", _check_cache)
     metrics: MetricsConfig = section(MetricsConfig, "The Prometheus endpoint.")
+    query_log: QueryLogConfig = section(
+        QueryLogConfig, "An optional log of answered queries, one JSON object a line "
+        "(docs/querylog.md).")
     source: str | None = None  # the config file as given, for reloads; None = defaults only
 
 
@@ -525,6 +583,7 @@ class Overrides:
     upstreams: tuple[str, ...] = ()
     rules: tuple[str, ...] = ()
     metrics: str | None = None  # an address, or 'off'
+    query_log: str | None = None  # a path, or '-' for stdout
 
 
 @dataclass(frozen=True, slots=True)
@@ -544,6 +603,7 @@ FLAGS = (
     Flag("--upstream", "upstreams", "upstream", "servers", list_of("addresses", _UPSTREAM)),
     Flag("--rules", "rules", "blocking", "rules", list_of("paths", PATH)),
     Flag("--metrics", "metrics", "metrics", "listen", kind("an address, or off", _metrics_flag)),
+    Flag("--query-log", "query_log", "query_log", "path", LOG_DESTINATION),
 )
 
 

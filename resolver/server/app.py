@@ -8,6 +8,7 @@ on the same port (so port 0 gives one port for both), and everything is closed o
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import signal
@@ -22,8 +23,10 @@ from resolver.message.constants import Clock
 from resolver.message.query import Outcome
 from resolver.message.reply import TtlPolicy
 from resolver.ops.config import Address, Config, Overrides
+from resolver.ops.health import LOOP_DEADLINE, Probe, Probed, Status
 from resolver.ops.http import Endpoint, Reload
 from resolver.ops.metrics import Metrics
+from resolver.ops.querylog import QueryLog
 from resolver.ops.watch import Watcher
 from resolver.rules.matcher import RuleSet
 from resolver.server.outbox import Outbox
@@ -36,7 +39,7 @@ from resolver.server.udp import UdpServer
 from resolver.stages.blocking import Blocker
 from resolver.stages.cache import Cache, CacheLookup
 from resolver.stages.cname import CnameBlocker, CnameCheck
-from resolver.stages.contract import CallLater, Stage
+from resolver.stages.contract import CallLater, QueryObserver, Stage
 from resolver.stages.forward import Forwarder
 from resolver.stages.prefetch import Prefetch
 from resolver.stages.stale import ServeStale
@@ -59,6 +62,7 @@ class Chain:
     blocker: Blocker
     cache: Cache
     forwarder: Forwarder
+    querylog: QueryLog | None = None  # None: the query log is off
 
 
 def build_pipeline(config: Config, rules: RuleSet, metrics: Metrics, upstreams: UpstreamPool,
@@ -84,31 +88,38 @@ def build_pipeline(config: Config, rules: RuleSet, metrics: Metrics, upstreams: 
 
     schedule (loop.call_later) arms the forwarder's client response timers and the
     blocker's list-window timer; wall (epoch seconds) is what list windows are written in.
+    The query log (config.query_log; ops/querylog.py), when on, is offered every query
+    answered or dropped, wherever that happened.
     """
     blocker = Blocker(rules, config.blocking, metrics, clock=clock, wall=wall,
                       schedule=schedule)
+    # its writer thread runs until running_server closes it
+    querylog = (QueryLog(config.query_log, lambda: blocker.rules, metrics, wall=wall,
+                         clock=clock) if config.query_log.path is not None else None)
+    observer: QueryObserver | None = querylog
     cname = CnameCheck(blocker)
     cache = Cache(config.cache, metrics, clock, inspect=cname.verdict)
     blocker.on_install(cache.recheck)
     stale = ServeStale(cache, config.cache, metrics)
     policy = TtlPolicy(config.cache.min_ttl, config.cache.max_ttl, config.cache.negative_ttl,
                        config.cache.servfail_ttl)
-    forwarder = Forwarder(upstreams, cache, policy, stale, cname, Delivery(metrics).deliver,
-                          schedule, clock, metrics, config.server.max_inflight)
+    forwarder = Forwarder(upstreams, cache, policy, stale, cname,
+                          Delivery(metrics, clock, observer).deliver, schedule, clock, metrics,
+                          config.server.max_inflight)
     stages: list[Stage] = [
         blocker,
         CacheLookup(cache, metrics, Prefetch(config.cache, metrics, forwarder.refresh)),
         CnameBlocker(cname, cache),
         stale,
     ]
-    metrics.queries.expect((sink.name, outcome) for sink in (UdpServer, TcpConnection)
-                           for outcome in Outcome.ALL)
-    pipeline = Pipeline(stages, forwarder, metrics, config.server.max_inflight)
-    packets = PacketCache(pipeline, config.cache.packet_entries, clock, metrics.queries)
+    metrics.queries.expect((UdpServer.name, TcpConnection.name), Outcome.ALL)
+    pipeline = Pipeline(stages, forwarder, metrics, config.server.max_inflight, clock, observer)
+    packets = PacketCache(pipeline, config.cache.packet_entries, clock, metrics.queries,
+                          observer)
     blocker.on_install(packets.clear)
     metrics.gauge("packet_cache_entries", "Whole UDP answers kept by query bytes.", (),
                   lambda: {(): len(packets)})
-    return Chain(pipeline, packets, blocker, cache, forwarder)
+    return Chain(pipeline, packets, blocker, cache, forwarder, querylog)
 
 
 @dataclass
@@ -123,6 +134,8 @@ class RunningServer:
     config: Config  # as given at startup (the `blocking` section in force: current.blocking)
     current: Install  # the rules in force, the `blocking` section they came with, and when
     reloads: Reloads | None = None
+    upstreams: UpstreamPool | None = None  # what readiness asks when upstreams last answered
+    clock: Clock = time.monotonic  # the server's, which the upstream times are read on
     _turn: asyncio.Lock = field(default_factory=asyncio.Lock)  # fair: reloads in order
 
     @property
@@ -137,6 +150,11 @@ class RunningServer:
     @property
     def rules(self) -> RuleSet:
         return self.chain.blocker.rules
+
+    def status(self) -> Status:
+        """What this event loop tells /healthz and /readyz (called on the loop)."""
+        answered, failed = (None, None) if self.upstreams is None else self.upstreams.heard()
+        return Status(self.rules.version, self.clock(), answered, failed)
 
     def install(self, install: Install) -> None:
         """Swap in a compiled rule set, in one step on the event loop."""
@@ -176,8 +194,8 @@ class RunningServer:
 async def running_server(config: Config, rules: RuleSet, clock: Clock | None = None,
                          reuse_port: bool = False, serve_metrics: bool = True, *,
                          overrides: Overrides = Overrides(), wall: Clock = time.time,
-                         worker: Install | None = None, watcher: Watcher | None = None
-                         ) -> AsyncIterator[RunningServer]:
+                         worker: Install | None = None, watcher: Watcher | None = None,
+                         process: str = "main") -> AsyncIterator[RunningServer]:
     """Serve until the context exits; yields the bound addresses (port 0 resolved).
 
     reuse_port: bind with SO_REUSEPORT so several worker processes share the ports.
@@ -187,9 +205,10 @@ async def running_server(config: Config, rules: RuleSet, clock: Clock | None = N
     worker: in a worker process, the rule set it was forked with (and when that was
     installed); its supervisor reloads and sends it new sets, so it neither watches files
     nor reloads itself.
+    process: the `process` label of this process' resolver_process_* metrics.
     """
     registry = CollectorRegistry()
-    metrics = Metrics(registry)
+    metrics = Metrics(registry, process)
     outbox = Outbox()
     clock = clock or time.monotonic
     upstreams = UpstreamPool(config.upstream, metrics, outbox=outbox, clock=clock)
@@ -207,7 +226,8 @@ async def running_server(config: Config, rules: RuleSet, clock: Clock | None = N
                                                           metrics.reloads, wall)
         current = worker if reloads is None else reloads.current
         assert current is not None
-        server = RunningServer(addresses, chain, metrics, None, config, current, reloads)
+        server = RunningServer(addresses, chain, metrics, None, config, current, reloads,
+                               upstreams, clock)
         if reloads is not None:
             # the baseline: given, taken before the rules were read, so a change made
             # meanwhile is seen; else what the files hold now
@@ -217,7 +237,8 @@ async def running_server(config: Config, rules: RuleSet, clock: Clock | None = N
         listen = config.metrics.listen
         if serve_metrics and listen is not None:
             endpoint = Endpoint(listen.host, listen.port, registry,
-                                _reload_from(server, loop) if worker is None else None)
+                                _reload_from(server, loop) if worker is None else None,
+                                _probe_from(server, loop))
             server.metrics_address = endpoint.address
         yield server
     finally:
@@ -231,6 +252,8 @@ async def running_server(config: Config, rules: RuleSet, clock: Clock | None = N
             connection.transport.close()
         chain.forwarder.drain()
         chain.blocker.close()
+        if chain.querylog is not None:
+            chain.querylog.close()
         upstreams.close()
         if endpoint is not None:
             endpoint.stop()
@@ -259,6 +282,28 @@ def _reload_from(server: RunningServer, loop: asyncio.AbstractEventLoop) -> Relo
             return pending(server.rules.version)
 
     return reload
+
+
+def _probe_from(server: RunningServer, loop: asyncio.AbstractEventLoop) -> Probe:
+    """What the HTTP thread calls for /healthz and /readyz: the event loop runs a callback
+    that reads the server's status, and the request waits LOOP_DEADLINE for it."""
+
+    def probe() -> Probed:
+        answer: concurrent.futures.Future[Status] = concurrent.futures.Future()
+
+        def report() -> None:
+            try:
+                answer.set_result(server.status())
+            except Exception as exc:  # a bug: the check fails saying so, not by timing out
+                answer.set_exception(exc)
+
+        try:
+            loop.call_soon_threadsafe(report)
+            return [("main", answer.result(LOOP_DEADLINE))]
+        except (TimeoutError, RuntimeError):  # no answer in time, or the loop is closed
+            return [("main", None)]
+
+    return probe
 
 
 async def _watch_files(server: RunningServer, watcher: Watcher) -> None:
@@ -344,7 +389,7 @@ async def serve_until_signalled(config: Config, rules: RuleSet,
                                 reuse_port: bool = False, serve_metrics: bool = True, *,
                                 overrides: Overrides = Overrides(),
                                 worker: Install | None = None,
-                                watcher: Watcher | None = None) -> None:
+                                watcher: Watcher | None = None, process: str = "main") -> None:
     """Serve until SIGTERM or SIGINT; SIGHUP reloads the rules (keeping them on error), but
     in a worker, whose supervisor reloads and sends it the new set (see running_server)."""
     loop = asyncio.get_running_loop()
@@ -353,7 +398,7 @@ async def serve_until_signalled(config: Config, rules: RuleSet,
         loop.add_signal_handler(signum, stop.set)
     async with running_server(config, rules, reuse_port=reuse_port,
                               serve_metrics=serve_metrics, overrides=overrides,
-                              worker=worker, watcher=watcher) as server:
+                              worker=worker, watcher=watcher, process=process) as server:
         reloads: set[asyncio.Task[ReloadOutcome]] = set()
 
         def reload() -> None:

@@ -17,6 +17,12 @@ The pipe carries tagged messages. Supervisor to worker: ("snapshot",), or ("inst
 followed by the pickled Install as raw bytes, which the worker reads in a thread so its
 event loop keeps answering meanwhile. Worker to supervisor: ("ready", addresses) once,
 ("snapshot", samples), ("installed", version).
+
+/healthz and /readyz ping every worker's event loop over a second pipe of its own:
+("ping", serial) -> ("pong", serial, health.Status), answered by the loop at once. Not the
+first pipe, because a reload holds that one (and the supervisor's lock on it) until every
+worker confirmed, up to INSTALL_TIMEOUT, and a worker reading a rule set has its reader off:
+a probe must not wait behind either, nor call a busy worker dead.
 """
 
 from __future__ import annotations
@@ -47,8 +53,10 @@ from prometheus_client.core import Metric
 
 from resolver.message.constants import Clock
 from resolver.ops.config import Address, Config, Overrides
+from resolver.ops.health import LOOP_DEADLINE, Probed, Status
 from resolver.ops.http import Endpoint
 from resolver.ops.metrics import Metrics, Sample, merge_samples
+from resolver.ops.querylog import worker_path
 from resolver.ops.watch import Watcher
 from resolver.rules.matcher import RuleSet
 from resolver.server.app import (
@@ -81,20 +89,22 @@ def default_workers() -> int:
 class Worker:
     """One worker process and the supervisor's end of its pipe."""
 
-    def __init__(self, index: int, process: BaseProcess, conn: Connection):
-        self.index, self.process, self.conn = index, process, conn
+    def __init__(self, index: int, process: BaseProcess, conn: Connection, pings: Connection):
+        self.index, self.process, self.conn, self.pings = index, process, conn, pings
         self.last: list[Sample] = []  # its latest snapshot, kept for when it dies
         self.version: str | None = None  # the rule set version it last confirmed
 
     @classmethod
     def start(cls, index: int, config: Config, install: Install) -> Worker:
         ours, theirs = multiprocessing.Pipe()
+        pings, pinged = multiprocessing.Pipe()
         process = multiprocessing.get_context("fork").Process(
-            target=_worker_main, args=(config, install, theirs),
+            target=_worker_main, args=(config, install, theirs, pinged, index),
             name=f"resolver-worker-{index}", daemon=True)
         process.start()
         theirs.close()
-        worker = cls(index, process, ours)
+        pinged.close()
+        worker = cls(index, process, ours, pings)
         worker.version = install.rules.version
         return worker
 
@@ -126,7 +136,7 @@ class Worker:
         answering, as serving rules or holding a cache."""
         if self._until("snapshot", deadline):
             return self.last
-        return [sample for sample in self.last if sample.kind == "counter"]
+        return [sample for sample in self.last if sample.monotonic]
 
     def send(self, install: bytes) -> bool:
         """Send a pickled Install; False when the worker is gone (it is started again with
@@ -145,6 +155,28 @@ class Worker:
             if self.version == version:
                 return True
         return False
+
+    def ping(self, serial: int) -> None:
+        """Ask its event loop for its health.Status (read with `pong`)."""
+        with contextlib.suppress(OSError):  # gone: it does not answer
+            self.pings.send(("ping", serial))
+
+    def pong(self, serial: int, deadline: float) -> Status | None:
+        """Its answer to ping `serial`, or None by the deadline; answers to earlier pings
+        that came too late are read past."""
+        try:
+            while self.pings.poll(max(0.0, deadline - time.monotonic())):
+                kind, answered, status = self.pings.recv()
+                if kind == "pong" and answered == serial:
+                    assert isinstance(status, Status)
+                    return status
+        except (EOFError, OSError):
+            pass
+        return None
+
+    def close(self) -> None:
+        self.conn.close()
+        self.pings.close()
 
     def stop(self) -> None:
         """End a worker that can no longer be trusted to serve the current rules: the watch
@@ -172,18 +204,22 @@ class Worker:
         return kind
 
 
-def _worker_main(config: Config, install: Install, conn: Connection) -> None:
+def _worker_main(config: Config, install: Install, conn: Connection, pings: Connection,
+                 index: int) -> None:
     """Body of a worker process: serve with SO_REUSEPORT until told to stop."""
     _die_with_parent()
 
     def on_ready(server: RunningServer) -> None:
-        _Listener(conn, server, asyncio.get_running_loop())
+        loop = asyncio.get_running_loop()
+        _Listener(conn, server, loop)
+        loop.add_reader(pings.fileno(), _pong, pings, server, loop)
         conn.send(("ready", server.addresses))
 
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             runner.run(serve_until_signalled(config, install.rules, on_ready, reuse_port=True,
-                                             serve_metrics=False, worker=install))
+                                             serve_metrics=False, worker=install,
+                                             process=f"worker-{index}"))
     except OSError as exc:
         conn.send(("error", str(exc)))
 
@@ -197,6 +233,15 @@ def _die_with_parent() -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, signal.SIG_DFL)  # the event loop installs its own handlers
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the supervisor reloads, not the workers
+
+
+def _pong(pings: Connection, server: RunningServer, loop: asyncio.AbstractEventLoop) -> None:
+    """Answer a health ping, on the event loop: that it runs this at all is the liveness."""
+    try:
+        _, serial = pings.recv()
+        send_whole(pings, ("pong", serial, server.status()))
+    except (EOFError, OSError):  # the supervisor is gone, or the pipe broke: nobody asks
+        loop.remove_reader(pings.fileno())
 
 
 class _Listener:
@@ -254,7 +299,7 @@ class _Listener:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def send_whole(conn: Connection, message: tuple[str, object]) -> None:
+def send_whole(conn: Connection, message: tuple[object, ...]) -> None:
     """Send on the pipe the event loop made non-blocking for its reader: blocking for the
     send, since a message larger than the socket buffer (a snapshot with many series) would
     otherwise be cut short. The supervisor is reading while it waits for it."""
@@ -298,12 +343,14 @@ class Supervisor:
         running_server); else the baseline is taken once the workers are ready."""
         self.config = _concrete_ports(config)
         self.count = count
-        self.own = Metrics()  # the supervisor's own counts: reloads
+        self.own = Metrics(process="supervisor")  # its own: reloads and resource use
         self.reloads = Reloads(config, overrides, rules, self.own.reloads, wall)
         self._watcher = watcher
         self.workers: list[Worker] = []
         self.retired: list[Sample] = []  # counters of workers that died, so sums never drop
         self.lock = threading.Lock()  # the metrics thread and the main thread share pipes
+        self.pinging = threading.Lock()  # probes, one at a time, own the ping pipes
+        self._serial = 0  # of the last ping
         self.stopping = False
         # Reloads asked for, in order: appended by signal handlers and the HTTP thread (a
         # deque's append is atomic, and takes no lock a signal handler could deadlock on).
@@ -330,7 +377,8 @@ class Supervisor:
             if listen is not None:
                 registry = CollectorRegistry()
                 registry.register(self)
-                endpoint = Endpoint(listen.host, listen.port, registry, self._reload_from_http)
+                endpoint = Endpoint(listen.host, listen.port, registry, self._reload_from_http,
+                                    self.probe)
             watcher = self._watcher or Watcher(self.reloads.watch_paths)
             on_ready(addresses, endpoint.address if endpoint else None)
             self._watch(watcher)
@@ -345,9 +393,13 @@ class Supervisor:
                                                       ("the server is stopping",)))
 
     def _fork(self, index: int) -> Worker:
-        """A worker with the rule set in force and the blocking section it came with."""
+        """A worker with the rule set in force and the blocking section it came with, and a
+        query log file of its own."""
         current = self.reloads.current
-        config = dataclasses.replace(self.config, blocking=current.blocking)
+        query_log = self.config.query_log
+        config = dataclasses.replace(
+            self.config, blocking=current.blocking,
+            query_log=dataclasses.replace(query_log, path=worker_path(query_log.path, index)))
         return Worker.start(index, config, current)
 
     def _watch(self, watcher: Watcher) -> None:
@@ -416,6 +468,18 @@ class Supervisor:
         except TimeoutError:  # concurrent.futures' is the builtin since 3.11
             return pending(self.rules.version)
 
+    def probe(self) -> Probed:
+        """Every worker's health.Status, each given LOOP_DEADLINE seconds (side by side);
+        None for one that did not answer (stopped, hung, or dead and not yet replaced)."""
+        with self.pinging:
+            self._serial += 1
+            workers = list(self.workers)
+            for worker in workers:
+                worker.ping(self._serial)
+            deadline = time.monotonic() + LOOP_DEADLINE
+            return [(f"worker-{worker.index}", worker.pong(self._serial, deadline))
+                    for worker in workers]
+
     def _poke(self) -> None:
         with contextlib.suppress(OSError):  # full: it is awake already
             self._wake.send(b"x")
@@ -434,12 +498,12 @@ class Supervisor:
             log.error("%s", exc)
             fresh.process.kill()
             fresh.process.join()
-            fresh.conn.close()
+            fresh.close()
             return
-        with self.lock:
+        with self.lock, self.pinging:
             self.retired = merge_samples([self.retired,
-                                          [s for s in worker.last if s.kind == "counter"]])
-            worker.conn.close()
+                                          [s for s in worker.last if s.monotonic]])
+            worker.close()
             self.workers[self.workers.index(worker)] = fresh
 
     def _stop(self, signum: int, frame: FrameType | None) -> None:
@@ -470,7 +534,8 @@ class Supervisor:
             deadline = time.monotonic() + SNAPSHOT_TIMEOUT
             snapshots = [worker.answer(deadline) for worker in self.workers]
             alive = sum(worker.process.is_alive() for worker in self.workers)
-        for sample in merge_samples([*snapshots, self.retired, [self.own.reloads.sample()]]):
+        for sample in merge_samples([*snapshots, self.retired,
+                                     [self.own.reloads.sample(), *self.own.process_samples()]]):
             yield sample.family()
         yield Sample("gauge", "workers", "Worker processes alive.", (), {(): alive}).family()
 

@@ -54,8 +54,10 @@ class TcpConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self._buffer += data
         messages = wire.unframe(self._buffer)
+        if messages:
+            received = self._pipeline.clock()  # the messages in one read came together
         for message in messages:
-            result = self._pipeline.handle(message, self.peer, self)
+            result = self._pipeline.handle(message, self.peer, self, received)
             if isinstance(result, Answered):
                 self._write(result.data)
             elif result is LATER:

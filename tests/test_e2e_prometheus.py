@@ -2,12 +2,12 @@
 real resolver with two workers, and promtool on the rules and the scrape config.
 
 The resolver serves the shipped exchange list and a dry-run list, forwarding to the NSD
-fixture; dnspython sends blocked, dry-run, forwarded and cached queries in two rounds with a
-scrape between them (a `resolver_blocked_total` series appears with its first block, and
-`increase()` needs it to rise after that). Once Prometheus has scraped twice after the
-second round, every PromQL expression of the dashboard and of the alerting rules is evaluated
-through the HTTP API with Grafana's variables replaced: each must parse, the ones in
-MUST_HAVE_DATA must return what those queries imply, and no alert may fire.
+fixture, with its query log on; dnspython sends blocked, dry-run, forwarded and cached queries
+in two rounds with a scrape between them (a `resolver_blocked_total` series appears with its
+first block, and `increase()` needs it to rise after that). Once Prometheus has scraped twice
+after the second round, every PromQL expression of the dashboard and of the alerting rules is
+evaluated through the HTTP API with Grafana's variables replaced: each must parse, the ones
+in MUST_HAVE_DATA must return what those queries imply, and no alert may fire.
 """
 
 from __future__ import annotations
@@ -197,7 +197,7 @@ def live(tmp_path_factory: pytest.TempPathFactory, nsd_upstream: NsdServer) -> I
         [sys.executable, "-m", "resolver", "--log-level", "warning", "serve",
          "--workers", str(WORKERS), "--listen", f"{LOOPBACK}:0",
          "--upstream", nsd_upstream.address, "--rules", rules[0], "--rules", rules[1],
-         "--metrics", metrics],
+         "--metrics", metrics, "--query-log", str(tmp / "query.log")],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     processes = [resolver]
     try:
@@ -344,6 +344,10 @@ MUST_HAVE_DATA: dict[str, Check] = {
     "Last reload by instance / B": lambda v, live: one(v) == WORKERS,
     "Reloads by result / A": lambda v, live: by(v, "result") == dict.fromkeys(RELOADS, 0),
     "Reload failures in the time range / A": lambda v, live: one(v) == 0,
+    "Query log records per second / A":
+        lambda v, live: positive(by(v, "instance"), live.instance),
+    "Query log records per second / B":
+        lambda v, live: by(v, "reason") == {"queue_full": 0, "write_error": 0},
     "Resident memory by process / A": lambda v, live: positive(by(v, "process"), *PROCESSES),
     "CPU by process / A": lambda v, live: set(by(v, "process")) == PROCESSES,
     "Open files by process / A": lambda v, live: positive(by(v, "process"), *PROCESSES),
@@ -357,8 +361,6 @@ NOT_EXPORTED_HERE = {
     "resolver_source_refresh_interval_seconds": "no list from a URL",
     "resolver_source_failures_total": "no list from a URL",
     "resolver_upstream_tls_connections_total": "no DNS-over-TLS upstream",
-    "resolver_querylog_records_total": "no query log",
-    "resolver_querylog_dropped_total": "no query log",
 }
 
 

@@ -35,7 +35,7 @@ from resolver.message import wire
 from resolver.message.query import Outcome, Query
 from resolver.message.reply import TtlPolicy, render, scan_reply
 from resolver.ops.config import Config, QueryLogConfig, UpstreamConfig, UpstreamServer
-from resolver.ops.metrics import Metrics
+from resolver.ops.metrics import Metrics, new_row, observe
 from resolver.ops.querylog import BATCH, Format, QueryLog, RotatingFile
 from resolver.rules.loader import load_rules
 from resolver.rules.matcher import RuleSet
@@ -272,6 +272,9 @@ def main() -> None:
     staged = Blocker(staged_rules(config.blocking.rules), config.blocking, Metrics())
     q_scoped = wire.parse_query(packet("www.scoped.example", args.edns), CLIENT, "udp")
     q_canary = wire.parse_query(packet("www.canary.example", args.edns), CLIENT, "udp")
+    made = blocker.answer(q_blocked)
+    assert isinstance(made, Answered)
+    record, answer, row = Metrics().queries.record, made.data, new_row()
 
     rows: list[tuple[str, Callable[[], object]]] = [
         ("decode (parse_query)", lambda: wire.parse_query(blocked, CLIENT, "udp")),
@@ -286,8 +289,14 @@ def main() -> None:
         # the fenced shortcut: a miss says FORWARD, skipping the stages that read entries
         ("cache miss (lookup, FORWARD)", lambda: cache_stage.answer(q_blocked)),
         ("encode cached reply (render, aged)", lambda: render(q_allowed, reply, 7)),
-        ("whole handle(): blocked", lambda: pipeline.handle(blocked, CLIENT, sink)),
-        ("whole handle(): cache hit", lambda: pipeline.handle(allowed, CLIENT, sink)),
+        # the per-answer bookkeeping every path below includes: queries_total with its qtype
+        # and rcode and the duration histogram in one record, and a histogram row's observe
+        # alone (what a packet-cache replay and an upstream reply pay)
+        ("count + time an answer (Queries.record)",
+         lambda: record("udp", "blocked", 1, answer, 0.000003)),
+        ("histogram: observe one value (a row)", lambda: observe(row, 0.000003)),
+        ("whole handle(): blocked", lambda: pipeline.handle(blocked, CLIENT, sink, 1000.0)),
+        ("whole handle(): cache hit", lambda: pipeline.handle(allowed, CLIENT, sink, 1000.0)),
         ("datagram: blocked, packet cache replay", lambda: udp.datagram_received(blocked, CLIENT)),
         ("datagram: cached, packet cache replay", lambda: udp.datagram_received(allowed, CLIENT)),
     ]

@@ -31,8 +31,9 @@ from resolver.server.supervisor import free_port
 LOOPBACK = "127.0.0.1"
 
 
-def require_tool(name: str) -> str:
+def require_tool(name: str, package: str | None = None) -> str:
     """Return the path of an external tool, or skip the test when it is not installed.
+    package: the Debian package that has it, when it is not named after the tool.
 
     In CI (CI=true) a missing tool fails instead: .ci/run installs every tool, so a skip there
     would hide a broken install step behind a green run.
@@ -40,7 +41,7 @@ def require_tool(name: str) -> str:
     search = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
     path = shutil.which(name, path=search)
     if path is None:
-        message = f"{name} is not installed (Debian: apt-get install {name})"
+        message = f"{name} is not installed (Debian: apt-get install {package or name})"
         if os.environ.get("CI") == "true":
             pytest.fail(message)
         pytest.skip(message)

@@ -57,6 +57,9 @@ Row = list[float]
 QTYPES = {1: "A", 28: "AAAA", 5: "CNAME", 15: "MX", 16: "TXT", 2: "NS", 6: "SOA", 12: "PTR",
           33: "SRV", 65: "HTTPS", 64: "SVCB", 255: "ANY"}
 OTHER = "other"
+# The label of each type number below 256 (every named one is), for a tuple index on the hot
+# path rather than a dict.get call: 40 ns less per answer (bench/micro.py's record line).
+_QTYPE_LABELS = tuple(QTYPES.get(number, OTHER) for number in range(256))
 NO_ANSWER = "none"
 RCODES = ("NOERROR", "FORMERR", "SERVFAIL", "NXDOMAIN", OTHER, "REFUSED", *[OTHER] * 10)
 # The series each outcome is exported under from the start (at 0), so that rate() sees its
@@ -223,11 +226,14 @@ class Queries:
 
     def record(self, transport: str, outcome: str, qtype: int, answer: bytes | None,
                duration: float) -> None:
-        """One query, answered (the rcode from the answer's header) or not (answer None)."""
-        key = (transport, outcome, QTYPES.get(qtype, OTHER),
+        """One query, answered (the rcode from the answer's header) or not (answer None).
+        The one function every answer passes through: `observe` written out, and the row
+        found by subscript (a miss is once per key), for the calls they would cost."""
+        key = (transport, outcome, _QTYPE_LABELS[qtype] if qtype < 256 else OTHER,
                NO_ANSWER if answer is None else RCODES[answer[3] & 0xF])
-        row = self.rows.get(key)
-        if row is None:
+        try:
+            row = self.rows[key]
+        except KeyError:
             row = self.rows[key] = new_row()
         row[0 if duration <= _FIRST_BOUND else bisect_left(DURATION_BUCKETS, duration)] += 1
         row[-1] += duration

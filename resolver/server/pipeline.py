@@ -81,8 +81,12 @@ class Pipeline:
             result = stage.answer(q)
             if result is PASS:
                 continue
-            if isinstance(result, Answered):
-                self._done(q, sink.name, result.outcome, result.data, q.received)
+            if isinstance(result, Answered):  # _done written out: every local answer's path
+                duration = self.clock() - q.received
+                self._record(sink.name, result.outcome, q.qtype, result.data, duration)
+                if self._observer is not None:
+                    offer(self._observer, q, sink.name, result.outcome, result.data, duration,
+                          "")
                 if per_client and result.replay is not None:  # not for the next client
                     return Answered(result.data, result.outcome)
                 return result

@@ -7,6 +7,7 @@ promtool and a real Prometheus evaluating every expression: tests/test_e2e_prome
 
 from __future__ import annotations
 
+import json
 import re
 from collections import Counter
 from pathlib import Path
@@ -199,13 +200,21 @@ def test_grafana_is_provisioned_with_the_datasource_and_the_dashboard(compose):
     assert (dashboards / "resolver.json").is_file()
 
 
-def test_the_resolver_image_runs_the_command_compose_passes():
-    """The Dockerfile (another branch's) runs the console script, so `serve ...` follows it,
-    and exposes the metrics port."""
+def test_the_resolver_image_runs_the_command_compose_passes(compose):
+    """The Dockerfile's entrypoint is the console script, so compose's `serve ...` follows it,
+    starting as the image's own command does (its config file); and it exposes the metrics
+    port."""
     dockerfile = ROOT / "Dockerfile"
     if not dockerfile.exists():
         pytest.skip("no Dockerfile at the top of the repository yet")
     text = dockerfile.read_text(encoding="utf-8")
-    entrypoint = re.findall(r"^ENTRYPOINT\s+(.*)$", text, re.MULTILINE)
-    assert entrypoint and re.search(r'"resolver"\s*\]\s*$', entrypoint[-1]), entrypoint
-    assert re.search(r"^EXPOSE\b.*\b9153\b", text, re.MULTILINE)
+
+    def instruction(name: str) -> list[str]:
+        (line,) = re.findall(rf"^{name}\s+(\[.*\])\s*$", text, re.MULTILINE)
+        parsed: list[str] = json.loads(line)
+        return parsed
+
+    assert Path(instruction("ENTRYPOINT")[-1]).name == "resolver"
+    image_command = instruction("CMD")
+    assert compose["services"]["resolver"]["command"][:len(image_command)] == image_command
+    assert re.search(r"^EXPOSE\b.*\b9153/tcp\b", text, re.MULTILINE)

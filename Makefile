@@ -7,8 +7,10 @@ PYTHON ?= $(shell /usr/bin/python3 -c 'import sys; sys.exit(sys.version_info < (
 VENV := .venv
 BIN := $(VENV)/bin
 
-# Debian packages the tests drive: a real authoritative upstream (nsd), peers and tools.
-TEST_PACKAGES := make python3 python3-venv nsd unbound dnsperf bind9-dnsutils knot-dnsutils curl
+# Debian packages the tests drive: a real authoritative upstream (nsd), peers and tools, and
+# systemd-analyze for the unit in deploy/systemd (tests/test_systemd.py).
+TEST_PACKAGES := make python3 python3-venv nsd unbound dnsperf bind9-dnsutils knot-dnsutils curl \
+	systemd
 
 .PHONY: run test test-unit lint deps clean
 

@@ -9,8 +9,8 @@ BIN := $(VENV)/bin
 
 # Debian packages the tests drive: a real authoritative upstream (nsd), peers and tools, and
 # systemd-analyze for the unit in deploy/systemd (tests/test_systemd.py).
-TEST_PACKAGES := make python3 python3-venv nsd unbound dnsperf bind9-dnsutils knot-dnsutils curl \
-	systemd
+TEST_PACKAGES := make python3 python3-venv nsd unbound dnsperf bind9-dnsutils bind9-utils \
+	knot-dnsutils curl systemd
 
 .PHONY: run test test-unit lint deps clean
 

@@ -27,6 +27,7 @@ from resolver.rules.model import ALLOW, DRY_RUN, ENFORCE
 from resolver.server.app import serve_until_signalled
 from resolver.server.reload import watched
 from resolver.server.supervisor import Supervisor, default_workers
+from resolver.tools import add_rules_command
 from resolver.upstream.pool import address_label
 
 log = logging.getLogger("resolver")
@@ -66,7 +67,14 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=_positive, default=None, metavar="N",
                        help="worker processes sharing the ports (default: one per core)")
     serve.set_defaults(run=_serve)
+    _rules(commands)
     return parser
+
+
+def _rules(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`resolver rules ...`: the rule tools (resolver/tools/, docs/tools.md), each with
+    its own arguments and exit codes."""
+    add_rules_command(commands)
 
 
 def _positive(text: str) -> int:

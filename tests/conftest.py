@@ -190,5 +190,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         module = item.path.stem
         e2e = (module in E2E_MODULES or module.startswith("test_e2e_")
-               or not E2E_FIXTURES.isdisjoint(getattr(item, "fixturenames", ())))
+               or not E2E_FIXTURES.isdisjoint(getattr(item, "fixturenames", ()))
+               or item.get_closest_marker("e2e") is not None)  # a test that runs a process
         item.add_marker(pytest.mark.e2e if e2e else pytest.mark.unit)

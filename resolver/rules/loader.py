@@ -81,6 +81,16 @@ def load_rules(paths: Sequence[str], *, yaml_loader: YamlLoader = FAST_LOADER) -
     other file is a plain list of domains named after the file. yaml_loader: the YAML loader
     class, libyaml's where PyYAML has it.
     """
+    lists, domains = read_rules(paths, yaml_loader=yaml_loader)
+    return RuleSet(lists, domains)
+
+
+def read_rules(paths: Sequence[str], *, yaml_loader: YamlLoader = FAST_LOADER
+               ) -> tuple[list[RuleList], list[tuple[bytes, Rule]]]:
+    """What load_rules compiles: the lists, and every (wire name, rule) pair as the files
+    give them, or ConfigError with all problems. For the rule tools (resolver/tools/), which
+    compare, explain and export the domains as written, where a compiled RuleSet keeps only
+    what answers."""
     loader = _Loader(yaml_loader)
     for path in _rule_files(paths, loader.problems):
         if path.suffix in YAML_SUFFIXES:
@@ -89,7 +99,7 @@ def load_rules(paths: Sequence[str], *, yaml_loader: YamlLoader = FAST_LOADER) -
             loader.load_text(path)
     if loader.problems:
         raise ConfigError(loader.problems)
-    return RuleSet(loader.lists, loader.domains)
+    return loader.lists, loader.domains
 
 
 def _rule_files(paths: Sequence[str], problems: list[str]) -> list[Path]:

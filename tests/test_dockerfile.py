@@ -197,6 +197,7 @@ def test_dockerignore_leaves_out_caches_and_everything_not_copied() -> None:
     assert not in_context("deploy/kubernetes/base/deployment.yaml")
 
 
+@pytest.mark.e2e  # runs pip
 def test_the_build_stage_builds_the_wheel_with_every_module(tmp_path: Path) -> None:
     build, = (stage for stage in stages() if stage.name == "build")
     carry_out(build, tmp_path)

@@ -41,6 +41,8 @@ TIMEOUT = 60  # seconds; only reached when a tool hangs
 
 Object = dict[str, Any]
 
+pytestmark = pytest.mark.e2e  # runs kubectl, yamllint and resolver rules check
+
 
 def kubectl() -> Path:
     path = Path(sysconfig.get_path("scripts")) / "kubectl"
@@ -223,9 +225,16 @@ def test_workers_match_the_cpu_limit(rendered: list[Object]) -> None:
 
 
 def pod_rules(overlay: str, root: Path) -> RuleSet:
-    """The rules an overlay's pods load. TODO(lead, after merging rules-tools): run
-    `resolver rules check` on the mounted files instead, as an operator would."""
-    return load_rules(mount(render(overlay), root).blocking.rules)
+    """The rules an overlay's pods load, which `resolver rules check` passes with the
+    config they are mounted with, as an operator checks them before applying."""
+    config = mount(render(overlay), root)
+    assert config.source is not None
+    check = subprocess.run([sys.executable, "-m", "resolver", "rules", "check", "-c",
+                            config.source], capture_output=True, text=True, timeout=TIMEOUT)
+    assert check.returncode == 0, check.stdout + check.stderr
+    rules = load_rules(config.blocking.rules)
+    assert check.stdout.startswith(f"rules {rules.version}:"), check.stdout
+    return rules
 
 
 def lists(rules: RuleSet) -> dict[str, tuple[str, float, int]]:

@@ -27,6 +27,8 @@ DOCS = ROOT / "docs" / "deploying.md"
 INSTALLED = "/opt/resolver/bin/resolver"
 TIMEOUT = 60  # seconds; only reached when systemd-analyze hangs
 
+pytestmark = pytest.mark.e2e  # runs systemd-analyze
+
 
 @pytest.fixture
 def unit(tmp_path: Path) -> Path:

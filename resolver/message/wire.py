@@ -254,11 +254,11 @@ def framed(message: bytes) -> bytes:
     return len(message).to_bytes(2, "big") + message
 
 
-def unframe(buffer: bytearray) -> list[bytes]:
-    """Take every whole length-prefixed message off the front of a stream buffer; a partial
-    one stays for the next read."""
-    messages = []
-    while len(buffer) >= 2:
+def unframe(buffer: bytearray, most: int = MAX_MESSAGE) -> list[bytes]:
+    """Take every whole length-prefixed message off the front of a stream buffer, or the
+    `most` first; a partial one, and those beyond `most`, stay for the next read."""
+    messages: list[bytes] = []
+    while len(buffer) >= 2 and len(messages) < most:
         end = 2 + ((buffer[0] << 8) | buffer[1])
         if len(buffer) < end:
             break

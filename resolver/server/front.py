@@ -17,10 +17,10 @@ from __future__ import annotations
 from resolver.message import wire
 from resolver.message.query import Outcome
 from resolver.ops.metrics import Metrics
-from resolver.server.packetcache import PacketCache
 from resolver.server.tcp import ALLOW as TCP_ALLOW
 from resolver.server.tcp import CLOSE as TCP_CLOSE
 from resolver.server.tcp import REFUSE as TCP_REFUSE
+from resolver.server.udp import Handler
 from resolver.stages.access import Networks, refusal
 from resolver.stages.contract import Sink
 from resolver.stages.ratelimit import ALLOW, SLIP, WOULD, Limiter
@@ -32,7 +32,7 @@ ALLOWED, REFUSED = True, False  # verdicts; a limited client's is its bucket's k
 class Front:
     """Access control and rate limits in front of the packet cache (UDP)."""
 
-    def __init__(self, inner: PacketCache, allow: Networks, refuse_action: str,
+    def __init__(self, inner: Handler, allow: Networks, refuse_action: str,
                  limiter: Limiter | None, metrics: Metrics):
         self._inner = inner.handle
         self._allow = allow
@@ -51,7 +51,7 @@ class Front:
                           lambda: {(): len(limiter)})
 
     def handle(self, data: bytes, client: tuple[str, int], sink: Sink) -> bytes | None:
-        """The answer to send now (see PacketCache.handle), or None."""
+        """The answer to send now (see PacketCache.handle, the inner handler), or None."""
         verdict = self._verdicts.get(client[0])
         if verdict is ALLOWED:  # the usual case: one lookup, one comparison
             return self._inner(data, client, sink)

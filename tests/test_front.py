@@ -97,7 +97,7 @@ def test_the_verdicts_kept_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_a_limited_client_slips_and_drops() -> None:
-    gate, inner, metrics = front(ratelimit=RateLimitConfig(qps=1, burst=2, slip=2))
+    gate, _inner, metrics = front(ratelimit=RateLimitConfig(qps=1, burst=2, slip=2))
     answers = [gate.handle(QUERY, ALLOWED, Udp()) for _ in range(6)]
     assert answers[:2] == [b"inner"] * 2
     assert answers[2] is None and answers[4] is None
@@ -113,12 +113,12 @@ def test_a_limited_client_slips_and_drops() -> None:
 
 
 def test_a_dry_run_answers_and_counts() -> None:
-    gate, inner, metrics = front(ratelimit=RateLimitConfig(qps=1, burst=1, dry_run=True))
+    gate, _inner, metrics = front(ratelimit=RateLimitConfig(qps=1, burst=1, dry_run=True))
     assert [gate.handle(QUERY, ALLOWED, Udp()) for _ in range(3)] == [b"inner"] * 3
     assert metrics.queries.counts == {}
     assert would_limit(metrics) == 2
 
 
 def test_an_exempt_client_is_not_limited() -> None:
-    gate, inner, _ = front(ratelimit=RateLimitConfig(qps=1, burst=1, exempt=("10.0.0.1/32",)))
+    gate, _inner, _ = front(ratelimit=RateLimitConfig(qps=1, burst=1, exempt=("10.0.0.1/32",)))
     assert [gate.handle(QUERY, ALLOWED, Udp()) for _ in range(5)] == [b"inner"] * 5

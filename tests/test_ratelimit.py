@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
+from typing import Any
 
 import pytest
 
@@ -16,7 +17,7 @@ from tests.test_staging import Timers
 CONFIG = RateLimitConfig(qps=10, burst=5, slip=2)
 
 
-def limiter(clock: FakeClock, timers: Timers | None = None, **changes: object) -> Limiter:
+def limiter(clock: FakeClock, timers: Timers | None = None, **changes: Any) -> Limiter:
     return Limiter(replace(CONFIG, **changes), clock, timers or Timers())
 
 

@@ -125,7 +125,7 @@ def belonging(records: list[Record], qname: bytes, data: bytes) -> list[Record]:
 def _chain(records: list[Record], qname: bytes, data: bytes) -> list[bytes]:
     """The question name, then each CNAME target the answer section leads it to; a loop or a
     second CNAME for one name ends it (each name is followed once)."""
-    targets = {}
+    targets: dict[bytes, Record] = {}
     for record in records:
         if record.section == ANSWER and record.rtype == TYPE_CNAME:
             targets.setdefault(record.owner, record)

@@ -413,8 +413,8 @@ class RateLimitConfig:
     max_tracked: int = setting(
         65536, integer(1, 10_000_000),
         "Prefixes tracked at once; beyond it, the one heard from least recently is forgotten. "
-        "Bounds the limiter's memory whatever the number of source addresses: about 270 bytes "
-        "a prefix (docs/hardening.md).", note="about 17 MiB")
+        "Bounds the limiter's memory whatever the number of source addresses: about 300 bytes "
+        "a prefix (docs/hardening.md).", note="about 19 MiB")
     exempt: tuple[str, ...] = setting(
         (), NETWORKS, "Client networks never limited (a NAT'd office, a monitoring probe).",
         example="[192.0.2.0/24]")

@@ -25,7 +25,7 @@ from resolver.stages.access import Networks, refusal
 from resolver.stages.contract import Sink
 from resolver.stages.ratelimit import ALLOW, SLIP, WOULD, Limiter
 
-MAX_VERDICTS = 65536  # addresses whose verdict is kept (about 150 bytes each)
+MAX_VERDICTS = 65536  # addresses whose verdict is kept (about 90 bytes each: 6 MiB at most)
 ALLOWED, REFUSED = True, False  # verdicts; a limited client's is its bucket's key
 
 

@@ -19,7 +19,9 @@ import struct
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
+from multiprocessing.sharedctypes import Synchronized
 from pathlib import Path
 
 import dns.exception
@@ -29,22 +31,31 @@ import dns.rcode
 import pytest
 
 from resolver.server.supervisor import free_port
+from tests.e2e import metric
 from tests.servers import LOOPBACK, NsdServer
 
 FLOOD_SECONDS = 8.0
-FLOODERS = 1  # sending processes: with two, on two cores, the server gets no core of its own
-RSS_BOUND = 160 * 2**20  # bytes: what the server may use at most while flooded (see below)
+FLOODERS = 1  # sending processes
+WORKERS = 2  # the server's, as deployed by default on two cores (one per core)
+# What the supervisor and its workers may hold at most, in bytes: about 35 MiB each at start
+# (rules, code), plus per worker what CONFIG bounds: the answer cache 16 MiB, the packet cache
+# 20,000 entries of at most about 2 KiB, the limiter 5,000 prefixes of about 300 bytes, and
+# the verdicts of 65,536 addresses of about 90 bytes (docs/hardening.md).
+RSS_BOUND = (1 + WORKERS) * 35 * 2**20 + WORKERS * (16 + 40 + 2 + 6) * 2**20  # 233 MiB
+SUCCESS_BOUND = 0.5  # of the good client's queries answered, at least: the flood's share of
+# the machine decides how many are lost in the kernel's queue before the server reads them
 SOURCES_PER_ROUND = 200  # sockets, each on its own 127.x.y.z, opened for one round
 HOT_PREFIXES = 20  # 127.1.0.0/24 to 127.20.0.0/24: where most of the flood comes from
 CLIENT = LOOPBACK  # the well-behaved client: no flood source is in 127.0.0.0/24
 CLIENT_EVERY = 0.01  # seconds between its queries
-CONFIG = """\
+MAX_TRACKED = 5000
+CONFIG = f"""\
 blocking:
   watch_interval: 0
 ratelimit:
   qps: 50
   burst: 100
-  max_tracked: 5000
+  max_tracked: {MAX_TRACKED}
 cache:
   max_bytes: 16777216
   packet_entries: 20000
@@ -53,10 +64,14 @@ RULES = "lists:\n  - name: flood\n    domains: [blocked.test]\n"
 
 
 def rss(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
+    """The resident memory of a process and its children (the workers), in bytes."""
+    total = 0
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    for each in (pid, *map(int, children)):
+        for line in Path(f"/proc/{each}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1]) * 1024
+    return total
 
 
 def packets(rng: random.Random) -> list[bytes]:
@@ -81,7 +96,7 @@ def packets(rng: random.Random) -> list[bytes]:
     return mix
 
 
-def flood(port: int, seconds: float, sent: multiprocessing.Value) -> None:  # type: ignore[type-arg]
+def flood(port: int, seconds: float, sent: Synchronized[int]) -> None:
     """Send as fast as this process can, from a new set of source addresses every round."""
     rng = random.Random(os.getpid())
     mix = packets(rng)
@@ -120,7 +135,7 @@ def served(tmp_path: Path, nsd_upstream: NsdServer) -> Iterator[tuple[int, int, 
     (tmp_path / "rules.yaml").write_text(RULES)
     process = subprocess.Popen(
         [sys.executable, "-m", "resolver", "serve", "-c", str(tmp_path / "resolver.yaml"),
-         "--workers", "1", "--listen", f"{LOOPBACK}:{port}", "--upstream",
+         "--workers", str(WORKERS), "--listen", f"{LOOPBACK}:{port}", "--upstream",
          nsd_upstream.address, "--rules", str(tmp_path / "rules.yaml"),
          "--metrics", f"{LOOPBACK}:{metrics_port}"],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
@@ -136,7 +151,7 @@ def served(tmp_path: Path, nsd_upstream: NsdServer) -> Iterator[tuple[int, int, 
 
 def test_a_flood_leaves_memory_bounded_and_a_good_client_answered(served, nsd_upstream
                                                                   ) -> None:
-    pid, port, _ = served
+    pid, port, metrics_port = served
     query = dns.message.make_query("www.example.test", "A")
     dns.query.udp(query, LOOPBACK, port=port, timeout=2, source=CLIENT)  # cached from here
     sent = multiprocessing.get_context("fork").Value("q", 0)
@@ -150,7 +165,7 @@ def test_a_flood_leaves_memory_bounded_and_a_good_client_answered(served, nsd_up
     while time.monotonic() < deadline:
         began = time.monotonic()
         try:
-            response = dns.query.udp(query, LOOPBACK, port=port, timeout=1.0, source=CLIENT)
+            response = dns.query.udp(query, LOOPBACK, port=port, timeout=0.5, source=CLIENT)
             assert response.rcode() == dns.rcode.NOERROR and response.answer
             latencies.append(time.monotonic() - began)
         except dns.exception.Timeout:
@@ -161,12 +176,16 @@ def test_a_flood_leaves_memory_bounded_and_a_good_client_answered(served, nsd_up
         process.join(FLOOD_SECONDS)
     asked = len(latencies) + failures
     latencies.sort()
-    print(f"\nflood: {sent.value} packets in {FLOOD_SECONDS:g} s from {FLOODERS} process(es); good client: "
-          f"{len(latencies)}/{asked} answered ({len(latencies) / asked:.1%}), latency "
+    print(f"\nflood: {sent.value} packets in {FLOOD_SECONDS:g} s from {FLOODERS} process(es); "
+          f"good client: {len(latencies)}/{asked} answered ({len(latencies) / asked:.1%}), latency "
           f"median {statistics.median(latencies) * 1000:.2f} ms, p99 "
           f"{latencies[int(len(latencies) * 0.99) - 1] * 1000:.2f} ms, max "
           f"{latencies[-1] * 1000:.2f} ms; server RSS peak {peak / 2**20:.1f} MiB")
     assert peak < RSS_BOUND
-    assert len(latencies) / asked >= 0.95
+    assert len(latencies) / asked >= SUCCESS_BOUND
     response = dns.query.tcp(query, LOOPBACK, port=port, timeout=2, source=CLIENT)
     assert response.answer, "TCP still served after the flood"
+    with urllib.request.urlopen(f"http://{LOOPBACK}:{metrics_port}/metrics", timeout=5) as page:
+        text = page.read().decode()
+    assert metric(text, "resolver_queries_total", outcome="ratelimited") > 0
+    assert 0 < metric(text, "resolver_ratelimit_tracked_prefixes") <= WORKERS * MAX_TRACKED

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import sys
 import tempfile
 import time
@@ -35,7 +36,14 @@ from resolver.message import wire
 from resolver.message.names import label_offsets, to_wire
 from resolver.message.query import Outcome, Query
 from resolver.message.reply import TtlPolicy, render, scan_reply
-from resolver.ops.config import Config, QueryLogConfig, UpstreamConfig, UpstreamServer
+from resolver.ops.config import (
+    LOCAL_NETWORKS,
+    Config,
+    QueryLogConfig,
+    RateLimitConfig,
+    UpstreamConfig,
+    UpstreamServer,
+)
 from resolver.ops.metrics import Metrics, new_row, observe
 from resolver.ops.querylog import BATCH, Format, QueryLog, RotatingFile
 from resolver.rules import table
@@ -43,13 +51,14 @@ from resolver.rules.loader import load_rules
 from resolver.rules.matcher import RuleSet
 from resolver.server.app import build_pipeline
 from resolver.server.outbox import Outbox
-from resolver.server.packetcache import PacketCache
 from resolver.server.pipeline import LOCAL
-from resolver.server.udp import UdpServer
+from resolver.server.udp import Handler, UdpServer
+from resolver.stages.access import Networks
 from resolver.stages.blocking import Blocker
 from resolver.stages.cache import CacheLookup
 from resolver.stages.contract import Answered
 from resolver.stages.prefetch import Prefetch
+from resolver.stages.ratelimit import Limiter
 from resolver.upstream import udp as upstream_udp
 from resolver.upstream.pool import UpstreamPool
 
@@ -97,8 +106,9 @@ class CountingTransport:
         return False
 
 
-def udp_server(packets: PacketCache, outbox: Outbox) -> tuple[UdpServer, CountingTransport]:
-    """The real UDP entry point (packet cache, then the pipeline) on a counting transport."""
+def udp_server(packets: Handler, outbox: Outbox) -> tuple[UdpServer, CountingTransport]:
+    """The real UDP entry point (access and rate limits, packet cache, then the pipeline) on
+    a counting transport."""
     server, transport = UdpServer(packets, outbox), CountingTransport()
     server.connection_made(transport)
     return server, transport
@@ -130,7 +140,7 @@ async def forward_round_trip(config: Config, rules: RuleSet, number: int
     upstream_udp.SOCKET_QUERIES = 1 << 62  # the capturing sockets are never swapped
     loop = asyncio.get_running_loop()
     chain = build_pipeline(config, rules, metrics, pool, time.monotonic, loop.call_later)
-    server, client_side = udp_server(chain.packets, outbox)
+    server, client_side = udp_server(chain.front, outbox)
     queries = [packet(f"n{i}.cold.example", False) for i in range(number)]
     out = back = 0.0
     for start in range(0, number, 100):
@@ -299,7 +309,15 @@ def main() -> None:
     cache_stage = CacheLookup(cache, metrics, Prefetch(config.cache, metrics, lambda q: False))
     settle_memory()  # the server's garbage-collector settings, which the numbers depend on
     sink = NullSink()
-    udp, _ = udp_server(chain.packets, Outbox())
+    udp, _ = udp_server(chain.front, Outbox())
+    # limits on, at a rate no benchmark reaches: what the limiter's allowed path costs
+    limited_config = dataclasses.replace(config, ratelimit=RateLimitConfig(qps=1e7, burst=10**6))
+    limited = build_pipeline(limited_config, rules, Metrics(), UpstreamPool(config.upstream,
+                             Metrics()), time.monotonic, asyncio.new_event_loop().call_later)
+    udp_limited, _ = udp_server(limited.front, Outbox())
+    limiter = Limiter(limited_config.ratelimit, time.monotonic,
+                      asyncio.new_event_loop().call_later)
+    local = Networks(LOCAL_NETWORKS)
 
     blocked = packet("www.binance.com", args.edns)
     allowed = packet("www.example.org", args.edns)
@@ -340,6 +358,10 @@ def main() -> None:
         ("whole handle(): cache hit", lambda: pipeline.handle(allowed, CLIENT, sink)),
         ("datagram: blocked, packet cache replay", lambda: udp.datagram_received(blocked, CLIENT)),
         ("datagram: cached, packet cache replay", lambda: udp.datagram_received(allowed, CLIENT)),
+        ("datagram: blocked, replay, rate limit on",
+         lambda: udp_limited.datagram_received(blocked, CLIENT)),
+        ("access: an address's first check (Networks)", lambda: "192.168.7.7" in local),
+        ("rate limit: allowed (Limiter.admit)", lambda: limiter.admit("127.0.0.0/24")),
     ]
     if args.rules_count:
         rows += lookup_rows(rules, args.rules_count)

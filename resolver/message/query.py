@@ -26,7 +26,9 @@ class Outcome:
     SERVFAIL = "servfail"
     FORMERR = "formerr"
     DROPPED = "dropped"
-    ALL = (BLOCKED, CACHED, STALE, FORWARDED, SERVFAIL, FORMERR, DROPPED)
+    REFUSED = "refused"  # the client is outside server.allow (stages/access.py)
+    RATELIMITED = "ratelimited"  # over its prefix's rate limit: dropped or slipped (TC=1)
+    ALL = (BLOCKED, CACHED, STALE, FORWARDED, SERVFAIL, FORMERR, DROPPED, REFUSED, RATELIMITED)
 
 
 class Query:

@@ -51,8 +51,10 @@ def yaml_value(value: object) -> str:
         pairs = (f"{key.name}: {yaml_value(getattr(value, key.attribute))}"
                  for key in keys(type(value)))
         return f"{{{', '.join(pairs)}}}"
-    if isinstance(value, str) and value.strip() == value and yaml.safe_load(value) == value:
-        return value  # plain, as it reads back unchanged: not 'yes', '1.0' or '[x]'
+    if (isinstance(value, str) and value.strip() == value and ":" not in value
+            and yaml.safe_load(value) == value):
+        return value  # plain, as it reads back unchanged: not 'yes', '1.0', '[x]', nor '::1'
+        # (in a flow list, a colon may read as a key's end)
     return json.dumps(value)  # true, null, numbers and quoted strings are YAML too
 
 

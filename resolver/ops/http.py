@@ -10,14 +10,13 @@ which every test that starts a server would wait out. Here the serving thread sl
 Requests are served each on their own thread (ThreadingHTTPServer): a scrape must not wait
 for a reload that is waiting for its result, nor the reverse.
 
-`/-/reload` is for loopback clients only (403 otherwise), whatever address the listener is
-bound to: a reload is an operator's action, and until the listener has an access list of its
-own (a later hardening issue), the machine itself is the only client we can trust with it.
+`/-/reload` answers only clients in `metrics.allow` (loopback by default; 403 otherwise),
+whatever address the listener is bound to: a reload is an operator's action. The list is the
+same kind as `server.allow` (stages/access.py).
 """
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import logging
 import selectors
@@ -29,7 +28,9 @@ from urllib.parse import parse_qs, urlsplit
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from resolver.ops.config import LOOPBACK_NETWORKS
 from resolver.ops.health import Probe, Probed, Verdict, liveness, readiness
+from resolver.stages.access import Networks
 
 log = logging.getLogger(__name__)
 
@@ -68,28 +69,17 @@ class Reload(Protocol):
     def __call__(self, force: bool) -> ReloadAnswer: ...
 
 
-def is_loopback(host: str) -> bool:
-    """True for 127.0.0.0/8, ::1 and IPv4 loopback mapped into IPv6 (::ffff:127.0.0.1, what an
-    IPv6 listener reports for an IPv4 client); anything unparsable is not."""
-    try:
-        address = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped.is_loopback
-    return address.is_loopback
-
-
 class _Server(ThreadingHTTPServer):
     daemon_threads = True  # a request waiting on a reload must not hold up the exit
 
     def __init__(self, host: str, port: int, registry: CollectorRegistry,
-                 reload: Reload | None, probe: Probe | None):
+                 reload: Reload | None, probe: Probe | None, control: Networks):
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         super().__init__((host, port), _Handler)
         self.registry = registry
         self.reload = reload
         self.probe = probe
+        self.control = control
         self.timeout = 1.0  # handle_request's own wait: a client gone before accept
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
 
@@ -143,9 +133,9 @@ class _Handler(BaseHTTPRequestHandler):
         if url.path != "/-/reload" or self.server.reload is None:
             self._send(404, TEXT, b"not found\n")
             return
-        if not is_loopback(self.client_address[0]):
+        if self.client_address[0] not in self.server.control:
             self._json(403, {"result": "failed", "version": "",
-                             "problems": ["/-/reload answers loopback clients only"]})
+                             "problems": ["/-/reload answers only clients in metrics.allow"]})
             return
         if self.headers.get("Origin") is not None:  # a browser's cross-site form: refused
             self._json(403, {"result": "failed", "version": "",
@@ -179,9 +169,12 @@ class Endpoint:
     """The listener on its own thread; `stop` returns at once."""
 
     def __init__(self, host: str, port: int, registry: CollectorRegistry,
-                 reload: Reload | None = None, probe: Probe | None = None):
-        """probe: asks the event loops for /healthz and /readyz (None: those are 404)."""
-        self._server = _Server(host, port, registry, reload, probe)
+                 reload: Reload | None = None, probe: Probe | None = None,
+                 control: Networks | None = None):
+        """probe: asks the event loops for /healthz and /readyz (None: those are 404).
+        control: who may POST /-/reload (default: loopback clients)."""
+        self._server = _Server(host, port, registry, reload, probe,
+                               control or Networks(LOOPBACK_NETWORKS))
         bound, bound_port = self._server.server_address[:2]
         assert isinstance(bound, str)  # an IP socket's address (bytes: a Unix socket's)
         self.address = (bound, bound_port)

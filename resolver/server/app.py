@@ -14,7 +14,7 @@ import logging
 import signal
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry
@@ -30,6 +30,8 @@ from resolver.ops.querylog import QueryLog
 from resolver.ops.watch import Watcher
 from resolver.rules.matcher import RuleSet
 from resolver.rules.sources import Feeds
+from resolver.server import privileges
+from resolver.server.front import Front
 from resolver.server.outbox import Outbox
 from resolver.server.packetcache import PacketCache
 from resolver.server.pipeline import Delivery, Pipeline
@@ -37,12 +39,15 @@ from resolver.server.reload import FAILED, HTTP_WAIT, OK, UNCHANGED, Install, Re
 from resolver.server.reload import Outcome as ReloadOutcome
 from resolver.server.tcp import TcpConnection, TcpLimits
 from resolver.server.udp import UdpServer
+from resolver.stages.access import Networks
 from resolver.stages.blocking import Blocker
 from resolver.stages.cache import Cache, CacheLookup
 from resolver.stages.cname import CnameBlocker, CnameCheck
 from resolver.stages.contract import CallLater, QueryObserver, Stage
 from resolver.stages.forward import Forwarder
+from resolver.stages.minimal_any import MinimalAny
 from resolver.stages.prefetch import Prefetch
+from resolver.stages.ratelimit import Limiter
 from resolver.stages.stale import ServeStale
 from resolver.upstream.pool import UpstreamPool
 
@@ -55,11 +60,13 @@ WATCH_IDLE = 1.0  # seconds between looks at blocking.watch_interval while watch
 
 @dataclass(frozen=True)
 class Chain:
-    """What build_pipeline made: the pipeline, the packet cache in front of it (UDP), and the
-    parts the server drives from outside (rule installs, shutdown, in-flight counts)."""
+    """What build_pipeline made: the pipeline, the packet cache in front of it and the access
+    and rate limit front before that (UDP), and the parts the server drives from outside
+    (rule installs, shutdown, in-flight counts)."""
 
     pipeline: Pipeline
     packets: PacketCache
+    front: Front
     blocker: Blocker
     cache: Cache
     forwarder: Forwarder
@@ -70,11 +77,17 @@ def build_pipeline(config: Config, rules: RuleSet, metrics: Metrics, upstreams: 
                    clock: Clock, schedule: CallLater, wall: Clock = time.time) -> Chain:
     """The chain, in order, and why:
 
+    00. access control, then the rate limit (UDP; server/front.py, stages/access.py,
+       stages/ratelimit.py): who asks decides before anything else, so a refused or limited
+       client costs no decoding and is never answered from the packet cache; TCP checks
+       access once per connection and has caps instead of a rate (server/tcp.py);
     0. the packet cache (UDP only, before decoding; server/packetcache.py): answers that a
        stage below gave and said still hold, replayed for identical query bytes; cleared
        whenever the rules change;
     1. blocking: policy first, so a blocked name is never answered from the cache or
        upstream, even just after a rule change;
+    1b. minimal ANY (UDP, unless server.any is forward; minimal_any.py): RFC 8482's small
+       answer, before the cache could replay a large forwarded one;
     2. cache lookup: everything still allowed and recently seen is answered synchronously
        (a popular answer about to expire is refreshed in the background: prefetch.py); when
        the cache holds nothing at all for the question it says FORWARD, skipping 3 and 4,
@@ -109,6 +122,7 @@ def build_pipeline(config: Config, rules: RuleSet, metrics: Metrics, upstreams: 
                           config.server.max_inflight)
     stages: list[Stage] = [
         blocker,
+        *([MinimalAny(metrics)] if config.server.any == "minimal" else []),
         CacheLookup(cache, metrics, Prefetch(config.cache, metrics, forwarder.refresh)),
         CnameBlocker(cname, cache),
         stale,
@@ -118,9 +132,13 @@ def build_pipeline(config: Config, rules: RuleSet, metrics: Metrics, upstreams: 
     packets = PacketCache(pipeline, config.cache.packet_entries, clock, metrics.queries,
                           observer)
     blocker.on_install(packets.clear)
+    limiter = (Limiter(config.ratelimit, clock, schedule) if config.ratelimit.qps > 0
+               else None)
+    front = Front(packets, Networks(config.server.allow), config.server.refuse_action,
+                  limiter, metrics)
     metrics.gauge("packet_cache_entries", "Whole UDP answers kept by query bytes.", (),
                   lambda: {(): len(packets)})
-    return Chain(pipeline, packets, blocker, cache, forwarder, querylog)
+    return Chain(pipeline, packets, front, blocker, cache, forwarder, querylog)
 
 
 @dataclass
@@ -196,7 +214,8 @@ async def running_server(config: Config, rules: RuleSet, clock: Clock | None = N
                          reuse_port: bool = False, serve_metrics: bool = True, *,
                          overrides: Overrides = Overrides(), wall: Clock = time.time,
                          worker: Install | None = None, watcher: Watcher | None = None,
-                         feeds: Feeds | None = None, process: str = "main"
+                         feeds: Feeds | None = None, process: str = "main",
+                         listeners: Sequence[Listener] | None = None
                          ) -> AsyncIterator[RunningServer]:
     """Serve until the context exits; yields the bound addresses (port 0 resolved).
 
@@ -209,6 +228,8 @@ async def running_server(config: Config, rules: RuleSet, clock: Clock | None = N
     nor reloads itself.
     feeds: the URL sources the rules were loaded with (reload.load_at_start), refreshed here.
     process: the `process` label of this process' resolver_process_* metrics.
+    listeners: sockets bound already (a worker's, by its supervisor); else they are bound
+    here, and then privileges are dropped to server.user (privileges.py), before any is read.
     """
     registry = CollectorRegistry()
     metrics = Metrics(registry, process)
@@ -217,14 +238,20 @@ async def running_server(config: Config, rules: RuleSet, clock: Clock | None = N
     upstreams = UpstreamPool(config.upstream, metrics, outbox=outbox, clock=clock)
     loop = asyncio.get_running_loop()
     chain = build_pipeline(config, rules, metrics, upstreams, clock, loop.call_later, wall)
-    limits = TcpLimits(config.server.tcp_idle_timeout, config.server.tcp_max_connections)
+    limits = TcpLimits(config.server.tcp_idle_timeout, config.server.tcp_max_connections,
+                       config.server.tcp_max_connections_per_client,
+                       config.server.tcp_max_pipelined, chain.front)
     closers: list[Callable[[], None]] = []
     endpoint = None
     watching = refreshing = None
     try:
         await upstreams.open()  # in here: a failure part-way still closes what it opened
-        addresses = [await _bind(address, chain, outbox, limits, closers, reuse_port)
-                     for address in config.server.listen]
+        if listeners is None:
+            listeners = bind_listeners(config.server.listen, reuse_port)
+            closers += [listener.close for listener in listeners]
+            privileges.drop(config.server.user, config.server.group)
+        addresses = [await _serve(listener, chain, outbox, limits, closers)
+                     for listener in listeners]
         reloads = None if worker is not None else Reloads(config, overrides, rules,
                                                           metrics.reloads, wall, feeds)
         current = worker if reloads is None else reloads.current
@@ -243,7 +270,7 @@ async def running_server(config: Config, rules: RuleSet, clock: Clock | None = N
         if serve_metrics and listen is not None:
             endpoint = Endpoint(listen.host, listen.port, registry,
                                 _reload_from(server, loop) if worker is None else None,
-                                _probe_from(server, loop))
+                                _probe_from(server, loop), Networks(config.metrics.allow))
             server.metrics_address = endpoint.address
         yield server
     finally:
@@ -378,29 +405,65 @@ def bound_socket(host: str, port: int, kind: socket.SocketKind, reuse_port: bool
     return sock
 
 
-async def _bind(address: Address, chain: Chain, outbox: Outbox, limits: TcpLimits,
-                closers: list[Callable[[], None]], reuse_port: bool) -> tuple[str, int]:
-    """Bind TCP, then UDP on the port TCP got; return the (host, port) bound."""
-    loop = asyncio.get_running_loop()
+@dataclass(frozen=True)
+class Listener:
+    """One listen address's TCP and UDP sockets, bound (on the same port) but not yet read."""
+
+    tcp: socket.socket
+    udp: socket.socket
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, port = self.tcp.getsockname()[:2]
+        return host, port
+
+    def close(self) -> None:
+        self.tcp.close()
+        self.udp.close()
+
+
+def bind_listeners(listen: Sequence[Address], reuse_port: bool) -> list[Listener]:
+    """Bind TCP, then UDP on the port TCP got, for every address; nothing is read from them
+    yet, so privileges can be dropped before any query is (privileges.py). Port 0 retries
+    when the TCP port's UDP twin is taken. On failure, what was bound is closed."""
+    bound: list[Listener] = []
+    try:
+        for address in listen:
+            bound.append(_bind_one(address, reuse_port))
+    except OSError:
+        for listener in bound:
+            listener.close()
+        raise
+    return bound
+
+
+def _bind_one(address: Address, reuse_port: bool) -> Listener:
     for attempt in range(BIND_ATTEMPTS):
-        tcp = await loop.create_server(lambda: TcpConnection(chain.pipeline, limits),
-                                       address.host, address.port, reuse_address=True,
-                                       reuse_port=reuse_port)
-        port = tcp.sockets[0].getsockname()[1]
+        tcp = bound_socket(address.host, address.port, socket.SOCK_STREAM, reuse_port)
+        port = tcp.getsockname()[1]
         try:
-            udp, _ = await loop.create_datagram_endpoint(
-                lambda: UdpServer(chain.packets, outbox),
-                sock=bound_socket(address.host, port, socket.SOCK_DGRAM, reuse_port))
+            udp = bound_socket(address.host, port, socket.SOCK_DGRAM, reuse_port)
         except OSError:
             tcp.close()
             if address.port != 0 or attempt == BIND_ATTEMPTS - 1:
                 raise
             continue
-        closers.append(tcp.close)
-        closers.append(udp.close)
-        _grow_receive_buffer(udp.get_extra_info("socket"))
-        return address.host, port
+        return Listener(tcp, udp)
     raise AssertionError("unreachable")
+
+
+async def _serve(listener: Listener, chain: Chain, outbox: Outbox, limits: TcpLimits,
+                 closers: list[Callable[[], None]]) -> tuple[str, int]:
+    """Serve TCP and UDP on a listener's sockets; return the (host, port) they are bound to."""
+    loop = asyncio.get_running_loop()
+    tcp = await loop.create_server(lambda: TcpConnection(chain.pipeline, limits),
+                                   sock=listener.tcp)
+    closers.append(tcp.close)
+    udp, _ = await loop.create_datagram_endpoint(lambda: UdpServer(chain.front, outbox),
+                                                 sock=listener.udp)
+    closers.append(udp.close)
+    _grow_receive_buffer(udp.get_extra_info("socket"))
+    return listener.address
 
 
 async def serve_until_signalled(config: Config, rules: RuleSet,
@@ -409,7 +472,8 @@ async def serve_until_signalled(config: Config, rules: RuleSet,
                                 overrides: Overrides = Overrides(),
                                 worker: Install | None = None,
                                 watcher: Watcher | None = None,
-                                feeds: Feeds | None = None, process: str = "main") -> None:
+                                feeds: Feeds | None = None, process: str = "main",
+                                listeners: Sequence[Listener] | None = None) -> None:
     """Serve until SIGTERM or SIGINT; SIGHUP reloads the rules (keeping them on error), but
     in a worker, whose supervisor reloads and sends it the new set (see running_server)."""
     loop = asyncio.get_running_loop()
@@ -419,7 +483,7 @@ async def serve_until_signalled(config: Config, rules: RuleSet,
     async with running_server(config, rules, reuse_port=reuse_port,
                               serve_metrics=serve_metrics, overrides=overrides,
                               worker=worker, watcher=watcher, feeds=feeds,
-                              process=process) as server:
+                              process=process, listeners=listeners) as server:
         reloads: set[asyncio.Task[ReloadOutcome]] = set()
 
         def reload() -> None:

@@ -1,9 +1,12 @@
 """Several worker processes on the same ports, and the supervisor that keeps them.
 
 Python runs one core per process, so `--workers N` forks N workers after the rules are
-compiled (they share the compiled rules copy-on-write). Each runs its own uvloop and binds
-the listen addresses with SO_REUSEPORT, and the kernel spreads queries across them by flow
-hash. The supervisor answers no queries. It:
+compiled (they share the compiled rules copy-on-write). Each runs its own uvloop on sockets
+of its own bound to the listen addresses with SO_REUSEPORT, and the kernel spreads queries
+across them by flow hash. The supervisor binds every worker's sockets before it drops
+privileges (server/privileges.py) and keeps them, so a worker started again reuses its
+predecessor's without root (queries to them wait in their queues meanwhile). The supervisor
+answers no queries. It:
 - serves /metrics, asking every worker for a snapshot over its pipe and adding them up, and
   POST /-/reload;
 - reloads the rules (on SIGHUP, a file change, or /-/reload): it reads and compiles them
@@ -65,13 +68,17 @@ from resolver.ops.watch import Watcher
 from resolver.rules import table
 from resolver.rules.matcher import RuleSet
 from resolver.rules.sources import Feeds
+from resolver.server import privileges
 from resolver.server.app import (
     WATCH_IDLE,
+    Listener,
     RunningServer,
+    bind_listeners,
     bound_socket,
     serve_until_signalled,
 )
 from resolver.server.reload import FAILED, HTTP_WAIT, Install, Outcome, Reloads, pending
+from resolver.stages.access import Networks
 
 log = logging.getLogger(__name__)
 
@@ -101,11 +108,13 @@ class Worker:
         self.version: str | None = None  # the rule set version it last confirmed
 
     @classmethod
-    def start(cls, index: int, config: Config, install: Install) -> Worker:
+    def start(cls, index: int, config: Config, install: Install,
+              listeners: list[Listener]) -> Worker:
+        """listeners: the worker's sockets, bound by the supervisor (inherited by the fork)."""
         ours, theirs = multiprocessing.Pipe()
         pings, pinged = multiprocessing.Pipe()
         process = multiprocessing.get_context("fork").Process(
-            target=_worker_main, args=(config, install, theirs, pinged, index),
+            target=_worker_main, args=(config, install, theirs, pinged, index, listeners),
             name=f"resolver-worker-{index}", daemon=True)
         process.start()
         theirs.close()
@@ -214,7 +223,7 @@ class Worker:
 
 
 def _worker_main(config: Config, install: Install, conn: Connection, pings: Connection,
-                 index: int) -> None:
+                 index: int, listeners: list[Listener]) -> None:
     """Body of a worker process: serve with SO_REUSEPORT until told to stop."""
     _die_with_parent()
 
@@ -228,7 +237,8 @@ def _worker_main(config: Config, install: Install, conn: Connection, pings: Conn
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             runner.run(serve_until_signalled(config, install.rules, on_ready, reuse_port=True,
                                              serve_metrics=False, worker=install,
-                                             process=f"worker-{index}"))
+                                             process=f"worker-{index}",
+                                             listeners=listeners))
     except OSError as exc:
         conn.send(("error", str(exc)))
 
@@ -363,6 +373,7 @@ class Supervisor:
         self._fetching = threading.Event()  # a refresh of the URL sources is under way
         self._watcher = watcher
         self.workers: list[Worker] = []
+        self.listeners: list[list[Listener]] = []  # each worker's sockets, by its index
         self.retired: list[Sample] = []  # counters of workers that died, so sums never drop
         self.lock = threading.Lock()  # the metrics thread and the main thread share pipes
         self.pinging = threading.Lock()  # probes, one at a time, own the ping pipes
@@ -386,6 +397,11 @@ class Supervisor:
         endpoint = None
         try:
             _check_free(self.config.server.listen)
+            # Every worker's sockets, bound while we may still be root: a worker started
+            # again takes its predecessor's, so no one needs root after the drop.
+            self.listeners = [bind_listeners(self.config.server.listen, reuse_port=True)
+                              for _ in range(self.count)]
+            privileges.drop(self.config.server.user, self.config.server.group)
             self.workers = [self._fork(i) for i in range(self.count)]
             started = [worker.ready() for worker in self.workers]  # wait for every one
             addresses = started[0]  # they all serve the same
@@ -394,12 +410,14 @@ class Supervisor:
                 registry = CollectorRegistry()
                 registry.register(self)
                 endpoint = Endpoint(listen.host, listen.port, registry, self._reload_from_http,
-                                    self.probe)
+                                    self.probe, Networks(self.config.metrics.allow))
             watcher = self._watcher or Watcher(self.reloads.watch_paths)
             on_ready(addresses, endpoint.address if endpoint else None)
             self._watch(watcher)
         finally:
             self._stop_all()
+            for listener in (one for each in self.listeners for one in each):
+                listener.close()
             if endpoint is not None:
                 endpoint.stop()
             while self.requests:  # an HTTP request still waiting is told
@@ -416,7 +434,7 @@ class Supervisor:
         config = dataclasses.replace(
             self.config, blocking=current.blocking,
             query_log=dataclasses.replace(query_log, path=worker_path(query_log.path, index)))
-        return Worker.start(index, config, current)
+        return Worker.start(index, config, current, self.listeners[index])
 
     def _watch(self, watcher: Watcher) -> None:
         """Sleep until a worker exits, a reload is asked for, or the files are due a look."""

@@ -20,6 +20,7 @@ from resolver.message import wire
 from resolver.message.constants import HEADER_SIZE, SERVFAIL, Cancellable, Clock
 from resolver.message.query import CacheKey, Outcome, Query
 from resolver.message.reply import Reply, TtlPolicy, failure, render, scan_reply
+from resolver.message.scrub import scrub
 from resolver.ops.metrics import Metrics
 from resolver.stages.cache import Cache, Entry
 from resolver.stages.cname import CnameCheck
@@ -182,11 +183,12 @@ class Forwarder:
             self._respond(waiter, sink, reply, flight.stale, by)
 
     def _read(self, data: bytes | None, qend: int) -> Reply | None:
-        """The upstream's reply, ready to replay; None when no usable reply came (a malformed
+        """The upstream's reply, scrubbed of records that do not belong to its answer
+        (message/scrub.py) and ready to replay; None when no usable reply came (a malformed
         one counts as none)."""
         if data is not None:
             try:
-                return scan_reply(data, qend, self._policy)
+                return scan_reply(scrub(data, qend), qend, self._policy)
             except (ValueError, IndexError, struct.error):
                 pass
         return None

@@ -114,7 +114,8 @@ class UpstreamPool:
             self._connections.expect([(name,)])
         else:
             udp = UdpSockets(server.host, server.port, config.udp_size, self._clock,
-                             self._outbox, timeout + 1.0, counts, (name, "udp"))
+                             self._outbox, timeout + 1.0, counts, (name, "udp"),
+                             (metrics.upstream_errors.counts, (name, "mismatch")))
             self._drivers.append(udp)
             keys = [(name, "udp"), (name, "tcp")]
         streams = Streams(server.host, server.port, config.udp_size, self._clock, tls, counts,

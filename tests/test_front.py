@@ -67,14 +67,14 @@ def test_an_outsider_is_refused_before_the_packet_cache() -> None:
     response = dns.message.from_wire(answer)
     assert response.rcode() == dns.rcode.REFUSED and response.id == 0x0101
     assert inner.handed == []
-    assert metrics.queries.counts == {("udp", "refused"): 1}
+    assert metrics.queries.counts == {("udp", "refused", "A", "REFUSED"): 1}
 
 
 def test_an_outsider_gets_nothing_with_drop() -> None:
     gate, inner, metrics = front("drop")
     assert gate.handle(QUERY, OUTSIDER, Udp()) is None
     assert inner.handed == []
-    assert metrics.queries.counts == {("udp", "dropped"): 1}
+    assert metrics.queries.counts == {("udp", "dropped", "A", "none"): 1}
 
 
 @pytest.mark.parametrize(("action", "host", "verdict"), [
@@ -105,11 +105,12 @@ def test_a_limited_client_slips_and_drops() -> None:
         assert slipped is not None and len(slipped) <= len(QUERY)
         response = dns.message.from_wire(slipped)
         assert response.flags & dns.flags.TC and response.answer == []
-    assert metrics.queries.counts == {("udp", "ratelimited"): 4}
+    assert metrics.queries.counts == {("udp", "ratelimited", "A", "none"): 2,  # dropped
+                                      ("udp", "ratelimited", "A", "NOERROR"): 2}  # slipped
     # another /24 has a bucket of its own, and an outsider is refused, not limited
     assert gate.handle(QUERY, ("10.0.1.1", 53), Udp()) == b"inner"
     gate.handle(QUERY, OUTSIDER, Udp())
-    assert metrics.queries.counts[("udp", "refused")] == 1
+    assert metrics.queries.counts[("udp", "refused", "A", "REFUSED")] == 1
 
 
 def test_a_dry_run_answers_and_counts() -> None:

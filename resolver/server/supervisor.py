@@ -591,7 +591,10 @@ class Supervisor:
             deadline = time.monotonic() + SNAPSHOT_TIMEOUT
             snapshots = [worker.answer(deadline) for worker in self.workers]
             alive = sum(worker.process.is_alive() for worker in self.workers)
-        for sample in merge_samples([*snapshots, self.retired, self.own.snapshot()]):
+        # its own counts (reloads, sources) and resource use, not its build: the workers'
+        # (on uvloop) is the one that answers
+        own = [sample for sample in self.own.snapshot() if sample.name != "build_info"]
+        for sample in merge_samples([*snapshots, self.retired, own]):
             yield sample.family()
         yield Sample("gauge", "workers", "Worker processes alive.", (), {(): alive}).family()
 

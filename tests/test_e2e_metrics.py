@@ -124,7 +124,7 @@ async def test_known_series_are_exported_at_zero_before_anything_is_counted(
         ("resolver_upstream_errors_total", {"upstream": upstream, "kind": "timeout"}),
     ]:
         assert (name, tuple(sorted(labels.items()))) in zeros, (name, labels)
-    assert sum(1 for name, _ in zeros if name == "resolver_queries_total") == 18  # 2 x 9
+    assert sum(1 for name, _ in zeros if name == "resolver_queries_total") == 20  # 2 x 10
 
 
 # What each query below is counted under: protocol, outcome, qtype, rcode.

@@ -28,7 +28,9 @@ class Outcome:
     DROPPED = "dropped"
     REFUSED = "refused"  # the client is outside server.allow (stages/access.py)
     RATELIMITED = "ratelimited"  # over its prefix's rate limit: dropped or slipped (TC=1)
-    ALL = (BLOCKED, CACHED, STALE, FORWARDED, SERVFAIL, FORMERR, DROPPED, REFUSED, RATELIMITED)
+    MINIMAL = "minimal"  # an ANY query over UDP, given RFC 8482's one record (minimal_any.py)
+    ALL = (BLOCKED, CACHED, STALE, FORWARDED, SERVFAIL, FORMERR, DROPPED, REFUSED, RATELIMITED,
+           MINIMAL)
 
 
 class Query:

@@ -71,7 +71,8 @@ RCODES = ("NOERROR", "FORMERR", "SERVFAIL", "NXDOMAIN", OTHER, "REFUSED", *[OTHE
 _USUAL = {"blocked": ("A", "NXDOMAIN"), "cached": ("A", "NOERROR"),
           "stale": ("A", "NOERROR"), "forwarded": ("A", "NOERROR"),
           "servfail": ("A", "SERVFAIL"), "formerr": (OTHER, "FORMERR"),
-          "dropped": (OTHER, NO_ANSWER), "refused": ("A", "REFUSED")}
+          "dropped": (OTHER, NO_ANSWER), "refused": ("A", "REFUSED"),
+          "minimal": ("ANY", "NOERROR")}
 
 
 def new_row() -> Row:

@@ -10,7 +10,8 @@ address, so nothing is amplified toward a victim, and a debugging `dig ANY +tcp`
 `server.any: forward` turns this stage off (it is then not in the chain at all).
 
 The answer is the same for every client and every rule set, so the packet cache may replay
-it; it is counted as `blocked` (a policy answer) and in `resolver_minimal_any_total`.
+it; it is counted as outcome `minimal` (not `blocked`: no rule decided it, and a block rate
+must not rise with a flood of ANY) and in `resolver_minimal_any_total`.
 """
 
 from __future__ import annotations
@@ -46,4 +47,4 @@ class MinimalAny:
         tally.inc(())
         opt = wire.PLAIN_OPT[q.do] if q.edns else b""
         data = wire.header(q, NOERROR, 1, 0, int(q.edns)) + q.question + RECORD + opt
-        return Answered(wire.fit(q, data), Outcome.BLOCKED, (NEVER, tally, ()))
+        return Answered(wire.fit(q, data), Outcome.MINIMAL, (NEVER, tally, ()))

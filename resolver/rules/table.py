@@ -35,8 +35,11 @@ import io
 import mmap
 import os
 import pickle
+import socket
 import weakref
 from collections.abc import Iterable, Iterator, Sequence
+from multiprocessing import reduction
+from multiprocessing.connection import Connection
 
 from resolver.message.names import label_offsets
 from resolver.rules.model import ALLOW, Rule
@@ -378,3 +381,19 @@ def loads(data: bytes, fds: Sequence[int]) -> object:
     """The other half of dumps, in a process forked from the same parent (same hash key);
     takes over the received descriptors."""
     return _Unpickler(data, fds).load()
+
+
+def send_fds(conn: Connection, fds: Sequence[int]) -> None:
+    """Send descriptors (SCM_RIGHTS) over a multiprocessing pipe (a socket pair), after the
+    message that says how many: what goes with a `dumps`."""
+    if fds:
+        with socket.socket(fileno=os.dup(conn.fileno())) as sock:
+            reduction.sendfds(sock, list(fds))
+
+
+def receive_fds(conn: Connection, count: int) -> list[int]:
+    """The other half of send_fds (blocking)."""
+    if not count:
+        return []
+    with socket.socket(fileno=os.dup(conn.fileno())) as sock:
+        return list(reduction.recvfds(sock, count))

@@ -210,6 +210,7 @@ async def running_server(config: Config, rules: RuleSet, clock: Clock | None = N
         current = worker if reloads is None else reloads.current
         assert current is not None
         server = RunningServer(addresses, chain, metrics, None, config, current, reloads)
+        del rules, worker, current  # the server holds them: a reload frees what it replaces
         if reloads is not None:
             # the baseline: given, taken before the rules were read, so a change made
             # meanwhile is seen; else what the files hold now
@@ -221,7 +222,7 @@ async def running_server(config: Config, rules: RuleSet, clock: Clock | None = N
         listen = config.metrics.listen
         if serve_metrics and listen is not None:
             endpoint = Endpoint(listen.host, listen.port, registry,
-                                _reload_from(server, loop) if worker is None else None)
+                                _reload_from(server, loop) if reloads is not None else None)
             server.metrics_address = endpoint.address
         yield server
     finally:
@@ -370,9 +371,12 @@ async def serve_until_signalled(config: Config, rules: RuleSet,
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    async with running_server(config, rules, reuse_port=reuse_port,
-                              serve_metrics=serve_metrics, overrides=overrides,
-                              worker=worker, watcher=watcher, feeds=feeds) as server:
+    serving = running_server(config, rules, reuse_port=reuse_port,
+                             serve_metrics=serve_metrics, overrides=overrides,
+                             worker=worker, watcher=watcher, feeds=feeds)
+    reloading = worker is None
+    del rules, worker  # held by the server from here (its context drops them on entry)
+    async with serving as server:
         reloads: set[asyncio.Task[ReloadOutcome]] = set()
 
         def reload() -> None:
@@ -380,7 +384,7 @@ async def serve_until_signalled(config: Config, rules: RuleSet,
             reloads.add(task)
             task.add_done_callback(reloads.discard)
 
-        if worker is None:
+        if reloading:
             loop.add_signal_handler(signal.SIGHUP, reload)
         on_ready(server)
         await stop.wait()

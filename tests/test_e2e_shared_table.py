@@ -86,8 +86,8 @@ def test_a_reload_frees_the_replaced_table_in_every_process(serve, tmp_path: Pat
         big.write_text("".join(f"{turn}{i}.big.test\n" for i in range(SIZE)))
         new = load_rules([str(rules)]).version
         served.process.send_signal(signal.SIGHUP)
-        _until(lambda: served.metrics().get(
-            ("resolver_rules_info", (("version", new),))) == workers)
+        serving = ("resolver_rules_info", (("version", new),))
+        _until(lambda key=serving: served.metrics().get(key) == workers)
         assert served.rcode(f"www.{turn}7.big.test") == dns.rcode.NXDOMAIN
     for pid in processes:
         mapped = _tables(pid)

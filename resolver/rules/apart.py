@@ -33,8 +33,8 @@ from pathlib import Path
 
 from resolver.ops.errors import ConfigError
 from resolver.rules import table
-from resolver.rules.loader import FAST_LOADER, Loaded, load_rule_set
-from resolver.rules.sources import Feeds, Source
+from resolver.rules.loader import FAST_LOADER, FeedCopies, Loaded, load_rule_set
+from resolver.rules.sources import Source
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ COMPILE_TIMEOUT = 900.0  # seconds without a word from the child before it is gi
 _PR_SET_PDEATHSIG = 1
 
 
-def load_apart(paths: Sequence[str], feeds: Feeds | None = None) -> Loaded:
+def load_apart(paths: Sequence[str], feeds: FeedCopies | None = None) -> Loaded:
     """load_rule_set, run in a forked child (see the module's docstring): the same Loaded,
     or ConfigError with the same problems. RuntimeError when the child fails otherwise
     (killed, out of memory, silent for COMPILE_TIMEOUT)."""
@@ -63,7 +63,7 @@ def load_apart(paths: Sequence[str], feeds: Feeds | None = None) -> Loaded:
     return loaded
 
 
-def _answer(conn: Connection, feeds: Feeds | None, pid: int) -> Loaded:
+def _answer(conn: Connection, feeds: FeedCopies | None, pid: int) -> Loaded:
     """Serve the child's questions until it sends its result."""
     while True:
         if not conn.poll(COMPILE_TIMEOUT):

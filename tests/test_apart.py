@@ -31,13 +31,13 @@ def _big(path: Path, prefix: str = "d") -> Path:
 def test_a_compact_set_compiled_apart_is_the_set_compiled_here(tmp_path: Path) -> None:
     paths = [str(_big(tmp_path / "big.txt")), "rules/exchanges.yaml"]
     here, there = load_rule_set(paths), load_apart(paths)
-    assert isinstance(there.rules._table, table.Table)  # came by reference, not by value
+    got, want = there.rules._table, here.rules._table
+    assert isinstance(got, table.Table) and isinstance(want, table.Table)  # by reference
     assert (there.rules.version, there.rules.counts, there.rules.domain_count) == (
         here.rules.version, here.rules.counts, here.rules.domain_count)
     for name in ("www.d7.big.test", f"d{BIG - 1}.big.test", "www.binance.com", "d7.big.tes"):
         assert there.rules.match(name) == here.rules.match(name)
-    assert sorted(there.rules._table.listed(), key=repr) == sorted(here.rules._table.listed(),
-                                                                   key=repr)
+    assert sorted(got.listed(), key=repr) == sorted(want.listed(), key=repr)
 
 
 def test_sources_and_notes_come_back(tmp_path: Path) -> None:

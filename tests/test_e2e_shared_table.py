@@ -67,6 +67,12 @@ def _table_fds(pid: int) -> set[int]:
     return inodes
 
 
+def _serving(served: Served, version: str, processes: int) -> Callable[[], bool]:
+    """Whether that many processes serve version."""
+    key = ("resolver_rules_info", (("version", version),))
+    return lambda: served.metrics().get(key) == processes
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_a_reload_frees_the_replaced_table_in_every_process(serve, tmp_path: Path,  # noqa: F811
                                                             workers: int) -> None:
@@ -86,8 +92,7 @@ def test_a_reload_frees_the_replaced_table_in_every_process(serve, tmp_path: Pat
         big.write_text("".join(f"{turn}{i}.big.test\n" for i in range(SIZE)))
         new = load_rules([str(rules)]).version
         served.process.send_signal(signal.SIGHUP)
-        serving = ("resolver_rules_info", (("version", new),))
-        _until(lambda key=serving: served.metrics().get(key) == workers)
+        _until(_serving(served, new, workers))
         assert served.rcode(f"www.{turn}7.big.test") == dns.rcode.NXDOMAIN
     for pid in processes:
         mapped = _tables(pid)

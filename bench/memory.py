@@ -44,6 +44,7 @@ not machines.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
 import re
@@ -55,6 +56,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -499,26 +501,57 @@ def rules_goals(count: int, work: Path) -> None:
           f"more than the shipped rules (compiled in {seconds:.2f} s by a child peaking at "
           f"{child:.0f} MiB RSS); RSS {rss:.1f} MiB ({rss - base_rss:+.1f} MiB), its table "
           f"file {table:.1f} MiB (resident part counted in RSS)")
-    reload_peak(one, big, steady, table)
+    reload_peak(one, big, count, steady, table)
     one.stop()
     workers_pss(count, big, shipped, work)
     real_path(count, work, shipped, base_load)
 
 
-def reload_peak(one: Plain, big: Path, steady: dict[str, float], table: float) -> None:
-    """VmHWM of the serving process over a reload, and what the compiling child took."""
+class Together(threading.Thread):
+    """Samples, every 20 ms, the sum of the PSS of a server and its children (the compiling
+    child during a reload): PSS splits shared pages between the processes sharing them, so
+    the sum is what both hold, without the table files' pages no process maps."""
+
+    def __init__(self, pid: int):
+        super().__init__(daemon=True)
+        self.pid, self.most, self.done = pid, 0.0, threading.Event()
+
+    def run(self) -> None:
+        tasks = Path(f"/proc/{self.pid}/task")
+        while not self.done.is_set():
+            total = 0.0
+            children: list[int] = []  # listed per thread: a reload forks in a thread
+            for task in tasks.iterdir():
+                with contextlib.suppress(OSError):
+                    children += map(int, (task / "children").read_text().split())
+            for pid in [self.pid, *children]:
+                with contextlib.suppress(OSError):  # a child that ended meanwhile
+                    total += smaps(pid)["Pss"]
+            self.most = max(self.most, total)
+            time.sleep(0.02)
+
+
+def reload_peak(one: Plain, big: Path, count: int, steady: dict[str, float],
+                table: float) -> None:
+    """VmHWM of the serving process over a reload (until queries have touched the whole new
+    table), and what the compiling child took."""
     with open(f"/proc/{one.proc.pid}/clear_refs", "w") as f:
         f.write("5")  # VmHWM := VmRSS
+    together = Together(one.proc.pid)
+    together.start()
     one.reload(big, "reloaded.example")
-    one.touch(1)
+    together.done.set()
+    together.join()
+    one.touch(count)
     peak = proc_status(one.proc.pid)["VmHWM"] / 1024
     seconds, child = one.compiles()[-1]
     after = smaps(one.proc.pid)
     print(f"rules: reload peak (VmHWM) {peak:.1f} MiB = {peak / steady['Rss']:.2f}x the steady "
           f"RSS {steady['Rss']:.1f} MiB; RSS after it {after['Rss']:.1f} MiB; the compiling "
-          f"child peaked at {child:.0f} MiB RSS ({child - steady['Rss']:+.0f} over the server, "
-          f"whose pages it shares until written) for {seconds:.2f} s; the new table file "
-          f"{table:.1f} MiB exists beside the old until the old set is freed")
+          f"child peaked at {child:.0f} MiB RSS for {seconds:.2f} s; server and child together "
+          f"(sum of PSS) at most {together.most:.1f} MiB = {together.most / steady['Pss']:.2f}x "
+          f"the server's steady PSS {steady['Pss']:.1f}; plus the new table file "
+          f"({table:.1f} MiB, mapped only as queries touch it) until the old is freed")
 
 
 def workers_pss(count: int, big: Path, shipped: Path, work: Path) -> None:

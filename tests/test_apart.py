@@ -32,7 +32,7 @@ def test_a_compact_set_compiled_apart_is_the_set_compiled_here(tmp_path: Path) -
     paths = [str(_big(tmp_path / "big.txt")), "rules/exchanges.yaml"]
     here, there = load_rule_set(paths), load_apart(paths)
     got, want = there.rules._table, here.rules._table
-    assert isinstance(got, table.Table) and isinstance(want, table.Table)  # by reference
+    assert isinstance(got, table.Table) and isinstance(want, table.Table)
     assert (there.rules.version, there.rules.counts, there.rules.domain_count) == (
         here.rules.version, here.rules.counts, here.rules.domain_count)
     for name in ("www.d7.big.test", f"d{BIG - 1}.big.test", "www.binance.com", "d7.big.tes"):

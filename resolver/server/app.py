@@ -147,8 +147,8 @@ class RunningServer:
     async def reload(self, force: bool = False, trigger: str = "signal") -> ReloadOutcome:
         """Read the files again and swap in what they say, unless it is broken, refused by
         the guard (and not forced) or unchanged; the old rules answer meanwhile. Reloads run
-        one at a time, in the order asked. Reading and compiling run in a thread, so a large
-        list does not stall answering."""
+        one at a time, in the order asked. Reading and compiling run in a thread (which forks
+        the child that compiles: rules/apart.py), so a large list does not stall answering."""
         reloads = self.reloads
         if reloads is None:
             raise RuntimeError("a worker's rules come from its supervisor")

@@ -7,7 +7,7 @@ hash. The supervisor answers no queries. It:
 - serves /metrics, asking every worker for a snapshot over its pipe and adding them up, and
   POST /-/reload;
 - reloads the rules (on SIGHUP, a file change, or /-/reload): it reads and compiles them
-  once, judges them (server/reload.py), and sends the one compiled set to every worker over
+  once (in a short-lived child: rules/apart.py), judges them (server/reload.py), and sends the one compiled set to every worker over
   its pipe, each of which acknowledges the version it then serves. So every worker serves
   the same set, not whatever the files held when each read them; a worker started again
   later is forked with the last set that loaded;

@@ -7,8 +7,11 @@ PYTHON ?= $(shell /usr/bin/python3 -c 'import sys; sys.exit(sys.version_info < (
 VENV := .venv
 BIN := $(VENV)/bin
 
-# Debian packages the tests drive: a real authoritative upstream (nsd), peers and tools.
-TEST_PACKAGES := make python3 python3-venv nsd unbound dnsperf bind9-dnsutils bind9-utils knot-dnsutils curl
+# Debian packages the tests drive: a real authoritative upstream (nsd), peers and tools
+# (named-checkzone, promtool and a real Prometheus), and systemd-analyze for the unit in
+# deploy/systemd (tests/test_systemd.py).
+TEST_PACKAGES := make python3 python3-venv nsd unbound dnsperf bind9-dnsutils bind9-utils \
+	knot-dnsutils curl prometheus systemd
 
 .PHONY: run test test-unit lint deps clean
 
@@ -44,7 +47,7 @@ deps:
 		echo "installing: $$missing"; apt-get update -q && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
 	fi
-	@for s in nsd unbound; do \
+	@for s in nsd unbound prometheus; do \
 		if [ -x /etc/init.d/$$s ] && /etc/init.d/$$s status >/dev/null 2>&1; then /etc/init.d/$$s stop || true; fi; \
 	done
 

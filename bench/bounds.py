@@ -151,7 +151,7 @@ class Helpers:
         self.cache = Cache(CacheConfig(), metrics)
         self.policy = TtlPolicy()
         self.inflight: dict[CacheKey, tuple[Query, Client, float]] = {}
-        self.counts = metrics.queries.counts
+        self.counts: dict[tuple[str, str], int] = {}  # answers by protocol and outcome
         self.srtt = 0.0
 
     def query(self, data: bytes, addr, client, upstream) -> None:

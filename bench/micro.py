@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import sys
 import tempfile
 import time
@@ -33,19 +34,31 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from resolver.cli import settle_memory
 from resolver.message import wire
 from resolver.message.names import label_offsets, to_wire
+from resolver.message.query import Outcome, Query
 from resolver.message.reply import TtlPolicy, render, scan_reply
-from resolver.ops.config import Config, UpstreamConfig, UpstreamServer
-from resolver.ops.metrics import Metrics
+from resolver.ops.config import (
+    LOCAL_NETWORKS,
+    Config,
+    QueryLogConfig,
+    RateLimitConfig,
+    UpstreamConfig,
+    UpstreamServer,
+)
+from resolver.ops.metrics import Metrics, new_row, observe
+from resolver.ops.querylog import BATCH, Format, QueryLog, RotatingFile
 from resolver.rules import table
 from resolver.rules.loader import load_rules, read_rules
 from resolver.rules.matcher import RuleSet
 from resolver.server.app import build_pipeline
 from resolver.server.outbox import Outbox
-from resolver.server.packetcache import PacketCache
-from resolver.server.udp import UdpServer
+from resolver.server.pipeline import LOCAL
+from resolver.server.udp import Handler, UdpServer
+from resolver.stages.access import Networks
 from resolver.stages.blocking import Blocker
 from resolver.stages.cache import CacheLookup
+from resolver.stages.contract import Answered
 from resolver.stages.prefetch import Prefetch
+from resolver.stages.ratelimit import Limiter
 from resolver.upstream import udp as upstream_udp
 from resolver.upstream.pool import UpstreamPool
 
@@ -93,8 +106,9 @@ class CountingTransport:
         return False
 
 
-def udp_server(packets: PacketCache, outbox: Outbox) -> tuple[UdpServer, CountingTransport]:
-    """The real UDP entry point (packet cache, then the pipeline) on a counting transport."""
+def udp_server(packets: Handler, outbox: Outbox) -> tuple[UdpServer, CountingTransport]:
+    """The real UDP entry point (access and rate limits, packet cache, then the pipeline) on
+    a counting transport."""
     server, transport = UdpServer(packets, outbox), CountingTransport()
     server.connection_made(transport)
     return server, transport
@@ -126,7 +140,7 @@ async def forward_round_trip(config: Config, rules: RuleSet, number: int
     upstream_udp.SOCKET_QUERIES = 1 << 62  # the capturing sockets are never swapped
     loop = asyncio.get_running_loop()
     chain = build_pipeline(config, rules, metrics, pool, time.monotonic, loop.call_later)
-    server, client_side = udp_server(chain.packets, outbox)
+    server, client_side = udp_server(chain.front, outbox)
     queries = [packet(f"n{i}.cold.example", False) for i in range(number)]
     out = back = 0.0
     for start in range(0, number, 100):
@@ -249,6 +263,40 @@ def shipped_paths() -> list[str]:
     return list(Config().blocking.rules)
 
 
+class NullDestination:
+    def write(self, lines: object) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def querylog_rows(rules: RuleSet, q: Query, answer: bytes
+                  ) -> list[tuple[str, Callable[[], object]]]:
+    """The query log's cost: `offer` on the event loop when the record is sampled out and
+    when it is queued (the writer stopped, so its thread does not share the measurement),
+    and the writer thread's work per record: formatting, and writing in batches."""
+    config = QueryLogConfig(path="-", queue=10**8)
+    sampled = QueryLog(QueryLogConfig(path="-", sample=10**9), lambda: rules, Metrics(),
+                       destination=NullDestination())
+    sampled.offer(q, "udp", Outcome.BLOCKED, answer, 0.0, "")  # the 1st is logged; no more
+    queued = QueryLog(config, lambda: rules, Metrics(), destination=NullDestination())
+    queued.close()  # no writer: offer only appends
+    item = (time.time(), q, "udp", Outcome.BLOCKED, answer, 0.00004, "", rules)
+    line = Format(config).line
+    lines = [line(item)] * BATCH
+    devnull = RotatingFile("/dev/null", 0, 0)
+    return [
+        ("query log: offer, sampled out", lambda: sampled.offer(
+            q, "udp", Outcome.BLOCKED, answer, 0.0, "")),
+        ("query log: offer, queued", lambda: queued.offer(
+            q, "udp", Outcome.BLOCKED, answer, 0.0, "")),
+        ("query log: format a blocked record (thread)", lambda: line(item)),
+        # per batch: the per-record cost is this over BATCH
+        (f"query log: write {BATCH} lines (thread)", lambda: devnull.write(lines)),
+    ]
+
+
 def per_query_us(func: Callable[[], object], number: int) -> float:
     best = min(timeit.repeat(func, number=number, repeat=5))
     return best / number * 1e6
@@ -271,7 +319,15 @@ def main() -> None:
     cache_stage = CacheLookup(cache, metrics, Prefetch(config.cache, metrics, lambda q: False))
     settle_memory()  # the server's garbage-collector settings, which the numbers depend on
     sink = NullSink()
-    udp, _ = udp_server(chain.packets, Outbox())
+    udp, _ = udp_server(chain.front, Outbox())
+    # limits on, at a rate no benchmark reaches: what the limiter's allowed path costs
+    limited_config = dataclasses.replace(config, ratelimit=RateLimitConfig(qps=1e7, burst=10**6))
+    limited = build_pipeline(limited_config, rules, Metrics(), UpstreamPool(config.upstream,
+                             Metrics()), time.monotonic, asyncio.new_event_loop().call_later)
+    udp_limited, _ = udp_server(limited.front, Outbox())
+    limiter = Limiter(limited_config.ratelimit, time.monotonic,
+                      asyncio.new_event_loop().call_later)
+    local = Networks(LOCAL_NETWORKS)
 
     blocked = packet("www.binance.com", args.edns)
     allowed = packet("www.example.org", args.edns)
@@ -282,6 +338,9 @@ def main() -> None:
     staged = Blocker(staged_rules(config.blocking.rules), config.blocking, Metrics())
     q_scoped = wire.parse_query(packet("www.scoped.example", args.edns), CLIENT, "udp")
     q_canary = wire.parse_query(packet("www.canary.example", args.edns), CLIENT, "udp")
+    made = blocker.answer(q_blocked)
+    assert isinstance(made, Answered)
+    record, answer, row = Metrics().queries.record, made.data, new_row()
 
     rows: list[tuple[str, Callable[[], object]]] = [
         ("decode (parse_query)", lambda: wire.parse_query(blocked, CLIENT, "udp")),
@@ -296,11 +355,25 @@ def main() -> None:
         # the fenced shortcut: a miss says FORWARD, skipping the stages that read entries
         ("cache miss (lookup, FORWARD)", lambda: cache_stage.answer(q_blocked)),
         ("encode cached reply (render, aged)", lambda: render(q_allowed, reply, 7)),
+        # the per-answer bookkeeping: queries_total with its qtype and rcode and the
+        # duration histogram in one record, for a local answer (untimed, the first bucket:
+        # pipeline.LOCAL) and a forwarded one (a bisect); a histogram row's observe alone
+        # (an upstream reply's)
+        ("record a local answer (Queries.record)",
+         lambda: record("udp", "blocked", 1, answer, LOCAL)),
+        ("record a forwarded answer (+ bisect)",
+         lambda: record("udp", "forwarded", 1, answer, 0.0042)),
+        ("histogram: observe one value (a row)", lambda: observe(row, 0.0042)),
         ("whole handle(): blocked", lambda: pipeline.handle(blocked, CLIENT, sink)),
         ("whole handle(): cache hit", lambda: pipeline.handle(allowed, CLIENT, sink)),
         ("datagram: blocked, packet cache replay", lambda: udp.datagram_received(blocked, CLIENT)),
         ("datagram: cached, packet cache replay", lambda: udp.datagram_received(allowed, CLIENT)),
+        ("datagram: blocked, replay, rate limit on",
+         lambda: udp_limited.datagram_received(blocked, CLIENT)),
+        ("access: an address's first check (Networks)", lambda: "192.168.7.7" in local),
+        ("rate limit: allowed (Limiter.admit)", lambda: limiter.admit("127.0.0.0/24")),
     ]
+    rows += querylog_rows(rules, q_blocked, made.data)
     print(f"{'stage':44} {'us/query':>9} {'queries/s':>11}")
     for label, func in rows:
         us = per_query_us(func, args.number)

@@ -25,8 +25,10 @@ from resolver.rules.matcher import RuleSet
 from resolver.rules.model import ALLOW, DRY_RUN, ENFORCE
 from resolver.rules.sources import Feeds
 from resolver.server.app import serve_until_signalled
+from resolver.server.privileges import warn_if_root
 from resolver.server.reload import load_at_start, watched
 from resolver.server.supervisor import Supervisor, default_workers
+from resolver.stages.access import Networks
 from resolver.tools import add_rules_command
 from resolver.upstream.pool import address_label
 
@@ -64,8 +66,14 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--rules", action="append", default=[], metavar="PATH",
                        help="rule file or directory (repeatable)")
     serve.add_argument("--metrics", metavar="HOST:PORT|off", help="Prometheus endpoint")
+    serve.add_argument("--query-log", metavar="PATH|-",
+                       help="log answered queries as JSON lines to a file, or - for stdout")
     serve.add_argument("--workers", type=_positive, default=None, metavar="N",
                        help="worker processes sharing the ports (default: one per core)")
+    serve.add_argument("--user", metavar="NAME",
+                       help="drop to this user once the ports are bound (started as root)")
+    serve.add_argument("--group", metavar="NAME",
+                       help="the group to drop to with --user (default: the user's)")
     serve.set_defaults(run=_serve)
     _rules(commands)
     return parser
@@ -88,7 +96,8 @@ def _serve(args: argparse.Namespace) -> int:
     # default action. The event loop (or the supervisor) installs the real handler.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     overrides = Overrides(listen=tuple(args.listen), upstreams=tuple(args.upstream),
-                          rules=tuple(args.rules), metrics=args.metrics)
+                          rules=tuple(args.rules), metrics=args.metrics,
+                          query_log=args.query_log, user=args.user, group=args.group)
     try:
         config = load_config(args.config, overrides)
         # what the files hold before they are read: a change made while the rules load (or
@@ -101,6 +110,7 @@ def _serve(args: argparse.Namespace) -> int:
             print(f"resolver: {problem}", file=sys.stderr)
         return 2
     settle_memory()
+    warn_if_root(config.server.user)
     raise_open_files(config.server.tcp_max_connections)
     workers = args.workers or default_workers()
     # Once the server holds the rules, this frame must not (nor the banner): a reload is
@@ -190,6 +200,10 @@ def banner(config: Config, rules: RuleSet, addresses: list[tuple[str, int]],
             f"{_count(rules.domain_count, 'domain')} from {_count(lists, 'list')}"
             f"{f' (and {dry} dry-run)' if dry else ''} (rules {rules.version}), "
             f"forwarding to {upstreams}")
+    open_to = Networks(config.server.allow).open
+    if open_to:
+        line += (f"; WARNING: open to every client ({', '.join(open_to)} in server.allow): "
+                 "an open resolver is a DDoS amplifier, see docs/hardening.md")
     example = rules.example_domain()
     if example:
         host, port = addresses[0]

@@ -177,8 +177,8 @@ async def server(start_server: StartServer, nsd_upstream: NsdServer) -> RunningS
 
 # Modules whose every test starts a process or opens sockets, whatever fixtures it uses; so is
 # every test_e2e_* module.
-E2E_MODULES = frozenset({"test_app", "test_cli", "test_gc", "test_servers", "test_upstream",
-                         "test_wheel", "test_workers"})
+E2E_MODULES = frozenset({"test_app", "test_cli", "test_gc", "test_privileges", "test_servers",
+                         "test_upstream", "test_wheel", "test_workers"})
 # Fixtures that start servers: a test that uses one, even through another fixture, is e2e. This
 # sorts the modules that mix table tests with end-to-end ones (test_dot, test_packetcache).
 E2E_FIXTURES = frozenset({"server", "start_server", "nsd_upstream", "unbound_dot",

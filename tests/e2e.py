@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import socket
 import struct
+import subprocess
 import urllib.request
 from collections.abc import AsyncIterator
 
@@ -22,6 +23,7 @@ import dns.rrset
 from prometheus_client.parser import text_string_to_metric_families
 
 from resolver.server.app import RunningServer
+from tests.servers import require_tool
 
 TIMEOUT = 3.0  # generous: only ever reached when a test is about to fail
 
@@ -171,3 +173,12 @@ def metric(text: str, name: str, **labels: str) -> float:
 
 async def value(server: RunningServer, name: str, **labels: str) -> float:
     return metric(await scrape(server), name, **labels)
+
+
+def promtool_check(text: str) -> str:
+    """What `promtool check metrics` (Debian package prometheus) says of an exposition: its
+    lint findings and errors, empty when it has nothing to say."""
+    done = subprocess.run([require_tool("promtool", "prometheus"), "check", "metrics"],
+                          input=text, capture_output=True, text=True, timeout=30, check=False)
+    return (done.stdout + done.stderr).strip() or ("" if done.returncode == 0 else
+                                                   f"exit status {done.returncode}")

@@ -24,15 +24,16 @@ import dns.exception
 import dns.message
 import dns.query
 import pytest
-from dnslib import QTYPE, RCODE, RR, A, DNSError, DNSRecord
+from dnslib import NS, QTYPE, RCODE, RR, A, DNSError, DNSRecord
 
 from resolver.server.supervisor import free_port
 
 LOOPBACK = "127.0.0.1"
 
 
-def require_tool(name: str) -> str:
+def require_tool(name: str, package: str | None = None) -> str:
     """Return the path of an external tool, or skip the test when it is not installed.
+    package: the Debian package that has it, when it is not named after the tool.
 
     In CI (CI=true) a missing tool fails instead: .ci/run installs every tool, so a skip there
     would hide a broken install step behind a green run.
@@ -40,7 +41,7 @@ def require_tool(name: str) -> str:
     search = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
     path = shutil.which(name, path=search)
     if path is None:
-        message = f"{name} is not installed (Debian: apt-get install {name})"
+        message = f"{name} is not installed (Debian: apt-get install {package or name})"
         if os.environ.get("CI") == "true":
             pytest.fail(message)
         pytest.skip(message)
@@ -241,8 +242,9 @@ def run_nsd(
 # The fault upstream
 
 FAULT_MODES = ("answer", "silent", "garbage", "wrong_id", "wrong_question", "slow", "truncate",
-               "servfail", "refused")
+               "servfail", "refused", "poison")
 FAULT_A = "192.0.2.99"
+POISON_A = "203.0.113.66"  # what a poisoning reply wants cached: never in a scrubbed answer
 
 
 @dataclass(frozen=True, slots=True)
@@ -273,6 +275,9 @@ class FaultUpstream:
       truncate        UDP: TC=1 with an empty answer; TCP: the correct answer
       servfail        SERVFAIL
       refused         REFUSED
+      poison          the correct answer, plus records that do not belong to it (an A record
+                      for victim.example, an NS record for example. with its glue, all
+                      pointing at POISON_A), as a cache-poisoning reply would carry them
     With then_answer=True, wrong_id, wrong_question and garbage send the correct answer right
     after the bad one, to test that a client skips the bad reply and keeps listening.
 
@@ -344,6 +349,13 @@ class FaultUpstream:
                 bad = wire[:2] + header + os.urandom(20)
             case "wrong_id":
                 bad = struct.pack("!H", (query.header.id + 1) & 0xFFFF) + good[2:]
+            case "poison":
+                reply = self._answer(query)
+                reply.add_answer(RR("victim.example.", QTYPE.A, rdata=A(POISON_A), ttl=self.ttl))
+                reply.add_auth(RR("example.", QTYPE.NS, rdata=NS("ns.evil.example."),
+                                  ttl=self.ttl))
+                reply.add_ar(RR("ns.evil.example.", QTYPE.A, rdata=A(POISON_A), ttl=self.ttl))
+                return [reply.pack()]
             case "wrong_question":
                 other = query.reply(ra=1, aa=0)
                 other.questions[0].qname = other.questions[0].qname.add("wrong")

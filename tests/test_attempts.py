@@ -17,6 +17,7 @@ import pytest
 
 from resolver.message.constants import NOERROR, REFUSED, SERVFAIL
 from resolver.message.query import Query
+from resolver.ops.metrics import new_row
 from resolver.upstream.attempts import ROUNDS, Exchange, Upstream
 from resolver.upstream.selection import Backoff, Health, arrange
 from tests.clock import START, FakeClock
@@ -169,7 +170,7 @@ class Run:
         self.upstreams = [
             Upstream(name, timeout, Health(BACKOFF, timeout),
                      FakeUdp(name, self.wire) if via == "udp" else None,
-                     FakeStream(name, self.wire))
+                     FakeStream(name, self.wire), new_row())
             for name, (timeout, via) in spec.items()]
         self.plan = FakePlan(self.upstreams, deadline, strategy)
         self.exchange = self.new_exchange()
@@ -321,6 +322,38 @@ def test_health_after_one_attempt(event: str, failures: int, srtt: float) -> Non
     run.event(event)
     assert health.failures == failures
     assert health.srtt == pytest.approx(srtt)
+
+
+@pytest.mark.parametrize(("spec", "events", "by", "durations"), [
+    pytest.param(UDP2, ["ok@0.05"], "a", {"a": (1, 0.05), "b": (0, 0)},
+                 id="a reply: its upstream, timed from its attempt"),
+    pytest.param(UDP2, ["timeout", "ok@1.2"], "b", {"a": (0, 0), "b": (1, 0.2)},
+                 id="a timeout is no duration"),
+    pytest.param(UDP2, ["servfail@0.1", "ok@0.4"], "b", {"a": (1, 0.1), "b": (1, 0.3)},
+                 id="a SERVFAIL that moves on is a reply too"),
+    pytest.param(UDP2, ["servfail@0.1", "timeout", "timeout", "timeout"], "a",
+                 {"a": (1, 0.1), "b": (0, 0)}, id="the relayed SERVFAIL's upstream"),
+    pytest.param(UDP2, ["servfail@0.1", "refused@0.3", "timeout", "timeout"], "b",
+                 {"a": (1, 0.1), "b": (1, 0.2)}, id="the last relayed rcode's upstream"),
+    pytest.param(UDP2, ["tc@0.1", "ok@0.25"], "a", {"a": (1, 0.25), "b": (0, 0)},
+                 id="a TCP retry after TC: from the UDP attempt"),
+    pytest.param(TLS2, ["ok@0.02"], "a", {"a": (1, 0.02), "b": (0, 0)}, id="over TLS"),
+    pytest.param(UDP2, ["timeout"] * 4, "", {"a": (0, 0), "b": (0, 0)},
+                 id="no reply: no upstream"),
+])
+def test_which_upstream_answered_and_how_long_it_took(
+        spec: Spec, events: list[str], by: str, durations: dict[str, tuple[int, float]]
+        ) -> None:
+    """`by` names the upstream whose reply done() got; each reply's time since its attempt
+    was sent goes into that upstream's resolver_upstream_duration_seconds row."""
+    run = Run(spec)
+    run.start()
+    run.play(events)
+    assert run.exchange.by == by
+    for upstream in run.upstreams:
+        count, total = durations[upstream.name]
+        assert sum(upstream.durations[:-1]) == count, upstream.name
+        assert upstream.durations[-1] == pytest.approx(total), upstream.name
 
 
 def test_a_good_reply_measures_from_the_attempt_not_the_exchange() -> None:

@@ -13,6 +13,7 @@ from resolver.ops.config import (
     Config,
     MetricsConfig,
     Overrides,
+    RateLimitConfig,
     ServerConfig,
     UpstreamConfig,
     UpstreamServer,
@@ -485,7 +486,8 @@ def test_deploy_example_is_the_defaults(monkeypatch):
 
 def test_deploy_example_mentions_every_key():
     text = (REPO / "deploy" / "resolver.yaml").read_text(encoding="utf-8")
-    for section in (ServerConfig, UpstreamConfig, BlockingConfig, CacheConfig, MetricsConfig):
+    for section in (ServerConfig, UpstreamConfig, BlockingConfig, CacheConfig, MetricsConfig,
+                    RateLimitConfig):
         for key in section.__dataclass_fields__:
             assert f"{key}:" in text, key
 

@@ -13,6 +13,7 @@ from resolver.ops.config import (
     ConditionalForward,
     Config,
     MetricsConfig,
+    RateLimitConfig,
     ServerConfig,
     UpstreamConfig,
     UpstreamServer,
@@ -22,7 +23,8 @@ from resolver.ops.schema import keys
 
 REPO = Path(__file__).resolve().parent.parent
 NO_RESOLV_CONF = "/nonexistent/resolv.conf"
-SECTIONS = (ServerConfig, UpstreamConfig, BlockingConfig, CacheConfig, MetricsConfig)
+SECTIONS = (ServerConfig, UpstreamConfig, BlockingConfig, CacheConfig, MetricsConfig,
+            RateLimitConfig)
 # Fields that are not keys of the file: where the config came from, and the port an upstream's
 # `address` fills along with its host.
 UNDECLARED = {(Config, "source"), (UpstreamServer, "port")}

@@ -89,7 +89,7 @@ async def test_failures_are_cached_for_servfail_ttl_only(start_server, fault_ups
     response = await ask(server, "tcp", query)
     assert response.rcode() == dns.rcode.SERVFAIL and response.edns == 0
     assert upstream.count() == asked
-    assert server.metrics.queries.counts[("tcp", "cached")] == 1
+    assert server.metrics.queries.counts[("tcp", "cached", "A", "SERVFAIL")] == 1
 
     clock.at(7)  # expired: asked again
     assert (await ask(server, "udp", query)).rcode() == dns.rcode.SERVFAIL
@@ -124,14 +124,17 @@ async def test_stale_answer_when_the_upstream_dies_after_caching(start_server, o
         running.close()  # its port refuses from now on
     else:
         upstream.mode = outage
-    counts = server.metrics.queries.counts
 
     clock.at(61)  # expired: the upstream is asked, fails, and the stale answer stands in
     stale = await ask(server, "udp", query)
     assert rrsets(stale.answer) == rrsets(fresh.answer)
     assert stale.rcode() == dns.rcode.NOERROR and stale.answer[0].ttl == 30
     assert ede(stale) == [(3, None)]  # RFC 8914 Stale Answer
-    assert counts[("udp", "stale")] == 1
+
+    def stale_answers(protocol: str) -> int:
+        return server.metrics.queries.counts.get((protocol, "stale", "A", "NOERROR"), 0)
+
+    assert stale_answers("udp") == 1
 
     # Once the refresh has failed, the stale answer comes straight from the cache for
     # servfail_ttl seconds, without asking upstream again (RFC 8767 failure recheck).
@@ -140,11 +143,11 @@ async def test_stale_answer_when_the_upstream_dies_after_caching(start_server, o
     clock.at(65.5)
     again = await ask(server, "tcp", make_query("www.example.test", "A"))
     assert again.answer[0].ttl == 30 and again.edns == -1
-    assert upstream.count() == asked and counts[("tcp", "stale")] == 1
+    assert upstream.count() == asked and stale_answers("tcp") == 1
 
     clock.at(67.5)  # recheck over (failed at 61 + the 0.5 s deadline, + 5 s): asked again
     await ask(server, "udp", query)
-    assert counts[("udp", "stale")] == 2
+    assert stale_answers("udp") == 2
     assert server.metrics.cache.counts[("stale",)] == 3
     if outage != "stopped":
         assert upstream.count() > asked
@@ -193,7 +196,7 @@ async def test_a_client_joining_a_prefetch_gets_the_stale_answer(start_server,
     stale = await ask(server, "tcp", query)
     assert stale.rcode() == dns.rcode.NOERROR and stale.answer[0].ttl == 30
     assert server.metrics.cache.counts[("prefetch",)] == 1
-    assert server.metrics.queries.counts[("tcp", "stale")] == 1
+    assert server.metrics.queries.counts[("tcp", "stale", "A", "NOERROR")] == 1
 
 
 async def test_no_stale_answers_when_serve_stale_is_off(start_server, fault_upstream):
@@ -221,7 +224,7 @@ async def test_a_fresh_answer_replaces_the_stale_one(start_server, fault_upstrea
     await eventually(lambda: upstream.count() == 2 and not server.chain.forwarder.flights)
     clock.at(62)  # the slow refresh arrived meanwhile and was cached at 61
     assert (await ask(server, "udp", query)).answer[0].ttl == 59
-    assert server.metrics.queries.counts[("udp", "cached")] == 1
+    assert server.metrics.queries.counts[("udp", "cached", "A", "NOERROR")] == 1
 
 
 # -- prefetch --------------------------------------------------------------------------------
@@ -241,7 +244,8 @@ async def test_prefetch_refreshes_a_popular_answer_before_it_expires(start_serve
     clock.at(150)  # past the first answer's expiry: the refreshed one (stored at 95) is hit
     assert (await ask(server, "udp", query)).answer[0].ttl == 45
     assert upstream.count() == 2
-    assert server.metrics.queries.counts == {("udp", "forwarded"): 1, ("udp", "cached"): 3}
+    assert server.metrics.queries.counts == {("udp", "forwarded", "A", "NOERROR"): 1,
+                                             ("udp", "cached", "A", "NOERROR"): 3}
 
 
 async def test_no_prefetch_for_an_answer_hit_once(start_server, fault_upstream):
@@ -283,7 +287,8 @@ async def test_concurrent_identical_queries_share_one_upstream_query(
         [q.question[0].name.to_text() for q in queries]  # and its own question, case kept
     assert all([r.to_text() for r in resp.answer[0]] == [FAULT_A] for resp in responses)
     assert sum(server.metrics.queries.counts.values()) == count
-    assert set(server.metrics.queries.counts) == {("udp", "forwarded"), ("tcp", "forwarded")}
+    assert set(server.metrics.queries.counts) == {("udp", "forwarded", "A", "NOERROR"),
+                                                 ("tcp", "forwarded", "A", "NOERROR")}
 
 
 async def test_concurrent_queries_share_one_failure(start_server, fault_upstream):
@@ -314,7 +319,7 @@ async def test_cname_into_a_blocked_domain_is_blocked(start_server, nsd_upstream
         assert ede(response) == [
             (15, f"blocked by list tracking (rules {server.blocker.rules.version})")]
     assert server.metrics.blocked.counts == {("tracking", "example", "nxdomain"): 2}
-    assert server.metrics.queries.counts == {(protocol, "blocked"): 2}
+    assert server.metrics.queries.counts == {(protocol, "blocked", "A", "NXDOMAIN"): 2}
     assert sent_upstream(server) == 1
 
 
@@ -357,5 +362,6 @@ async def test_reload_rechecks_cached_cname_chains(start_server, nsd_upstream):
     assert await server.reload_rules()
     assert (await ask(server, "udp", query)).rcode() == dns.rcode.NOERROR
     assert sent_upstream(server) == 1
-    assert server.metrics.queries.counts == {("udp", "forwarded"): 1, ("udp", "blocked"): 1,
-                                             ("udp", "cached"): 1}
+    assert server.metrics.queries.counts == {("udp", "forwarded", "A", "NOERROR"): 1,
+                                             ("udp", "blocked", "A", "NXDOMAIN"): 1,
+                                             ("udp", "cached", "A", "NOERROR"): 1}

@@ -256,4 +256,4 @@ async def test_queries_beyond_max_inflight_are_dropped(start_server, fault_upstr
         assert first is not None and dns.message.from_wire(first).id == 1
         assert await sock.receive(timeout=0.3) is None
 
-    assert server.metrics.queries.counts.get(("udp", "dropped")) == 1
+    assert server.metrics.queries.counts.get(("udp", "dropped", "A", "none")) == 1

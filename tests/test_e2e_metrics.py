@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
+import platform
+import struct
+
 import dns.rcode
 
 from resolver.server.supervisor import free_port
 from tests.conftest import METRICS_ON
-from tests.e2e import ask, make_query, metric, samples, scrape
+from tests.e2e import (
+    ask,
+    make_query,
+    metric,
+    promtool_check,
+    raw_udp_exchange,
+    samples,
+    scrape,
+)
 from tests.servers import ZONE
 
 # Query names with a marker no list, entry or upstream label contains.
@@ -28,10 +40,15 @@ async def test_counts_blocks_queries_and_cache(start_server, nsd_upstream):
     assert metric(text, blocked, action="nxdomain", entry="", list="tracking") == 1
     assert metric(text, blocked, action="sinkhole", entry="", list="sinks") == 1
     queries = "resolver_queries_total"
-    assert metric(text, queries, protocol="udp", outcome="blocked") == 2
-    assert metric(text, queries, protocol="tcp", outcome="blocked") == 1
-    assert metric(text, queries, protocol="tcp", outcome="forwarded") == 1
-    assert metric(text, queries, protocol="udp", outcome="cached") == 1
+    assert metric(text, queries, protocol="udp", outcome="blocked", qtype="A",
+                  rcode="NXDOMAIN") == 1
+    assert metric(text, queries, protocol="udp", outcome="blocked", qtype="A",
+                  rcode="NOERROR") == 1  # the sinkhole's address
+    assert metric(text, queries, protocol="tcp", outcome="blocked", rcode="NXDOMAIN") == 1
+    assert metric(text, queries, protocol="tcp", outcome="forwarded", qtype="A",
+                  rcode="NOERROR") == 1
+    assert metric(text, queries, protocol="udp", outcome="cached", qtype="A",
+                  rcode="NOERROR") == 1
     assert metric(text, queries) == 5
     assert metric(text, "resolver_cache_total", result="hit") == 1
     assert metric(text, "resolver_cache_total", result="stored") == 1
@@ -93,8 +110,10 @@ async def test_known_series_are_exported_at_zero_before_anything_is_counted(
              if name.endswith("_total") and value == 0}
     upstream = nsd_upstream.address
     for name, labels in [
-        ("resolver_queries_total", {"protocol": "udp", "outcome": "servfail"}),
-        ("resolver_queries_total", {"protocol": "tcp", "outcome": "dropped"}),
+        ("resolver_queries_total", {"protocol": "udp", "outcome": "servfail", "qtype": "A",
+                                    "rcode": "SERVFAIL"}),
+        ("resolver_queries_total", {"protocol": "tcp", "outcome": "dropped",
+                                    "qtype": "other", "rcode": "none"}),
         ("resolver_reloads_total", {"result": "failed"}),
         ("resolver_reloads_total", {"result": "refused"}),
         ("resolver_reloads_total", {"result": "unchanged"}),
@@ -104,4 +123,76 @@ async def test_known_series_are_exported_at_zero_before_anything_is_counted(
         ("resolver_upstream_errors_total", {"upstream": upstream, "kind": "timeout"}),
     ]:
         assert (name, tuple(sorted(labels.items()))) in zeros, (name, labels)
-    assert sum(1 for name, _ in zeros if name == "resolver_queries_total") == 14  # 2 x 7
+    assert sum(1 for name, _ in zeros if name == "resolver_queries_total") == 18  # 2 x 9
+
+
+# What each query below is counted under: protocol, outcome, qtype, rcode.
+LABELLED = [
+    ("udp", ZONE.www, "AAAA", ("udp", "forwarded", "AAAA", "NOERROR")),
+    ("udp", ZONE.www, "AAAA", ("udp", "cached", "AAAA", "NOERROR")),
+    ("tcp", ZONE.mixed, "TXT", ("tcp", "forwarded", "TXT", "NOERROR")),
+    ("udp", "nothere.example.test", "A", ("udp", "forwarded", "A", "NXDOMAIN")),
+    ("udp", "1.2.0.192.in-addr.arpa", "PTR", ("udp", "forwarded", "PTR", "REFUSED")),  # NSD's
+    ("udp", "x.blocked.test", "MX", ("udp", "blocked", "MX", "NXDOMAIN")),
+    ("tcp", "www.example.org", "HTTPS", ("tcp", "blocked", "HTTPS", "NXDOMAIN")),
+    ("udp", "refused.test", "A", ("udp", "blocked", "A", "REFUSED")),
+    ("udp", ZONE.www, "NAPTR", ("udp", "forwarded", "other", "NOERROR")),
+]
+FORMERR_PACKET = struct.pack("!HHHHHH", 0x5151, 0x0100, 2, 0, 0, 0)  # two questions: none
+
+
+async def test_queries_by_type_and_rcode_and_how_long_they_took(start_server, nsd_upstream):
+    server = await start_server(nsd_upstream, metrics=METRICS_ON)
+    for protocol, name, rdtype, _ in LABELLED:
+        await ask(server, protocol, make_query(name, rdtype))
+    await raw_udp_exchange(server, FORMERR_PACKET)
+    text = await scrape(server)
+
+    queries = "resolver_queries_total"
+    expected = [key for *_, key in LABELLED] + [("udp", "formerr", "other", "FORMERR")]
+    for key in set(expected):
+        labels = dict(zip(("protocol", "outcome", "qtype", "rcode"), key, strict=True))
+        assert metric(text, queries, **labels) == expected.count(key), key
+    assert metric(text, queries) == len(expected)
+    # the request histogram: every query under its outcome; the forwarded ones timed (none
+    # slower than the test), the local ones counted in the first bucket, untimed
+    duration = "resolver_request_duration_seconds"
+    for outcome in ("forwarded", "cached", "blocked", "formerr"):
+        count = sum(1 for key in expected if key[1] == outcome)
+        assert metric(text, f"{duration}_count", outcome=outcome) == count, outcome
+        assert metric(text, f"{duration}_bucket", outcome=outcome, le="+Inf") == count
+        assert metric(text, f"{duration}_bucket", outcome=outcome, le="2.5") == count
+    forwarded = sum(1 for key in expected if key[1] == "forwarded")
+    assert 0 < metric(text, f"{duration}_sum", outcome="forwarded") < 3 * forwarded
+    for outcome in ("cached", "blocked", "formerr"):
+        count = sum(1 for key in expected if key[1] == outcome)
+        assert metric(text, f"{duration}_bucket", outcome=outcome, le="2.5e-05") == count
+        assert metric(text, f"{duration}_sum", outcome=outcome) == 0
+    # every attempt sent upstream got a reply (REFUSED makes the PTR one try twice)
+    upstream = {"upstream": nsd_upstream.address}
+    sent = metric(text, "resolver_upstream_queries_total", **upstream)
+    assert sent == 6
+    assert metric(text, "resolver_upstream_duration_seconds_count", **upstream) == sent
+    assert 0 < metric(text, "resolver_upstream_duration_seconds_sum", **upstream) < sent
+
+
+async def test_the_build_and_the_process_are_described(start_server, nsd_upstream):
+    server = await start_server(nsd_upstream, metrics=METRICS_ON)
+    text = await scrape(server)
+    loop = type(asyncio.get_running_loop()).__module__.split(".")[0]  # this test's loop
+    assert metric(text, "resolver_build_info", python=platform.python_version(),
+                  loop="uvloop" if loop == "uvloop" else "asyncio") == 1
+    main = {"process": "main"}
+    assert metric(text, "resolver_process_resident_memory_bytes", **main) > 1e6
+    assert metric(text, "resolver_process_open_fds", **main) >= 5  # sockets, listeners...
+    assert metric(text, "resolver_process_start_time_seconds", **main) > 1.6e9
+    assert metric(text, "resolver_process_cpu_seconds_total", **main) > 0
+
+
+async def test_promtool_finds_nothing_to_say_of_a_live_scrape(start_server, nsd_upstream):
+    server = await start_server(nsd_upstream, metrics=METRICS_ON)
+    for protocol, name, rdtype, _ in LABELLED:
+        await ask(server, protocol, make_query(name, rdtype))
+    text = await scrape(server)
+    assert "resolver_request_duration_seconds_bucket" in text
+    assert await asyncio.to_thread(promtool_check, text) == ""

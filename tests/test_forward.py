@@ -23,7 +23,7 @@ from resolver.message.names import to_wire
 from resolver.message.query import Query
 from resolver.message.reply import TtlPolicy, scan_reply
 from resolver.ops.config import BlockingConfig, CacheConfig
-from resolver.ops.metrics import Metrics
+from resolver.ops.metrics import Metrics, new_row
 from resolver.rules.matcher import RuleSet
 from resolver.rules.model import Rule, RuleList
 from resolver.stages.blocking import Blocker
@@ -74,6 +74,7 @@ class Delivered:
     sink: Transport
     data: bytes
     outcome: str
+    upstream: str  # the label of the upstream the answer came from, "" for none
 
     @property
     def message(self) -> Summary:
@@ -123,14 +124,17 @@ class NoStream:
         raise AssertionError("no reply here is truncated")
 
 
+UPSTREAM = "192.0.2.53:53"  # the one upstream's label
+
+
 class FakePlan:
     """attempts.Plan over one upstream with the fake UDP I/O."""
 
     deadline = 10.0
 
     def __init__(self, udp: FakeUdp):
-        self.upstream = Upstream("192.0.2.53:53", 1.0, Health(Backoff(3, 1.0, 10.0), 1.0),
-                                 udp, NoStream())
+        self.upstream = Upstream(UPSTREAM, 1.0, Health(Backoff(3, 1.0, 10.0), 1.0),
+                                 udp, NoStream(), new_row())
         self.errors: list[str] = []
 
     def order(self, q: Query, now: float) -> list[Upstream]:
@@ -164,10 +168,11 @@ class Harness:
                                    self._deliver, self._schedule, self.clock, self.metrics,
                                    max_inflight)
 
-    def _deliver(self, q: Query, sink: Transport, answer: bytes, outcome: str) -> None:
+    def _deliver(self, q: Query, sink: Transport, answer: bytes, outcome: str, upstream: str
+                 ) -> None:
         if int.from_bytes(q.data[:2], "big") in self.undeliverable:
             raise RuntimeError("a bug in a transport")
-        self.delivered.append(Delivered(q, sink, answer, outcome))
+        self.delivered.append(Delivered(q, sink, answer, outcome, upstream))
 
     def _schedule(self, delay: float, callback: Callable[[_T], object], flight: _T) -> Timer:
         assert isinstance(flight, Flight), "the forwarder arms timers for flights only"
@@ -231,8 +236,8 @@ def test_identical_questions_share_one_flight_and_one_reply() -> None:
     assert len(h.udp.sent) == 1, "one upstream query for both"
     assert h.counts() == (1, 2, 2)
     h.land(answer("192.0.2.7"))
-    assert [(d.sink, d.outcome) for d in h.delivered] == [(first, "forwarded"),
-                                                          (second, "forwarded")]
+    assert [(d.sink, d.outcome, d.upstream) for d in h.delivered] == [
+        (first, "forwarded", UPSTREAM), (second, "forwarded", UPSTREAM)]
     one, two = (d.message for d in h.delivered)
     assert (one.id, one.question[0][0], addresses(one), one.edns) == (
         1, "www.example.org.", ["192.0.2.7"], None)
@@ -286,7 +291,8 @@ def test_the_client_response_timer_serves_stale_and_the_flight_refreshes_the_cac
     h.clock.advance(1.8)
     h.timers[0].fire()
     [stale] = h.delivered
-    assert (stale.sink, stale.outcome, stale.message.id) == (waiter, "stale", 1)
+    assert (stale.sink, stale.outcome, stale.message.id, stale.upstream) == (
+        waiter, "stale", 1, "")
     assert stale.message.answer == (("www.example.org.", 30, "IN", "A", "192.0.2.1"),)
     assert stale.message.edns == (0, 1232, False, EDE_STALE)
     assert h.counts() == (1, 0, 0), "the flight goes on, nobody waits on it"
@@ -322,25 +328,26 @@ def test_no_timer_without_an_answer_to_serve_stale() -> None:
     assert [d.outcome for d in h.delivered] == ["servfail"]
 
 
-@pytest.mark.parametrize(("upstream", "cached", "outcome", "rcode", "after"), [
-    # With an expired answer to fall back on: stale, whatever the failure
-    ("none", True, "stale", NOERROR, "recheck"),  # served stale from the cache for 5 s
-    ("servfail", True, "stale", NOERROR, "recheck"),
-    ("refused", True, "stale", NOERROR, "kept"),  # REFUSED has no TTL: no recheck window
-    # Without one: SERVFAIL, cached for servfail_ttl (RFC 9520); REFUSED relayed, not cached
-    ("none", False, "servfail", SERVFAIL, "servfail"),
-    ("servfail", False, "servfail", SERVFAIL, "servfail"),
-    ("refused", False, "forwarded", REFUSED, "nothing"),
+@pytest.mark.parametrize(("upstream", "cached", "outcome", "rcode", "after", "by"), [
+    # With an expired answer to fall back on: stale, whatever the failure; from no upstream
+    ("none", True, "stale", NOERROR, "recheck", ""),  # served stale from the cache for 5 s
+    ("servfail", True, "stale", NOERROR, "recheck", ""),
+    ("refused", True, "stale", NOERROR, "kept", ""),  # REFUSED has no TTL: no recheck window
+    # Without one: SERVFAIL, cached for servfail_ttl (RFC 9520); REFUSED relayed, not cached;
+    # a relayed rcode comes from the upstream that sent it
+    ("none", False, "servfail", SERVFAIL, "servfail", ""),
+    ("servfail", False, "servfail", SERVFAIL, "servfail", UPSTREAM),
+    ("refused", False, "forwarded", REFUSED, "nothing", UPSTREAM),
 ])
 def test_failures_to_refresh(upstream: str, cached: bool, outcome: str, rcode: int,
-                             after: str) -> None:
+                             after: str, by: str) -> None:
     h = Harness()
     q = expired(h, edns=True) if cached else query(NAME, edns=True)
     h.submit(edns=True)
     h.land({"none": None, "servfail": failed_reply(SERVFAIL),
             "refused": failed_reply(REFUSED)}[upstream])
     [got] = h.delivered
-    assert (got.outcome, got.message.rcode) == (outcome, rcode)
+    assert (got.outcome, got.message.rcode, got.upstream) == (outcome, rcode, by)
     assert got.message.edns is not None
     assert got.message.edns[3] == (EDE_STALE if outcome == "stale" else ())
     assert h.counts() == (0, 0, 0)

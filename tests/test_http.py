@@ -1,12 +1,15 @@
-"""resolver/ops/http.py: who may POST /-/reload (the address check itself, since every
-127.x address is loopback and a test over sockets could only ever come from one)."""
+"""resolver/ops/http.py: who may POST /-/reload by default, `metrics.allow` (the address
+check itself, since every 127.x address is loopback and a test over sockets could only ever
+come from one; tests/test_access.py has the list's own table)."""
 
 from __future__ import annotations
 
 import pytest
 
-from resolver.ops.http import STATUS, is_loopback
+from resolver.ops.config import MetricsConfig
+from resolver.ops.http import STATUS
 from resolver.server.reload import FAILED, OK, PENDING, REFUSED, UNCHANGED
+from resolver.stages.access import Networks
 
 
 @pytest.mark.parametrize(("host", "allowed"), [
@@ -28,8 +31,8 @@ from resolver.server.reload import FAILED, OK, PENDING, REFUSED, UNCHANGED
     ("localhost", False),  # a peer address is never a name: refuse what is not an address
     ("", False),
 ])
-def test_only_loopback_clients_may_reload(host: str, allowed: bool) -> None:
-    assert is_loopback(host) is allowed
+def test_only_loopback_clients_may_reload_by_default(host: str, allowed: bool) -> None:
+    assert (host in Networks(MetricsConfig().allow)) is allowed
 
 
 def test_every_result_has_a_status() -> None:

@@ -7,20 +7,25 @@ a TTL tick).
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 
 import dns.rcode
 import pytest
 
+from resolver.message.constants import NXDOMAIN, REFUSED
+from resolver.message.query import Query
 from resolver.ops.metrics import Metrics
 from resolver.server.packetcache import MAX_ANSWER, MAX_QUERY, PacketCache
 from resolver.stages.contract import DROP, LATER, Answered, Drop, Later
 from tests.clock import FakeClock
 from tests.conftest import RULES_YAML
+from tests.dnsmsg import CLIENT
 from tests.e2e import make_query, raw_tcp_exchange, raw_udp_answer, raw_udp_exchange
 from tests.servers import ZONE
 
 NEVER = float("inf")
+A_BLOCKED = ("udp", "blocked", "A", "NXDOMAIN")
 
 
 class Inner:
@@ -44,6 +49,14 @@ class Udp:
         raise AssertionError("nothing is delivered later here")
 
 
+class Observer:
+    def __init__(self) -> None:
+        self.offered: list[tuple[object, ...]] = []
+
+    def offer(self, *seen: object) -> None:
+        self.offered.append(seen)
+
+
 def layer(max_entries: int, *results: Answered | Later | Drop
           ) -> tuple[PacketCache, Inner]:
     inner = Inner(*results)
@@ -51,7 +64,7 @@ def layer(max_entries: int, *results: Answered | Later | Drop
 
 
 def ask(packets: PacketCache, data: bytes) -> bytes | None:
-    return packets.handle(data, ("127.0.0.1", 5300), Udp())
+    return packets.handle(data, CLIENT, Udp())
 
 
 def query_bytes(qid: int, name: str = "www.example.org", edns: int | None = None,
@@ -59,60 +72,100 @@ def query_bytes(qid: int, name: str = "www.example.org", edns: int | None = None
     return make_query(name, "A", edns=edns, do=do, qid=qid).to_wire()
 
 
+def reply(qid: int, body: bytes = b"", rcode: int = 0) -> bytes:
+    """An answer as far as the packet cache reads one: an ID, the rcode, then anything."""
+    return struct.pack("!HH", qid, 0x8180 | rcode) + body
+
+
 # -- the cache alone ---------------------------------------------------------------------------
 
 def test_a_remembered_answer_comes_back_with_the_new_id_and_counts():
     metrics = Metrics()
     replay = (NEVER, metrics.blocked, ("l", "", "a"))
-    inner = Inner(Answered(b"\x12\x34answer", "blocked", replay), LATER)
+    answer = reply(0x1234, b"answer", NXDOMAIN)
+    inner = Inner(Answered(answer, "blocked", replay), LATER)
     packets = PacketCache(inner, 10, FakeClock(), metrics.queries)
-    assert ask(packets, b"\x12\x34query") == b"\x12\x34answer"  # from the pipeline
-    assert ask(packets, b"\xab\xcdquery") == b"\xab\xcd" + b"answer"  # replayed
-    assert ask(packets, b"\xab\xcdother") is None  # LATER: the answer comes later
-    assert inner.seen == [b"\x12\x34query", b"\xab\xcdother"]
-    assert metrics.queries.counts == {("udp", "blocked"): 1}  # the pipeline counts its own
+    first, again = query_bytes(0x1234), query_bytes(0xABCD)
+    other = query_bytes(0xABCD, "other.example.org")
+    assert ask(packets, first) == answer  # from the pipeline
+    assert ask(packets, again) == b"\xab\xcd" + answer[2:]  # replayed
+    assert ask(packets, other) is None  # LATER: the answer comes later
+    assert inner.seen == [first, other]
+    assert metrics.queries.counts == {A_BLOCKED: 1}  # the pipeline counts its own
     assert metrics.blocked.counts == {("l", "", "a"): 1}
+
+
+@pytest.mark.parametrize(("qtype", "rcode", "key"), [
+    ("AAAA", NXDOMAIN, ("udp", "blocked", "AAAA", "NXDOMAIN")),
+    ("TYPE65280", 0, ("udp", "blocked", "other", "NOERROR")),
+    ("SVCB", REFUSED, ("udp", "blocked", "SVCB", "REFUSED")),
+])
+def test_a_replay_counts_its_question_type_and_rcode(qtype: str, rcode: int,
+                                                     key: tuple[str, ...]):
+    metrics = Metrics()
+    inner = Inner(Answered(reply(1, b"", rcode), "blocked", (NEVER, metrics.blocked, ("l",))))
+    packets = PacketCache(inner, 10, FakeClock(), metrics.queries)
+    for qid in (1, 2, 3):
+        ask(packets, make_query("www.example.org", qtype, qid=qid).to_wire())
+    assert metrics.queries.counts == {key: 2}
+
+
+def test_a_replay_counts_as_a_local_answer_and_is_offered_to_the_observer():
+    metrics, observer = Metrics(), Observer()
+    answer = reply(1, b"answer", NXDOMAIN)
+    inner = Inner(Answered(answer, "blocked", (NEVER, metrics.blocked, ("l",))))
+    packets = PacketCache(inner, 10, FakeClock(), metrics.queries, observer)
+    ask(packets, query_bytes(1))
+    again = query_bytes(2)
+    assert ask(packets, again) == b"\x00\x02" + answer[2:]
+    row = metrics.queries.rows[A_BLOCKED]
+    assert row[0] == 1 and sum(row[:-1]) == 1 and row[-1] == 0, "untimed: pipeline.LOCAL"
+    [(q, transport, outcome, sent, duration, upstream)] = observer.offered
+    assert isinstance(q, Query) and (q.data, q.client) == (again, CLIENT)
+    assert (transport, outcome, sent, duration, upstream) == (
+        "udp", "blocked", b"\x00\x02" + answer[2:], 0.0, "")
 
 
 @pytest.mark.parametrize(("now", "replayed"), [(104.9, True), (105.0, False), (200.0, False)])
 def test_an_answer_holds_until_its_replay_time(now, replayed):
     metrics, clock = Metrics(), FakeClock(start=100.0)
-    inner = Inner(Answered(b"\x00\x01a", "cached", (105.0, metrics.cache, ("hit",))),
-                  Answered(b"\x00\x02b", "cached"))
+    inner = Inner(Answered(reply(1, b"a"), "cached", (105.0, metrics.cache, ("hit",))),
+                  Answered(reply(2, b"b"), "cached"))
     packets = PacketCache(inner, 10, clock, metrics.queries)
-    ask(packets, b"\x00\x01q")
+    ask(packets, query_bytes(1))
     clock.now = now
-    assert ask(packets, b"\x00\x02q") == (b"\x00\x02a" if replayed else b"\x00\x02b")
+    assert ask(packets, query_bytes(2)) == reply(2, b"a" if replayed else b"b")
 
 
-@pytest.mark.parametrize("result", [Answered(b"idA", "cached"), LATER, DROP],
+@pytest.mark.parametrize("result", [Answered(reply(1, b"A"), "cached"), LATER, DROP],
                          ids=["no-replay", "forward", "drop"])
 def test_only_answers_that_say_how_long_they_hold_are_kept(result):
-    packets, inner = layer(10, result, Answered(b"idB", "cached"))
-    ask(packets, b"idq")
+    packets, inner = layer(10, result, Answered(reply(2, b"B"), "cached"))
+    ask(packets, query_bytes(1))
     assert len(packets) == 0
-    assert ask(packets, b"xxq") == b"idB" and len(inner.seen) == 2
+    assert ask(packets, query_bytes(2)) == reply(2, b"B") and len(inner.seen) == 2
 
 
 def test_the_oldest_goes_first_and_clear_forgets_all():
     metrics = Metrics()
     replay = (NEVER, metrics.cache, ("hit",))
-    inner = Inner(*(Answered(b"id" + name.upper(), "cached", replay)
-                    for name in (b"a", b"b", b"c")))
+    names = ("a.example", "b.example", "c.example")
+    inner = Inner(*(Answered(reply(1, name.encode()), "cached", replay) for name in names))
     packets = PacketCache(inner, 2, FakeClock(), metrics.queries)
-    for name in (b"a", b"b", b"c"):
-        ask(packets, b"id" + name)
+    for name in names:
+        ask(packets, query_bytes(1, name))
     assert len(packets) == 2
     inner.results = [LATER]
-    assert [ask(packets, b"xx" + n) for n in (b"a", b"b", b"c")] == [None, b"xxB", b"xxC"]
+    assert [ask(packets, query_bytes(9, name)) for name in names] == [
+        None, reply(9, b"b.example"), reply(9, b"c.example")]
     packets.clear()
     assert len(packets) == 0
 
 
 def test_zero_entries_remembers_nothing():
     metrics = Metrics()
-    packets, _ = layer(0, Answered(b"ida", "cached", (NEVER, metrics.cache, ("hit",))))
-    ask(packets, b"idq")
+    packets, _ = layer(0, Answered(reply(1), "cached", (NEVER, metrics.cache, ("hit",))))
+    ask(packets, query_bytes(1))
     assert len(packets) == 0
 
 
@@ -124,9 +177,10 @@ def test_only_the_usual_sizes_are_kept(query_size: int, answer_size: int, kept: 
     """Whatever a client pads its queries with or however large a buffer it offers, an
     entry stays a couple of kilobytes at most."""
     metrics = Metrics()
-    answer = b"id" + b"a" * (answer_size - 2)
+    answer = reply(1, b"a" * (answer_size - 4))
     packets, _ = layer(10, Answered(answer, "cached", (NEVER, metrics.cache, ("hit",))))
-    ask(packets, b"id" + b"q" * (query_size - 2))
+    data = query_bytes(1)
+    ask(packets, data + b"\0" * (query_size - len(data)))  # junk after the question
     assert len(packets) == int(kept)
 
 
@@ -154,7 +208,7 @@ async def test_replays_count_like_the_full_path(start_server, nsd_upstream):
     server = await start_server(nsd_upstream)
     for qid in range(5):
         await raw_udp_exchange(server, query_bytes(qid))
-    assert server.metrics.queries.counts[("udp", "blocked")] == 5
+    assert server.metrics.queries.counts[A_BLOCKED] == 5
     assert server.metrics.blocked.counts[("tracking", "example", "nxdomain")] == 5
 
 

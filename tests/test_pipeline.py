@@ -1,8 +1,9 @@
 """Table tests of server/pipeline.py: how the stage results flow (PASS on, Answered stops,
 FORWARD skips to the forwarder, DROP), what is counted under which labels, per-client passes
 kept out of the packet cache, the one SERVFAIL guard, load shedding, malformed packets, and
-the Delivery of later answers. The stages and the forwarder are small fakes that record what
-reached them; no socket, no loop.
+the Delivery of later answers, each answer's duration from receipt and what the observer is
+shown. The stages and the forwarder are small fakes that record what reached them, the clock
+a FakeClock; no socket, no loop.
 """
 
 from __future__ import annotations
@@ -12,9 +13,17 @@ import struct
 
 import pytest
 
-from resolver.message.constants import BADVERS, FORMERR, NEVER, NOTIMP, SERVFAIL
+from resolver.message.constants import (
+    BADVERS,
+    FORMERR,
+    NEVER,
+    NOERROR,
+    NOTIMP,
+    NXDOMAIN,
+    SERVFAIL,
+)
 from resolver.message.query import Query
-from resolver.ops.metrics import Metrics
+from resolver.ops.metrics import Metrics, Row
 from resolver.server.packetcache import PacketCache
 from resolver.server.pipeline import Delivery, Pipeline
 from resolver.stages.contract import (
@@ -29,10 +38,11 @@ from resolver.stages.contract import (
     Pass,
     Result,
 )
-from tests.clock import FakeClock
+from tests.clock import START, FakeClock
 from tests.dnsmsg import CLIENT, dnslib_rcode, query, query_packet, summary
 
-Counts = dict[tuple[str, str], int]  # resolver_queries_total: (protocol, outcome) -> count
+# resolver_queries_total: (protocol, outcome, qtype, rcode) -> count
+Counts = dict[tuple[str, ...], int]
 
 
 class Sink:
@@ -48,14 +58,18 @@ class Sink:
 
 class Stage:
     """A stage that gives `result` for every query (raises it, if it is an exception) and
-    records the queries it saw."""
+    records the queries it saw; it takes `takes` seconds of the clock, if given one."""
 
-    def __init__(self, result: Result | Exception):
+    def __init__(self, result: Result | Exception, clock: FakeClock | None = None,
+                 takes: float = 0.0):
         self.result = result
         self.seen: list[Query] = []
+        self.clock, self.takes = clock, takes
 
     def answer(self, q: Query) -> Result:
         self.seen.append(q)
+        if self.clock is not None:
+            self.clock.advance(self.takes)
         if isinstance(self.result, Exception):
             raise self.result
         return self.result
@@ -75,16 +89,33 @@ class Forwarder:
         self.submitted.append((q, sink))
 
 
+Offered = tuple[Query | None, str, str, bytes | None, float, str]  # QueryObserver.offer's
+
+
+class Observer:
+    """A QueryObserver that records what it is offered."""
+
+    def __init__(self) -> None:
+        self.offered: list[Offered] = []
+
+    def offer(self, q: Query | None, transport: str, outcome: str, answer: bytes | None,
+              duration: float, upstream: str) -> None:
+        self.offered.append((q, transport, outcome, answer, duration, upstream))
+
+
 class Chain:
-    """A Pipeline over Stages giving `results` in order, and its counts."""
+    """A Pipeline over Stages giving `results` in order (each taking `takes` seconds), with
+    its counts and what its observer was offered."""
 
     def __init__(self, *results: Result | Exception, waiting: int = 0, max_inflight: int = 10,
-                 forward_error: Exception | None = None):
+                 forward_error: Exception | None = None, takes: float = 0.0):
         self.metrics = Metrics()
-        self.stages = [Stage(result) for result in results]
+        self.clock = FakeClock()
+        self.stages = [Stage(result, self.clock, takes) for result in results]
         self.forwarder = Forwarder(waiting, forward_error)
+        self.observer = Observer()
         self.pipeline = Pipeline(self.stages, self.forwarder,  # type: ignore[arg-type]
-                                 self.metrics, max_inflight)
+                                 self.metrics, max_inflight, self.clock, self.observer)
 
     def handle(self, data: bytes = b"", transport: str = "udp") -> Answered | Later | Drop:
         return self.pipeline.handle(data or query_packet("www.example.org"), CLIENT,
@@ -94,19 +125,30 @@ class Chain:
     def counts(self) -> dict[tuple[str, ...], int]:
         return self.metrics.queries.counts
 
+    def durations(self) -> dict[tuple[str, ...], Row]:
+        """The rows of the queries counted, by their key."""
+        return {key: row for key, row in self.metrics.queries.rows.items() if any(row[:-1])}
+
     def reached(self) -> list[int]:
         """How many queries each stage saw."""
         return [len(stage.seen) for stage in self.stages]
 
 
-def answered(outcome: str = "cached", replay: bool = False) -> Answered:
+def answered(outcome: str = "cached", rcode: int = NOERROR, replay: bool = False
+             ) -> Answered:
+    """A stage's answer: a header with the rcode, then the outcome's name as a body."""
     tally = Metrics().cache
-    return Answered(b"\x12\x34" + outcome.encode(), outcome,
-                    (NEVER, tally, ("hit",)) if replay else None)
+    return Answered(struct.pack("!HHHHHH", 0x1234, 0x8180 | rcode, 1, 0, 0, 0)
+                    + outcome.encode(), outcome, (NEVER, tally, ("hit",)) if replay else None)
 
 
 CACHED = answered("cached")
-BLOCKED = answered("blocked", replay=True)
+BLOCKED = answered("blocked", NXDOMAIN, replay=True)
+# the keys those answers count under, for a question of type A over UDP
+A_CACHED = ("udp", "cached", "A", "NOERROR")
+A_BLOCKED = ("udp", "blocked", "A", "NXDOMAIN")
+A_DROPPED = ("udp", "dropped", "A", "none")
+A_SERVFAIL = ("udp", "servfail", "A", "SERVFAIL")
 
 
 # -- results in order -------------------------------------------------------------------------
@@ -114,14 +156,14 @@ BLOCKED = answered("blocked", replay=True)
 @pytest.mark.parametrize(("results", "returned", "reached", "counts", "submitted"), [
     pytest.param([PASS, PASS], LATER, [1, 1], {}, 1,
                  id="nobody answers: forwarded, counted when delivered"),
-    pytest.param([CACHED, PASS], CACHED, [1, 0], {("udp", "cached"): 1}, 0,
+    pytest.param([CACHED, PASS], CACHED, [1, 0], {A_CACHED: 1}, 0,
                  id="Answered stops the chain and is counted"),
-    pytest.param([PASS, BLOCKED, CACHED], BLOCKED, [1, 1, 0], {("udp", "blocked"): 1}, 0,
+    pytest.param([PASS, BLOCKED, CACHED], BLOCKED, [1, 1, 0], {A_BLOCKED: 1}, 0,
                  id="the first Answered wins, replay and all"),
     pytest.param([PASS, FORWARD, CACHED], LATER, [1, 1, 0], {}, 1,
                  id="FORWARD skips the rest"),
-    pytest.param([DROP, CACHED], DROP, [1, 0], {("udp", "dropped"): 1}, 0,
-                 id="DROP is counted dropped"),
+    pytest.param([DROP, CACHED], DROP, [1, 0], {A_DROPPED: 1}, 0,
+                 id="DROP is counted dropped, with no rcode"),
     pytest.param([PASS_PER_CLIENT, PASS], LATER, [1, 1], {}, 1,
                  id="a per-client pass is still a pass"),
     pytest.param([], LATER, [], {}, 1, id="no stages"),
@@ -140,7 +182,67 @@ def test_counts_are_by_transport_and_outcome(transport: str) -> None:
     chain = Chain(BLOCKED)
     chain.handle(transport=transport)
     chain.handle(transport=transport)
-    assert chain.counts == {(transport, "blocked"): 2}
+    assert chain.counts == {(transport, "blocked", "A", "NXDOMAIN"): 2}
+
+
+@pytest.mark.parametrize(("qtype", "result", "key"), [
+    ("AAAA", CACHED, ("tcp", "cached", "AAAA", "NOERROR")),
+    ("HTTPS", BLOCKED, ("tcp", "blocked", "HTTPS", "NXDOMAIN")),
+    ("NAPTR", answered("servfail", SERVFAIL), ("tcp", "servfail", "other", "SERVFAIL")),
+    ("TXT", answered("cached", NOTIMP), ("tcp", "cached", "TXT", "other")),
+    ("MX", DROP, ("tcp", "dropped", "MX", "none")),
+])
+def test_counts_are_by_question_type_and_answer_rcode(qtype: str, result: Result,
+                                                      key: tuple[str, ...]) -> None:
+    chain = Chain(result)
+    chain.handle(query_packet("www.example.org", qtype), transport="tcp")
+    assert chain.counts == {key: 1}
+
+
+@pytest.mark.parametrize(("results", "returned", "key"), [
+    pytest.param([CACHED], CACHED, A_CACHED, id="a cache hit"),
+    pytest.param([PASS, BLOCKED], BLOCKED, A_BLOCKED, id="a block after a pass"),
+    pytest.param([PASS, DROP], DROP, A_DROPPED, id="a drop"),
+    pytest.param([RuntimeError("a bug")], None, A_SERVFAIL, id="a servfail after a bug"),
+])
+def test_a_local_answer_is_counted_untimed_and_offered_to_the_observer(
+        results: list[Result | Exception], returned: Answered | Drop | None,
+        key: tuple[str, ...]) -> None:
+    """An answer given here is not timed (pipeline.LOCAL: a few microseconds, not worth two
+    clock reads): it counts in the first bucket, adding nothing to the sum, however long
+    the clock says the stages took."""
+    chain = Chain(*results, takes=0.2)
+    got = chain.handle()
+    if returned is not None:
+        assert got is returned
+    row = chain.durations()[key]
+    assert row[0] == 1 and sum(row[:-1]) == 1 and row[-1] == 0
+    [(q, transport, outcome, answer, took, upstream)] = chain.observer.offered
+    assert q is chain.stages[0].seen[0], "the decoded query"
+    assert (transport, outcome, took, upstream) == ("udp", key[1], 0.0, "")
+    assert answer == (got.data if isinstance(got, Answered) else None)
+
+
+def test_a_query_gone_upstream_is_timed_from_when_it_was_handed_over() -> None:
+    chain = Chain(PASS, takes=0.001)
+    chain.clock.at(5.0)
+    assert chain.handle() is LATER
+    [(q, _)] = chain.forwarder.submitted
+    assert q.received == START + 5.001, "after the stages that passed it on"
+    assert chain.observer.offered == [] and chain.counts == {}
+
+
+def test_a_broken_observer_costs_no_answer(caplog: pytest.LogCaptureFixture,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    chain = Chain(CACHED)
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("a bug in the query log")
+
+    monkeypatch.setattr(chain.observer, "offer", broken)
+    assert chain.handle() is CACHED
+    assert chain.counts == {A_CACHED: 1}
+    assert "unexpected error in the query observer" in caplog.text
 
 
 def test_the_forwarder_gets_the_decoded_query_and_its_sink() -> None:
@@ -203,7 +305,7 @@ def test_an_exception_becomes_a_counted_servfail(
     assert (message.id, message.rcode, message.question) == (
         0x0BAD, SERVFAIL, (("www.example.org.", "A", "IN"),))
     assert chain.reached() == reached
-    assert chain.counts == {("udp", "servfail"): 1}
+    assert chain.counts == {A_SERVFAIL: 1}
     [record] = caplog.records
     assert record.getMessage() == "unexpected error while answering a query"
     assert record.exc_info is not None, "logged with its traceback"
@@ -212,8 +314,8 @@ def test_an_exception_becomes_a_counted_servfail(
 @pytest.mark.parametrize(("waiting", "max_inflight", "returned", "counts"), [
     (0, 3, LATER, {}),
     (2, 3, LATER, {}),
-    (3, 3, DROP, {("udp", "dropped"): 1}),  # shed: no memory grows for it
-    (5, 3, DROP, {("udp", "dropped"): 1}),
+    (3, 3, DROP, {A_DROPPED: 1}),  # shed: no memory grows for it
+    (5, 3, DROP, {A_DROPPED: 1}),
 ])
 def test_load_is_shed_at_max_inflight(waiting: int, max_inflight: int,
                                       returned: Later | Drop, counts: Counts) -> None:
@@ -230,44 +332,62 @@ def header(flags: int = 0x0100, qd: int = 1, an: int = 0, ns: int = 0, ar: int =
 QUESTION = b"\x07example\x03org\x00\x00\x01\x00\x01"
 
 
-@pytest.mark.parametrize(("packet", "rcode"), [
-    pytest.param(b"\x51\x51\x01", None, id="shorter than a header: dropped"),
-    pytest.param(header(flags=0x8180) + QUESTION, None, id="a response: dropped"),
-    pytest.param(header(qd=0), FORMERR, id="no question"),
-    pytest.param(header(qd=2) + QUESTION * 2, FORMERR, id="two questions"),
-    pytest.param(header() + QUESTION[:5], FORMERR, id="name cut short"),
-    pytest.param(header() + b"\xc0\x0c\x00\x01\x00\x01", FORMERR, id="compressed question"),
-    pytest.param(header(flags=0x2800) + QUESTION, NOTIMP, id="an UPDATE"),
+@pytest.mark.parametrize(("packet", "rcode", "label"), [
+    pytest.param(b"\x51\x51\x01", None, "none", id="shorter than a header: dropped"),
+    pytest.param(header(flags=0x8180) + QUESTION, None, "none", id="a response: dropped"),
+    pytest.param(header(qd=0), FORMERR, "FORMERR", id="no question"),
+    pytest.param(header(qd=2) + QUESTION * 2, FORMERR, "FORMERR", id="two questions"),
+    pytest.param(header() + QUESTION[:5], FORMERR, "FORMERR", id="name cut short"),
+    pytest.param(header() + b"\xc0\x0c\x00\x01\x00\x01", FORMERR, "FORMERR",
+                 id="compressed question"),
+    pytest.param(header(flags=0x2800) + QUESTION, NOTIMP, "other", id="an UPDATE"),
+    # BADVERS is an extended rcode: the header's four bits say NOERROR
     pytest.param(query_packet("www.example.org", qid=0x5151, edns=True)[:-11]
-                 + b"\x00\x00\x29\x04\xd0\x00\x01\x00\x00\x00\x00", BADVERS,
+                 + b"\x00\x00\x29\x04\xd0\x00\x01\x00\x00\x00\x00", BADVERS, "NOERROR",
                  id="EDNS version 1"),
 ])
-def test_malformed_packets_get_formerr_or_nothing(packet: bytes, rcode: int | None) -> None:
+def test_malformed_packets_get_formerr_or_nothing(packet: bytes, rcode: int | None,
+                                                  label: str) -> None:
     chain = Chain(CACHED)
     got = chain.handle(packet)
     assert chain.reached() == [0], "no stage sees a malformed packet"
     if rcode is None:
         assert got is DROP
-        assert chain.counts == {("udp", "dropped"): 1}
+        assert chain.counts == {("udp", "dropped", "other", "none"): 1}
     else:
         assert isinstance(got, Answered) and got.outcome == "formerr"
         assert dnslib_rcode(got.data) == (0x5151, rcode)
-        assert chain.counts == {("udp", "formerr"): 1}
+        assert chain.counts == {("udp", "formerr", "other", label): 1}
+    [(q, _, outcome, answer, _, _)] = chain.observer.offered
+    assert (q, outcome) == (None, "dropped" if rcode is None else "formerr"), "undecoded"
+    assert answer == (None if rcode is None else got.data)  # type: ignore[union-attr]
     assert chain.forwarder.submitted == []
 
 
 # -- later answers ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("transport", "outcome"), [
-    ("udp", "forwarded"), ("tcp", "stale"), ("udp", "servfail"), ("tcp", "blocked")])
-def test_delivery_counts_then_hands_the_answer_to_the_sink(transport: str,
-                                                           outcome: str) -> None:
-    metrics = Metrics()
+@pytest.mark.parametrize(("transport", "qtype", "outcome", "rcode", "upstream", "key"), [
+    ("udp", "A", "forwarded", NOERROR, "192.0.2.53:53", ("udp", "forwarded", "A", "NOERROR")),
+    ("tcp", "AAAA", "stale", NOERROR, "", ("tcp", "stale", "AAAA", "NOERROR")),
+    ("udp", "SRV", "servfail", SERVFAIL, "", ("udp", "servfail", "SRV", "SERVFAIL")),
+    ("tcp", "A", "blocked", NXDOMAIN, "192.0.2.53:53", ("tcp", "blocked", "A", "NXDOMAIN")),
+])
+def test_delivery_counts_times_offers_then_hands_the_answer_to_the_sink(
+        transport: str, qtype: str, outcome: str, rcode: int, upstream: str,
+        key: tuple[str, ...]) -> None:
+    metrics, clock, observer = Metrics(), FakeClock(), Observer()
     sink = Sink(transport)
-    q = query("www.example.org", transport=transport)
-    Delivery(metrics).deliver(q, sink, b"answer", outcome)
-    assert sink.delivered == [(b"answer", CLIENT)]
-    assert metrics.queries.counts == {(transport, outcome): 1}
+    q = query("www.example.org", qtype, transport=transport)
+    q.received = clock() - 0.03  # 30 ms ago
+    answer = answered(outcome, rcode).data
+    Delivery(metrics, clock, observer).deliver(q, sink, answer, outcome, upstream)
+    assert sink.delivered == [(answer, CLIENT)]
+    assert metrics.queries.counts == {key: 1}
+    row = metrics.queries.rows[key]
+    assert row[10] == 1 and row[-1] == pytest.approx(0.03), "in the 50 ms bucket"
+    [(seen, *shown, duration, by)] = observer.offered
+    assert (seen, *shown, by) == (q, transport, outcome, answer, upstream)
+    assert duration == pytest.approx(0.03)
 
 
 @pytest.mark.parametrize("odd", [None, b"forward", LATER], ids=["None", "sentinel bytes", "LATER"])
@@ -277,7 +397,7 @@ def test_a_result_that_is_no_stage_result_is_a_bug_answered_servfail(
     chain = Chain(odd, CACHED)  # type: ignore[arg-type]  # the mistake under test
     result = chain.handle()
     assert isinstance(result, Answered) and result.outcome == "servfail"
-    assert chain.counts == {("udp", "servfail"): 1}
+    assert chain.counts == {A_SERVFAIL: 1}
     assert "no stage result" in caplog.text
 
 

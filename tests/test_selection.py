@@ -83,7 +83,7 @@ def test_the_probe_decides(probe_succeeds, ready_after, healthy):
     health.failure(10.0, 0.5)
     assert health.ready(11.0)
     if probe_succeeds:
-        health.success(0.01)
+        health.success(0.01, 0.0)
     else:
         health.failure(11.0, 0.5)
     assert health.ready(12.5) is ready_after
@@ -93,7 +93,7 @@ def test_the_probe_decides(probe_succeeds, ready_after, healthy):
 def test_a_success_resets_the_failure_count():
     health = Health(BACKOFF, PROBE)
     health.failure(10.0, 0.5)
-    health.success(0.01)
+    health.success(0.01, 0.0)
     health.failure(10.0, 0.5)
     assert health.healthy and health.ready(10.0)
 
@@ -107,7 +107,7 @@ def test_a_success_resets_the_failure_count():
 def test_smoothed_rtt(samples, expected):
     health = Health(BACKOFF, PROBE)
     for kind, value in samples:
-        health.success(value) if kind == "ok" else health.failure(0.0, value)
+        health.success(value, 0.0) if kind == "ok" else health.failure(0.0, value)
     assert health.srtt == pytest.approx(expected)
 
 
@@ -146,7 +146,7 @@ def test_when_all_are_backed_off_all_are_still_tried(strategy):
 
 def test_failover_keeps_the_configured_order():
     group = members("a", "b", "c")
-    group[0].health.success(0.9)
+    group[0].health.success(0.9, 0.0)
     assert names(arrange("failover", group, 0.0, random.Random(1))) == ["a", "b", "c"]
 
 
@@ -167,7 +167,7 @@ def test_fastest(srtts, draw, expected):
     group = members("a", "b", "c")
     for member, srtt in zip(group, srtts, strict=True):
         if srtt is not None:
-            member.health.success(srtt)
+            member.health.success(srtt, 0.0)
     order = names(arrange("fastest", group, 0.0, FixedRandom(draw)))
     if expected is None:
         assert order[0] != "b" and sorted(order) == ["a", "b", "c"]

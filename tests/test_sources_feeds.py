@@ -288,7 +288,7 @@ def test_workers_take_a_changed_feed_from_the_supervisor(
         assert process.stdout is not None and process.stderr is not None
         banner = process.stdout.readline()
         assert "listening on" in banner, process.stderr.read()
-        server = Served(process, port, metrics_port)
+        server = Served(process, port, metrics_port, nsd_upstream.address)
         assert server.rcode("n4.ads.test") == dns.rcode.NXDOMAIN
         served.serve([f"n{i}.new.test" for i in range(QUERIES)], '"2"')
         deadline = time.monotonic() + 15

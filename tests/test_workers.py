@@ -28,6 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from resolver.rules.loader import load_rules
 from resolver.server.supervisor import free_port, send_whole
+from tests.e2e import promtool_check
 from tests.servers import LOOPBACK, NsdServer
 
 RULES = "lists:\n  - name: first\n    domains: [blocked.test, b1.test, b2.test, b3.test]\n"
@@ -44,11 +45,19 @@ def serving(version: str) -> tuple[str, tuple[tuple[str, str], ...]]:
     return ("resolver_rules_info", (("version", version),))
 
 
+def queries(protocol: str, outcome: str, rcode: str, qtype: str = "A"
+            ) -> tuple[str, tuple[tuple[str, str], ...]]:
+    return ("resolver_queries_total", (("outcome", outcome), ("protocol", protocol),
+                                       ("qtype", qtype), ("rcode", rcode)))
+
+
 class Served:
     """A `resolver serve` process and where it listens."""
 
-    def __init__(self, process: subprocess.Popen[str], port: int, metrics_port: int):
+    def __init__(self, process: subprocess.Popen[str], port: int, metrics_port: int,
+                 upstream: str):
         self.process, self.port, self.metrics_port = process, port, metrics_port
+        self.upstream = upstream  # its label
 
     def rcode(self, name: str, tcp: bool = False) -> int:
         query = dns.message.make_query(name, "A")
@@ -106,7 +115,7 @@ def serve(tmp_path: Path, nsd_upstream: NsdServer) -> Iterator[tuple[Start, Path
         assert process.stdout is not None and process.stderr is not None
         banner = process.stdout.readline()
         assert "listening on" in banner, process.stderr.read()
-        return Served(process, port, metrics_port)
+        return Served(process, port, metrics_port, nsd_upstream.address)
 
     yield start, rules
     for process in started:
@@ -124,15 +133,60 @@ def test_two_workers_share_the_port_and_their_metrics_add_up(serve):
     assert served.rcode("www.example.test") == dns.rcode.NOERROR
     assert served.rcode("www.blocked.test", tcp=True) == dns.rcode.NXDOMAIN
     values = served.metrics()
-    assert values[("resolver_queries_total", (("outcome", "blocked"), ("protocol", "udp")))] \
-        == QUERIES
-    assert values[("resolver_queries_total", (("outcome", "blocked"), ("protocol", "tcp")))] == 1
+    assert values[queries("udp", "blocked", "NXDOMAIN")] == QUERIES
+    assert values[queries("tcp", "blocked", "NXDOMAIN")] == 1
+    assert values[queries("udp", "forwarded", "NOERROR")] == 1
     assert values[("resolver_workers", ())] == 2
     domains = [value for (name, _), value in values.items() if name == "resolver_rules_domains"]
     assert sum(domains) == 4  # the same in each worker: not summed
     assert values[serving(load_rules([str(rules)]).version)] == 2  # workers serving it
     assert {result: values[reloads(result)] for result in (OK, FAILED, REFUSED, UNCHANGED)} \
         == dict.fromkeys((OK, FAILED, REFUSED, UNCHANGED), 0)
+
+
+def test_two_workers_merge_histograms_and_report_each_process(serve):
+    start, _ = serve
+    served = start(2)
+    for _ in range(QUERIES):
+        assert served.rcode("www.blocked.test") == dns.rcode.NXDOMAIN
+    assert served.rcode("www.example.test") == dns.rcode.NOERROR
+    values = served.metrics()
+
+    def get(name: str, **labels: str) -> float:
+        return values[(name, tuple(sorted(labels.items())))]
+
+    duration = "resolver_request_duration_seconds"
+    assert get(f"{duration}_count", outcome="blocked") == QUERIES, "both workers' rows added"
+    assert get(f"{duration}_bucket", outcome="blocked", le="+Inf") == QUERIES
+    assert get(f"{duration}_bucket", outcome="blocked", le="1.0") == QUERIES
+    assert get(f"{duration}_count", outcome="forwarded") == 1
+    assert get("resolver_upstream_duration_seconds_count", upstream=served.upstream) == 1
+    assert 0 < get("resolver_upstream_duration_seconds_sum", upstream=served.upstream) < 3
+    build = [labels for (name, labels), value in values.items()
+             if name == "resolver_build_info" and value == 1]
+    assert [dict(labels)["loop"] for labels in build] == ["uvloop"], "one build, not summed"
+    for name in ("resolver_process_resident_memory_bytes", "resolver_process_open_fds",
+                 "resolver_process_start_time_seconds", "resolver_process_cpu_seconds_total"):
+        processes = {dict(labels)["process"]: value for (have, labels), value in values.items()
+                     if have == name}
+        assert set(processes) == {"supervisor", "worker-0", "worker-1"}, name
+        # (a worker that just started may have used less CPU than a clock tick)
+        assert all(value > 0 or name.startswith("resolver_process_cpu")
+                   for value in processes.values()), name
+    started = "resolver_process_start_time_seconds"
+    for worker in ("worker-0", "worker-1"):  # each read in its own process, forked later
+        assert get(started, process=worker) > get(started, process="supervisor")
+
+
+def test_promtool_finds_nothing_to_say_of_two_workers_scrape(serve):
+    start, _ = serve
+    served = start(2)
+    assert served.rcode("www.blocked.test") == dns.rcode.NXDOMAIN
+    assert served.rcode("www.example.test") == dns.rcode.NOERROR
+    url = f"http://{LOOPBACK}:{served.metrics_port}/metrics"
+    text = urllib.request.urlopen(url, timeout=5).read().decode()
+    assert 'process="worker-1"' in text
+    assert promtool_check(text) == ""
 
 
 @pytest.mark.parametrize("workers", [1, 2])

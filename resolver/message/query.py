@@ -26,7 +26,9 @@ class Outcome:
     SERVFAIL = "servfail"
     FORMERR = "formerr"
     DROPPED = "dropped"
-    ALL = (BLOCKED, CACHED, STALE, FORWARDED, SERVFAIL, FORMERR, DROPPED)
+    REFUSED = "refused"  # the client is outside server.allow (stages/access.py)
+    RATELIMITED = "ratelimited"  # over its prefix's rate limit: dropped or slipped (TC=1)
+    ALL = (BLOCKED, CACHED, STALE, FORWARDED, SERVFAIL, FORMERR, DROPPED, REFUSED, RATELIMITED)
 
 
 class Query:
@@ -43,10 +45,12 @@ class Query:
         udp_size: the largest UDP answer the client accepts (512 without EDNS).
         do: the client's DNSSEC OK bit.
         client: the client's address tuple; transport: "udp" or "tcp".
+        received: by the server's clock, when the query was handed to the forwarder (a few
+            microseconds after the packet came): its answer's duration is measured from it.
     """
 
     __slots__ = ("data", "flags", "question", "name", "offsets", "qtype", "qclass",
-                 "edns", "udp_size", "do", "client", "transport", "cache_key")
+                 "edns", "udp_size", "do", "client", "transport", "received", "cache_key")
 
     def __init__(self, data: bytes, flags: int, question: bytes, name: bytes,
                  offsets: list[int], qtype: int, qclass: int, edns: bool, udp_size: int,
@@ -63,6 +67,7 @@ class Query:
         self.do = do
         self.client = client
         self.transport = transport
+        self.received = 0.0  # set when the query goes upstream: local answers need none
         # What makes two questions share an answer: name, type, class, DO and CD. Built once:
         # the cache, its stages and the forwarder each look it up.
         self.cache_key = (name, qtype, qclass, do, flags & 0x0010)

@@ -143,6 +143,16 @@ def skip_name(data: bytes, pos: int) -> int:
         pos += length + 1
 
 
+def question_type(data: bytes) -> int:
+    """The first question's type, read without decoding the rest; 0 when there is none to
+    read (for counting queries turned away before decoding)."""
+    try:
+        end = skip_name(data, HEADER_SIZE)
+        return (data[end] << 8) | data[end + 1]
+    except (ValueError, IndexError):
+        return 0
+
+
 def read_name(data: bytes, pos: int) -> tuple[bytes, int]:
     """Read a possibly compressed name: (its lowercase uncompressed wire form, the offset just
     past it where it starts). For the slow path (CNAME targets of upstream replies).
@@ -254,11 +264,11 @@ def framed(message: bytes) -> bytes:
     return len(message).to_bytes(2, "big") + message
 
 
-def unframe(buffer: bytearray) -> list[bytes]:
-    """Take every whole length-prefixed message off the front of a stream buffer; a partial
-    one stays for the next read."""
-    messages = []
-    while len(buffer) >= 2:
+def unframe(buffer: bytearray, most: int = MAX_MESSAGE) -> list[bytes]:
+    """Take every whole length-prefixed message off the front of a stream buffer, or the
+    `most` first; a partial one, and those beyond `most`, stay for the next read."""
+    messages: list[bytes] = []
+    while len(buffer) >= 2 and len(messages) < most:
         end = 2 + ((buffer[0] << 8) | buffer[1])
         if len(buffer) < end:
             break

@@ -141,6 +141,39 @@ def _metrics_flag(value: object) -> Address | None:
     return None if value == "off" else _metrics_address(value)
 
 
+def _network(value: object) -> str:
+    """A client network, as `10.0.0.0/8`, `2001:db8::/32` or a single address; kept as its
+    normal text (stages/access.py compiles it). Host bits set are an error: `10.1.2.3/8` is
+    more likely a typo than a wish for 10.0.0.0/8."""
+    if isinstance(value, bool) or not isinstance(value, str):
+        raise Invalid("expected a network such as '192.0.2.0/24' or '2001:db8::/32'")
+    try:
+        network = ipaddress.ip_network(value.strip())
+    except ValueError as error:
+        raise Invalid(f"{value!r} is not a network: {error}") from None
+    if isinstance(network, ipaddress.IPv6Network) and network.network_address.ipv4_mapped:
+        raise Invalid(f"{value!r}: write IPv4 networks as IPv4 ('192.0.2.0/24'); IPv4 "
+                      "clients of an IPv6 socket are matched by their IPv4 address")
+    return str(network)
+
+
+def _optional_name(value: object) -> str | None:
+    """A user or group name (checked against the system when privileges are dropped), or null."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise Invalid("expected a name, or null")
+    return value.strip()
+
+
+NETWORKS = list_of("networks (CIDR)", kind("a network", _network))
+LOOPBACK_NETWORKS = ("127.0.0.0/8", "::1/128")
+# Networks no one outside the site can reach: loopback, RFC 1918 private, RFC 6598 shared
+# (carrier-grade NAT), IPv6 unique local (RFC 4193) and link-local.
+LOCAL_NETWORKS = (*LOOPBACK_NETWORKS, "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16",
+                  "100.64.0.0/10", "fc00::/7", "fe80::/10")
+
+
 # --- upstream servers ------------------------------------------------------------------------
 
 
@@ -309,6 +342,86 @@ class ServerConfig:
         "Forwarded queries in flight; beyond it, new ones are dropped, so an overload sheds "
         "queries instead of growing memory. At most 65535: one DNS-over-TLS connection carries "
         "them all under 16-bit IDs.")
+    tcp_max_connections_per_client: int = setting(
+        32, integer(1), "Open TCP connections from one client address; new ones beyond this "
+        "are closed at once, so one client cannot take every connection.")
+    tcp_max_pipelined: int = setting(
+        100, integer(1, 65535), "Forwarded queries in flight on one TCP connection (RFC 7766 "
+        "pipelining); at the cap the connection is not read until an answer goes out.")
+    allow: tuple[str, ...] = setting(
+        LOCAL_NETWORKS, NETWORKS,
+        "Client networks that are answered; everyone else is refused before any other stage "
+        "(see `server.refuse_action`). The default is the networks no one outside the site "
+        "can reach: loopback, RFC 1918, RFC 6598 (100.64.0.0/10), IPv6 unique local "
+        "(fc00::/7) and link-local (fe80::/10). Serving everyone takes `0.0.0.0/0` and "
+        "`::/0` written out, and the startup line then warns: an open resolver is a DDoS "
+        "amplifier (docs/hardening.md).",
+        example='[127.0.0.0/8, "::1/128", 192.0.2.0/24, "2001:db8::/32"]')
+    refuse_action: str = setting(
+        "refuse", choice("refuse", "drop"),
+        "What a client outside `server.allow` gets: `refuse` answers REFUSED (outcome "
+        "`refused`; a TCP connection stays open for its answers), `drop` answers nothing "
+        "(outcome `dropped`; a TCP connection is closed at once).")
+    any: str = setting(
+        "minimal", choice("minimal", "forward"),
+        "ANY queries over UDP: `minimal` answers them with the one HINFO record of RFC 8482 "
+        "(small, so no amplifier); `forward` treats them as any other query. Over TCP, ANY "
+        "is always forwarded: no one can spoof a TCP source address.")
+    user: str | None = setting(
+        None, kind("a user name, or null", _optional_name),
+        "Drop to this user once the ports are bound (as root), before any query is answered: "
+        "supplementary groups cleared, then the group, then the user, for good. Workers run "
+        "as it too. `null`: keep the user started as (a warning when that is root).",
+        example="resolver")
+    group: str | None = setting(
+        None, kind("a group name, or null", _optional_name),
+        "The group to drop to with `server.user`; `null`: the user's own group.")
+
+
+def _check_server(section: ServerConfig) -> Iterable[tuple[str, str]]:
+    if section.group is not None and section.user is None:
+        yield "group", "only with server.user"
+
+
+def _qps(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1e7:
+        raise Invalid("expected queries per second from 0 to 10000000 (0 turns limiting off)")
+    return float(value)
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitConfig:
+    """Per-client-prefix limits on UDP queries (resolver/stages/ratelimit.py)."""
+
+    qps: float = setting(
+        0.0, kind("queries per second >= 0", _qps),
+        "Queries per second each client prefix may send over UDP, on average; 0 turns rate "
+        "limiting off. Clients are grouped by prefix (`ratelimit.ipv4_prefix`, "
+        "`ratelimit.ipv6_prefix`), as Unbound's and BIND's limits are.", example="100")
+    burst: int = setting(
+        200, integer(1), "Queries a prefix may send at once above `ratelimit.qps` (the token "
+        "bucket's size).")
+    slip: int = setting(
+        2, integer(0, 100),
+        "Every Nth limited query is answered with an empty truncated (TC=1) answer, so a real "
+        "client retries over TCP, which is not limited; the rest get nothing. 1 answers every "
+        "limited query so, 0 none.")
+    ipv4_prefix: int = setting(
+        24, integer(8, 32), "IPv4 clients share a bucket per prefix of this many bits.")
+    ipv6_prefix: int = setting(
+        56, integer(16, 128), "IPv6 clients share a bucket per prefix of this many bits.")
+    max_tracked: int = setting(
+        65536, integer(1, 10_000_000),
+        "Prefixes tracked at once; beyond it, the one heard from least recently is forgotten. "
+        "Bounds the limiter's memory whatever the number of source addresses: about 300 bytes "
+        "a prefix (docs/hardening.md).", note="about 19 MiB")
+    exempt: tuple[str, ...] = setting(
+        (), NETWORKS, "Client networks never limited (a NAT'd office, a monitoring probe).",
+        example="[192.0.2.0/24]")
+    dry_run: bool = setting(
+        False, BOOLEAN,
+        "Count and log what would be limited (`resolver_would_ratelimit_total`) without "
+        "limiting it, to size `ratelimit.qps` on real traffic first.")
 
 
 @dataclass(frozen=True, slots=True)
@@ -503,12 +616,72 @@ class MetricsConfig:
         kind("an address, or null to turn the endpoint off", _metrics_listen),
         "Where to serve Prometheus metrics over HTTP (`/metrics`); a port left out means 9153. "
         "`null` (or `--metrics off`) disables the endpoint.")
+    allow: tuple[str, ...] = setting(
+        LOOPBACK_NETWORKS, NETWORKS,
+        "Client networks that may use the control endpoint `POST /-/reload` (others get 403); "
+        "`/metrics` is served to anyone who can reach `metrics.listen`.")
+
+
+STDOUT, STDERR = "-", "stderr"  # query_log.path values that are not files
+
+
+def _log_destination(base: Path) -> Parse[str | None]:
+    """`-` (or `stdout`), `stderr`, a file path (relative to the config file), or null."""
+    resolve = PATH.parser(base)
+
+    def parse(value: object) -> str | None:
+        if value is None:
+            return None
+        if value in (STDOUT, "stdout", STDERR):
+            return STDERR if value == STDERR else STDOUT
+        return resolve(value)
+
+    return parse
+
+
+LOG_DESTINATION = Kind("a path, `-` for stdout, `stderr`, or null for off", _log_destination)
+
+
+@dataclass(frozen=True, slots=True)
+class QueryLogConfig:
+    """One JSON object per answered query (docs/querylog.md), written by a thread."""
+
+    path: str | None = setting(
+        None, LOG_DESTINATION,
+        "Where the query log goes: a file (rotated by size), `-` for stdout, `stderr`; `null` "
+        "turns it off (`--query-log PATH` sets it). With `--workers N`, worker K writes "
+        "`PATH.worker-K` (and rotates only that), so no two processes share a file; stdout and "
+        "stderr are shared, each line written whole.", example="/var/log/resolver/queries.jsonl")
+    sample: int = setting(
+        1, integer(1), "Log 1 query in this many (counted, not random: 100 logs the 1st, 101st, "
+        "...), of those `query_log.only_blocked` keeps.")
+    only_blocked: bool = setting(
+        False, BOOLEAN, "Log only blocked answers and those a dry-run list would have blocked.")
+    truncate_clients: bool = setting(
+        True, BOOLEAN, "Log client addresses with their host bits zeroed, to the prefixes "
+        "below, for privacy; false logs them whole.")
+    ipv4_prefix: int = setting(
+        24, integer(0, 32), "Bits of an IPv4 client address kept when truncating.")
+    ipv6_prefix: int = setting(
+        56, integer(0, 128), "Bits of an IPv6 client address kept when truncating.")
+    max_bytes: int = setting(
+        100 * 2**20, integer(0), "Size at which a log file is rotated: renamed to `PATH.1` "
+        "(`PATH.1` to `PATH.2`, ...), and a new one begun; 0 never rotates. Files only.",
+        note="100 MiB")
+    backups: int = setting(
+        5, integer(0, 1000), "Rotated files kept (`PATH.1` the newest); the oldest beyond are "
+        "deleted, so a file log holds at most (backups + 1) x max_bytes.")
+    queue: int = setting(
+        10_000, integer(1), "Records waiting for the writer thread at most; when it falls "
+        "behind, further ones are dropped and counted (`resolver_querylog_dropped_total`), "
+        "so answering never waits for the log.")
 
 
 @dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig = section(
-        ServerConfig, "Where clients are served: the same addresses over UDP and TCP.")
+        ServerConfig, "Where clients are served (the same addresses over UDP and TCP), who "
+        "may ask, and the limits that protect the server.", _check_server)
     upstream: UpstreamConfig = section(
         UpstreamConfig, "Where queries that are neither blocked nor cached are forwarded, and "
         "what happens when upstream servers fail.", _check_upstream)
@@ -518,6 +691,12 @@ class Config:
         CacheConfig, "Answers kept in memory, so repeated questions are not asked upstream "
         "again.", _check_cache)
     metrics: MetricsConfig = section(MetricsConfig, "The Prometheus endpoint.")
+    query_log: QueryLogConfig = section(
+        QueryLogConfig, "An optional log of answered queries, one JSON object a line "
+        "(docs/querylog.md).")
+    ratelimit: RateLimitConfig = section(
+        RateLimitConfig, "Per-client rate limits on UDP, with RRL-style slip; off until "
+        "`ratelimit.qps` is set.")
     source: str | None = None  # the config file as given, for reloads; None = defaults only
 
 
@@ -533,6 +712,9 @@ class Overrides:
     upstreams: tuple[str, ...] = ()
     rules: tuple[str, ...] = ()
     metrics: str | None = None  # an address, or 'off'
+    query_log: str | None = None  # a path, or '-' for stdout
+    user: str | None = None
+    group: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -552,6 +734,9 @@ FLAGS = (
     Flag("--upstream", "upstreams", "upstream", "servers", list_of("addresses", _UPSTREAM)),
     Flag("--rules", "rules", "blocking", "rules", list_of("paths", PATH)),
     Flag("--metrics", "metrics", "metrics", "listen", kind("an address, or off", _metrics_flag)),
+    Flag("--query-log", "query_log", "query_log", "path", LOG_DESTINATION),
+    Flag("--user", "user", "server", "user", text("a user name")),
+    Flag("--group", "group", "server", "group", text("a group name")),
 )
 
 

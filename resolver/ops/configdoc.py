@@ -41,6 +41,9 @@ _ADDRESSES = (
 _PATHS = "Relative paths are resolved against the directory of the config file."
 
 
+LINE_LIMIT = 100  # the example file's longest line (yamllint, .yamllint)
+
+
 def yaml_value(value: object) -> str:
     """A value as it is written in the file, on one line (YAML's flow style)."""
     if isinstance(value, tuple):
@@ -51,8 +54,10 @@ def yaml_value(value: object) -> str:
         pairs = (f"{key.name}: {yaml_value(getattr(value, key.attribute))}"
                  for key in keys(type(value)))
         return f"{{{', '.join(pairs)}}}"
-    if isinstance(value, str) and value.strip() == value and yaml.safe_load(value) == value:
-        return value  # plain, as it reads back unchanged: not 'yes', '1.0' or '[x]'
+    if (isinstance(value, str) and value.strip() == value and ":" not in value
+            and yaml.safe_load(value) == value):
+        return value  # plain, as it reads back unchanged: not 'yes', '1.0', '[x]', nor '::1'
+        # (in a flow list, a colon may read as a key's end)
     return json.dumps(value)  # true, null, numbers and quoted strings are YAML too
 
 
@@ -206,7 +211,12 @@ def _example_key(key: Key, indent: str) -> list[str]:
             lines += _comment(f"{item.name}: {item.setting.help} ({default})", indent, "  ")
     if declared.shown is None:
         note = f"  # {declared.note}" if declared.note else ""
-        lines.append(f"{indent}{key.name}: {yaml_value(key.default)}{note}")
+        line = f"{indent}{key.name}: {yaml_value(key.default)}{note}"
+        if len(line) > LINE_LIMIT and isinstance(key.default, tuple):  # a list, a line each
+            lines.append(f"{indent}{key.name}:{note}")
+            lines += [f"{indent}  - {yaml_value(item)}" for item in key.default]
+        else:
+            lines.append(line)
     else:
         lines += _comment(f"The default, {declared.shown}, depends on where the resolver is "
                           "installed, so it is not written here; for example:", indent)

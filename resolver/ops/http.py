@@ -1,4 +1,5 @@
-"""The HTTP listener beside the DNS ports: `GET /metrics` for Prometheus, `POST /-/reload`.
+"""The HTTP listener beside the DNS ports: `GET /metrics` for Prometheus, `GET /healthz` and
+`GET /readyz` for probes (resolver/ops/health.py), `POST /-/reload`. Any other path is 404.
 
 A small server of our own rather than prometheus-client's `start_http_server`, because the
 listener also takes reload requests (as Prometheus' own `/-/reload` does), and because
@@ -9,14 +10,13 @@ which every test that starts a server would wait out. Here the serving thread sl
 Requests are served each on their own thread (ThreadingHTTPServer): a scrape must not wait
 for a reload that is waiting for its result, nor the reverse.
 
-`/-/reload` is for loopback clients only (403 otherwise), whatever address the listener is
-bound to: a reload is an operator's action, and until the listener has an access list of its
-own (a later hardening issue), the machine itself is the only client we can trust with it.
+`/-/reload` answers only clients in `metrics.allow` (loopback by default; 403 otherwise),
+whatever address the listener is bound to: a reload is an operator's action. The list is the
+same kind as `server.allow` (stages/access.py).
 """
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import logging
 import selectors
@@ -27,6 +27,10 @@ from typing import Protocol
 from urllib.parse import parse_qs, urlsplit
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from resolver.ops.config import LOOPBACK_NETWORKS
+from resolver.ops.health import Probe, Probed, Verdict, liveness, readiness
+from resolver.stages.access import Networks
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +43,14 @@ _Address = tuple[str, int] | str
 # /-/reload answers 500 there too); pending: no result within the wait (the reload goes on).
 STATUS = {"ok": 200, "unchanged": 200, "refused": 409, "failed": 500, "pending": 504}
 FORCE_VALUES = {"1": True, "true": True, "0": False, "false": False}
+TEXT = "text/plain; charset=utf-8"
+
+
+class Judge(Protocol):
+    def __call__(self, probed: Probed, /) -> Verdict: ...
+
+
+CHECKS: dict[str, Judge] = {"/healthz": liveness, "/readyz": readiness}
 
 
 class ReloadAnswer(Protocol):
@@ -57,27 +69,17 @@ class Reload(Protocol):
     def __call__(self, force: bool) -> ReloadAnswer: ...
 
 
-def is_loopback(host: str) -> bool:
-    """True for 127.0.0.0/8, ::1 and IPv4 loopback mapped into IPv6 (::ffff:127.0.0.1, what an
-    IPv6 listener reports for an IPv4 client); anything unparsable is not."""
-    try:
-        address = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped.is_loopback
-    return address.is_loopback
-
-
 class _Server(ThreadingHTTPServer):
     daemon_threads = True  # a request waiting on a reload must not hold up the exit
 
     def __init__(self, host: str, port: int, registry: CollectorRegistry,
-                 reload: Reload | None):
+                 reload: Reload | None, probe: Probe | None, control: Networks):
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         super().__init__((host, port), _Handler)
         self.registry = registry
         self.reload = reload
+        self.probe = probe
+        self.control = control
         self.timeout = 1.0  # handle_request's own wait: a client gone before accept
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
 
@@ -106,22 +108,34 @@ class _Handler(BaseHTTPRequestHandler):
         path = urlsplit(self.path).path
         if path == "/metrics":
             self._send(200, CONTENT_TYPE_LATEST, generate_latest(self.server.registry))
+        elif path in CHECKS and self.server.probe is not None:
+            self._check(CHECKS[path], self.server.probe)
         elif path == "/-/reload":
-            self._send(405, "text/plain; charset=utf-8", b"use POST\n", allow="POST")
+            self._send(405, TEXT, b"use POST\n", allow="POST")
         else:
-            self._send(404, "text/plain; charset=utf-8", b"not found: try /metrics\n")
+            self._send(404, TEXT, b"not found: try /metrics, /healthz or /readyz\n")
+
+    def _check(self, judge: Judge, probe: Probe) -> None:
+        """200 or 503 with the verdict's words; a probe that fails (a bug) is a 503 too, so
+        a broken check never passes."""
+        try:
+            verdict = judge(probe())
+        except Exception as exc:
+            log.exception("probing the event loops failed")
+            verdict = Verdict(False, f"the health check failed: {exc!r}\n")
+        self._send(200 if verdict.ok else 503, TEXT, verdict.text.encode())
 
     def do_POST(self) -> None:
         url = urlsplit(self.path)
-        if url.path == "/metrics":
-            self._send(405, "text/plain; charset=utf-8", b"use GET\n", allow="GET")
+        if url.path == "/metrics" or url.path in CHECKS:
+            self._send(405, TEXT, b"use GET\n", allow="GET")
             return
         if url.path != "/-/reload" or self.server.reload is None:
-            self._send(404, "text/plain; charset=utf-8", b"not found\n")
+            self._send(404, TEXT, b"not found\n")
             return
-        if not is_loopback(self.client_address[0]):
+        if self.client_address[0] not in self.server.control:
             self._json(403, {"result": "failed", "version": "",
-                             "problems": ["/-/reload answers loopback clients only"]})
+                             "problems": ["/-/reload answers only clients in metrics.allow"]})
             return
         if self.headers.get("Origin") is not None:  # a browser's cross-site form: refused
             self._json(403, {"result": "failed", "version": "",
@@ -155,8 +169,12 @@ class Endpoint:
     """The listener on its own thread; `stop` returns at once."""
 
     def __init__(self, host: str, port: int, registry: CollectorRegistry,
-                 reload: Reload | None = None):
-        self._server = _Server(host, port, registry, reload)
+                 reload: Reload | None = None, probe: Probe | None = None,
+                 control: Networks | None = None):
+        """probe: asks the event loops for /healthz and /readyz (None: those are 404).
+        control: who may POST /-/reload (default: loopback clients)."""
+        self._server = _Server(host, port, registry, reload, probe,
+                               control or Networks(LOOPBACK_NETWORKS))
         bound, bound_port = self._server.server_address[:2]
         assert isinstance(bound, str)  # an IP socket's address (bytes: a Unix socket's)
         self.address = (bound, bound_port)

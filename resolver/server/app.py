@@ -8,12 +8,13 @@ on the same port (so port 0 gives one port for both), and everything is closed o
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import signal
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry
@@ -22,11 +23,15 @@ from resolver.message.constants import Clock
 from resolver.message.query import Outcome
 from resolver.message.reply import TtlPolicy
 from resolver.ops.config import Address, Config, Overrides
+from resolver.ops.health import LOOP_DEADLINE, Probe, Probed, Status
 from resolver.ops.http import Endpoint, Reload
 from resolver.ops.metrics import Metrics
+from resolver.ops.querylog import QueryLog
 from resolver.ops.watch import Watcher
 from resolver.rules.matcher import RuleSet
 from resolver.rules.sources import Feeds
+from resolver.server import privileges
+from resolver.server.front import Front
 from resolver.server.outbox import Outbox
 from resolver.server.packetcache import PacketCache
 from resolver.server.pipeline import Delivery, Pipeline
@@ -34,12 +39,15 @@ from resolver.server.reload import FAILED, HTTP_WAIT, OK, UNCHANGED, Install, Re
 from resolver.server.reload import Outcome as ReloadOutcome
 from resolver.server.tcp import TcpConnection, TcpLimits
 from resolver.server.udp import UdpServer
+from resolver.stages.access import Networks
 from resolver.stages.blocking import Blocker
 from resolver.stages.cache import Cache, CacheLookup
 from resolver.stages.cname import CnameBlocker, CnameCheck
-from resolver.stages.contract import CallLater, Stage
+from resolver.stages.contract import CallLater, QueryObserver, Stage
 from resolver.stages.forward import Forwarder
+from resolver.stages.minimal_any import MinimalAny
 from resolver.stages.prefetch import Prefetch
+from resolver.stages.ratelimit import Limiter
 from resolver.stages.stale import ServeStale
 from resolver.upstream.pool import UpstreamPool
 
@@ -52,25 +60,34 @@ WATCH_IDLE = 1.0  # seconds between looks at blocking.watch_interval while watch
 
 @dataclass(frozen=True)
 class Chain:
-    """What build_pipeline made: the pipeline, the packet cache in front of it (UDP), and the
-    parts the server drives from outside (rule installs, shutdown, in-flight counts)."""
+    """What build_pipeline made: the pipeline, the packet cache in front of it and the access
+    and rate limit front before that (UDP), and the parts the server drives from outside
+    (rule installs, shutdown, in-flight counts)."""
 
     pipeline: Pipeline
     packets: PacketCache
+    front: Front
     blocker: Blocker
     cache: Cache
     forwarder: Forwarder
+    querylog: QueryLog | None = None  # None: the query log is off
 
 
 def build_pipeline(config: Config, rules: RuleSet, metrics: Metrics, upstreams: UpstreamPool,
                    clock: Clock, schedule: CallLater, wall: Clock = time.time) -> Chain:
     """The chain, in order, and why:
 
+    00. access control, then the rate limit (UDP; server/front.py, stages/access.py,
+       stages/ratelimit.py): who asks decides before anything else, so a refused or limited
+       client costs no decoding and is never answered from the packet cache; TCP checks
+       access once per connection and has caps instead of a rate (server/tcp.py);
     0. the packet cache (UDP only, before decoding; server/packetcache.py): answers that a
        stage below gave and said still hold, replayed for identical query bytes; cleared
        whenever the rules change;
     1. blocking: policy first, so a blocked name is never answered from the cache or
        upstream, even just after a rule change;
+    1b. minimal ANY (UDP, unless server.any is forward; minimal_any.py): RFC 8482's small
+       answer, before the cache could replay a large forwarded one;
     2. cache lookup: everything still allowed and recently seen is answered synchronously
        (a popular answer about to expire is refreshed in the background: prefetch.py); when
        the cache holds nothing at all for the question it says FORWARD, skipping 3 and 4,
@@ -85,31 +102,43 @@ def build_pipeline(config: Config, rules: RuleSet, metrics: Metrics, upstreams: 
 
     schedule (loop.call_later) arms the forwarder's client response timers and the
     blocker's list-window timer; wall (epoch seconds) is what list windows are written in.
+    The query log (config.query_log; ops/querylog.py), when on, is offered every query
+    answered or dropped, wherever that happened.
     """
     blocker = Blocker(rules, config.blocking, metrics, clock=clock, wall=wall,
                       schedule=schedule)
+    # its writer thread runs until running_server closes it
+    querylog = (QueryLog(config.query_log, lambda: blocker.rules, metrics, wall=wall,
+                         clock=clock) if config.query_log.path is not None else None)
+    observer: QueryObserver | None = querylog
     cname = CnameCheck(blocker)
     cache = Cache(config.cache, metrics, clock, inspect=cname.verdict)
     blocker.on_install(cache.recheck)
     stale = ServeStale(cache, config.cache, metrics)
     policy = TtlPolicy(config.cache.min_ttl, config.cache.max_ttl, config.cache.negative_ttl,
                        config.cache.servfail_ttl)
-    forwarder = Forwarder(upstreams, cache, policy, stale, cname, Delivery(metrics).deliver,
-                          schedule, clock, metrics, config.server.max_inflight)
+    forwarder = Forwarder(upstreams, cache, policy, stale, cname,
+                          Delivery(metrics, clock, observer).deliver, schedule, clock, metrics,
+                          config.server.max_inflight)
     stages: list[Stage] = [
         blocker,
+        *([MinimalAny(metrics)] if config.server.any == "minimal" else []),
         CacheLookup(cache, metrics, Prefetch(config.cache, metrics, forwarder.refresh)),
         CnameBlocker(cname, cache),
         stale,
     ]
-    metrics.queries.expect((sink.name, outcome) for sink in (UdpServer, TcpConnection)
-                           for outcome in Outcome.ALL)
-    pipeline = Pipeline(stages, forwarder, metrics, config.server.max_inflight)
-    packets = PacketCache(pipeline, config.cache.packet_entries, clock, metrics.queries)
+    metrics.queries.expect((UdpServer.name, TcpConnection.name), Outcome.ALL)
+    pipeline = Pipeline(stages, forwarder, metrics, config.server.max_inflight, clock, observer)
+    packets = PacketCache(pipeline, config.cache.packet_entries, clock, metrics.queries,
+                          observer)
     blocker.on_install(packets.clear)
+    limiter = (Limiter(config.ratelimit, clock, schedule) if config.ratelimit.qps > 0
+               else None)
+    front = Front(packets, Networks(config.server.allow), config.server.refuse_action,
+                  limiter, metrics)
     metrics.gauge("packet_cache_entries", "Whole UDP answers kept by query bytes.", (),
                   lambda: {(): len(packets)})
-    return Chain(pipeline, packets, blocker, cache, forwarder)
+    return Chain(pipeline, packets, front, blocker, cache, forwarder, querylog)
 
 
 @dataclass
@@ -124,6 +153,8 @@ class RunningServer:
     config: Config  # as given at startup (the `blocking` section in force: current.blocking)
     current: Install  # the rules in force, the `blocking` section they came with, and when
     reloads: Reloads | None = None
+    upstreams: UpstreamPool | None = None  # what readiness asks when upstreams last answered
+    clock: Clock = time.monotonic  # the server's, which the upstream times are read on
     _turn: asyncio.Lock = field(default_factory=asyncio.Lock)  # fair: reloads in order
 
     @property
@@ -138,6 +169,11 @@ class RunningServer:
     @property
     def rules(self) -> RuleSet:
         return self.chain.blocker.rules
+
+    def status(self) -> Status:
+        """What this event loop tells /healthz and /readyz (called on the loop)."""
+        answered, failed = (None, None) if self.upstreams is None else self.upstreams.heard()
+        return Status(self.rules.version, self.clock(), answered, failed)
 
     def install(self, install: Install) -> None:
         """Swap in a compiled rule set, in one step on the event loop."""
@@ -178,7 +214,9 @@ async def running_server(config: Config, rules: RuleSet, clock: Clock | None = N
                          reuse_port: bool = False, serve_metrics: bool = True, *,
                          overrides: Overrides = Overrides(), wall: Clock = time.time,
                          worker: Install | None = None, watcher: Watcher | None = None,
-                         feeds: Feeds | None = None) -> AsyncIterator[RunningServer]:
+                         feeds: Feeds | None = None, process: str = "main",
+                         listeners: Sequence[Listener] | None = None
+                         ) -> AsyncIterator[RunningServer]:
     """Serve until the context exits; yields the bound addresses (port 0 resolved).
 
     reuse_port: bind with SO_REUSEPORT so several worker processes share the ports.
@@ -189,27 +227,37 @@ async def running_server(config: Config, rules: RuleSet, clock: Clock | None = N
     installed); its supervisor reloads and sends it new sets, so it neither watches files
     nor reloads itself.
     feeds: the URL sources the rules were loaded with (reload.load_at_start), refreshed here.
+    process: the `process` label of this process' resolver_process_* metrics.
+    listeners: sockets bound already (a worker's, by its supervisor); else they are bound
+    here, and then privileges are dropped to server.user (privileges.py), before any is read.
     """
     registry = CollectorRegistry()
-    metrics = Metrics(registry)
+    metrics = Metrics(registry, process)
     outbox = Outbox()
     clock = clock or time.monotonic
     upstreams = UpstreamPool(config.upstream, metrics, outbox=outbox, clock=clock)
     loop = asyncio.get_running_loop()
     chain = build_pipeline(config, rules, metrics, upstreams, clock, loop.call_later, wall)
-    limits = TcpLimits(config.server.tcp_idle_timeout, config.server.tcp_max_connections)
+    limits = TcpLimits(config.server.tcp_idle_timeout, config.server.tcp_max_connections,
+                       config.server.tcp_max_connections_per_client,
+                       config.server.tcp_max_pipelined, chain.front)
     closers: list[Callable[[], None]] = []
     endpoint = None
     watching = refreshing = None
     try:
         await upstreams.open()  # in here: a failure part-way still closes what it opened
-        addresses = [await _bind(address, chain, outbox, limits, closers, reuse_port)
-                     for address in config.server.listen]
+        if listeners is None:
+            listeners = bind_listeners(config.server.listen, reuse_port)
+            closers += [listener.close for listener in listeners]
+            privileges.drop(config.server.user, config.server.group)
+        addresses = [await _serve(listener, chain, outbox, limits, closers)
+                     for listener in listeners]
         reloads = None if worker is not None else Reloads(config, overrides, rules,
                                                           metrics.reloads, wall, feeds)
         current = worker if reloads is None else reloads.current
         assert current is not None
-        server = RunningServer(addresses, chain, metrics, None, config, current, reloads)
+        server = RunningServer(addresses, chain, metrics, None, config, current, reloads,
+                               upstreams, clock)
         del rules, worker, current  # the server holds them: a reload frees what it replaces
         if reloads is not None:
             # the baseline: given, taken before the rules were read, so a change made
@@ -222,7 +270,8 @@ async def running_server(config: Config, rules: RuleSet, clock: Clock | None = N
         listen = config.metrics.listen
         if serve_metrics and listen is not None:
             endpoint = Endpoint(listen.host, listen.port, registry,
-                                _reload_from(server, loop) if reloads is not None else None)
+                                _reload_from(server, loop) if reloads is not None else None,
+                                _probe_from(server, loop), Networks(config.metrics.allow))
             server.metrics_address = endpoint.address
         yield server
     finally:
@@ -237,6 +286,8 @@ async def running_server(config: Config, rules: RuleSet, clock: Clock | None = N
             connection.transport.close()
         chain.forwarder.drain()
         chain.blocker.close()
+        if chain.querylog is not None:
+            chain.querylog.close()
         upstreams.close()
         if endpoint is not None:
             endpoint.stop()
@@ -265,6 +316,28 @@ def _reload_from(server: RunningServer, loop: asyncio.AbstractEventLoop) -> Relo
             return pending(server.rules.version)
 
     return reload
+
+
+def _probe_from(server: RunningServer, loop: asyncio.AbstractEventLoop) -> Probe:
+    """What the HTTP thread calls for /healthz and /readyz: the event loop runs a callback
+    that reads the server's status, and the request waits LOOP_DEADLINE for it."""
+
+    def probe() -> Probed:
+        answer: concurrent.futures.Future[Status] = concurrent.futures.Future()
+
+        def report() -> None:
+            try:
+                answer.set_result(server.status())
+            except Exception as exc:  # a bug: the check fails saying so, not by timing out
+                answer.set_exception(exc)
+
+        try:
+            loop.call_soon_threadsafe(report)
+            return [("main", answer.result(LOOP_DEADLINE))]
+        except (TimeoutError, RuntimeError):  # no answer in time, or the loop is closed
+            return [("main", None)]
+
+    return probe
 
 
 async def _watch_files(server: RunningServer, watcher: Watcher) -> None:
@@ -333,29 +406,65 @@ def bound_socket(host: str, port: int, kind: socket.SocketKind, reuse_port: bool
     return sock
 
 
-async def _bind(address: Address, chain: Chain, outbox: Outbox, limits: TcpLimits,
-                closers: list[Callable[[], None]], reuse_port: bool) -> tuple[str, int]:
-    """Bind TCP, then UDP on the port TCP got; return the (host, port) bound."""
-    loop = asyncio.get_running_loop()
+@dataclass(frozen=True)
+class Listener:
+    """One listen address's TCP and UDP sockets, bound (on the same port) but not yet read."""
+
+    tcp: socket.socket
+    udp: socket.socket
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, port = self.tcp.getsockname()[:2]
+        return host, port
+
+    def close(self) -> None:
+        self.tcp.close()
+        self.udp.close()
+
+
+def bind_listeners(listen: Sequence[Address], reuse_port: bool) -> list[Listener]:
+    """Bind TCP, then UDP on the port TCP got, for every address; nothing is read from them
+    yet, so privileges can be dropped before any query is (privileges.py). Port 0 retries
+    when the TCP port's UDP twin is taken. On failure, what was bound is closed."""
+    bound: list[Listener] = []
+    try:
+        for address in listen:
+            bound.append(_bind_one(address, reuse_port))
+    except OSError:
+        for listener in bound:
+            listener.close()
+        raise
+    return bound
+
+
+def _bind_one(address: Address, reuse_port: bool) -> Listener:
     for attempt in range(BIND_ATTEMPTS):
-        tcp = await loop.create_server(lambda: TcpConnection(chain.pipeline, limits),
-                                       address.host, address.port, reuse_address=True,
-                                       reuse_port=reuse_port)
-        port = tcp.sockets[0].getsockname()[1]
+        tcp = bound_socket(address.host, address.port, socket.SOCK_STREAM, reuse_port)
+        port = tcp.getsockname()[1]
         try:
-            udp, _ = await loop.create_datagram_endpoint(
-                lambda: UdpServer(chain.packets, outbox),
-                sock=bound_socket(address.host, port, socket.SOCK_DGRAM, reuse_port))
+            udp = bound_socket(address.host, port, socket.SOCK_DGRAM, reuse_port)
         except OSError:
             tcp.close()
             if address.port != 0 or attempt == BIND_ATTEMPTS - 1:
                 raise
             continue
-        closers.append(tcp.close)
-        closers.append(udp.close)
-        _grow_receive_buffer(udp.get_extra_info("socket"))
-        return address.host, port
+        return Listener(tcp, udp)
     raise AssertionError("unreachable")
+
+
+async def _serve(listener: Listener, chain: Chain, outbox: Outbox, limits: TcpLimits,
+                 closers: list[Callable[[], None]]) -> tuple[str, int]:
+    """Serve TCP and UDP on a listener's sockets; return the (host, port) they are bound to."""
+    loop = asyncio.get_running_loop()
+    tcp = await loop.create_server(lambda: TcpConnection(chain.pipeline, limits),
+                                   sock=listener.tcp)
+    closers.append(tcp.close)
+    udp, _ = await loop.create_datagram_endpoint(lambda: UdpServer(chain.front, outbox),
+                                                 sock=listener.udp)
+    closers.append(udp.close)
+    _grow_receive_buffer(udp.get_extra_info("socket"))
+    return listener.address
 
 
 async def serve_until_signalled(config: Config, rules: RuleSet,
@@ -364,7 +473,8 @@ async def serve_until_signalled(config: Config, rules: RuleSet,
                                 overrides: Overrides = Overrides(),
                                 worker: Install | None = None,
                                 watcher: Watcher | None = None,
-                                feeds: Feeds | None = None) -> None:
+                                feeds: Feeds | None = None, process: str = "main",
+                                listeners: Sequence[Listener] | None = None) -> None:
     """Serve until SIGTERM or SIGINT; SIGHUP reloads the rules (keeping them on error), but
     in a worker, whose supervisor reloads and sends it the new set (see running_server)."""
     loop = asyncio.get_running_loop()
@@ -373,7 +483,8 @@ async def serve_until_signalled(config: Config, rules: RuleSet,
         loop.add_signal_handler(signum, stop.set)
     serving = running_server(config, rules, reuse_port=reuse_port,
                              serve_metrics=serve_metrics, overrides=overrides,
-                             worker=worker, watcher=watcher, feeds=feeds)
+                             worker=worker, watcher=watcher, feeds=feeds,
+                             process=process, listeners=listeners)
     reloading = worker is None
     del rules, worker  # held by the server from here (its context drops them on entry)
     async with serving as server:

@@ -13,8 +13,8 @@ What keeps it correct:
   answer until the rules change (the cache is cleared on every rule install), a cache hit
   until the next whole second, when its TTLs count down, and never past the cache's prefetch
   window; an answer that holds for one client only carries none (see stages/contract.py);
-- each remembered answer carries the counters it must bump, so a hit here counts exactly as
-  the full path would have;
+- each remembered answer carries the counters it must bump (its queries_total and duration
+  row included), so a hit here counts exactly as the full path would have;
 - UDP only (TCP answers are not truncated, so they could differ), and bounded: the oldest
   entry goes first when `cache.packet_entries` is reached, and a query or answer longer
   than the usual shapes (MAX_QUERY, MAX_ANSWER) is not kept, so an entry is at most a couple
@@ -26,15 +26,17 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Protocol
 
+from resolver.message import wire
 from resolver.message.constants import NEVER, Clock
-from resolver.ops.metrics import Tally
-from resolver.stages.contract import Answered, Drop, Later, Replay, Sink
+from resolver.ops.metrics import Queries, Row, Tally
+from resolver.server.pipeline import LOCAL, offer
+from resolver.stages.contract import Answered, Drop, Later, QueryObserver, Replay, Sink
 
 MAX_QUERY = 512  # bytes: a longest name with EDNS and a cookie fits in well under this
 MAX_ANSWER = 1232  # bytes: the EDNS size that avoids fragmentation (larger answers are rare)
 
-_Kept = tuple[bytes, float, tuple[str, str], Tally, tuple[str, ...]]  # answer after its ID,
-# until when, the queries_total key, and the counter and key the replay bumps
+_Kept = tuple[bytes, float, str, Row, Tally, tuple[str, ...]]  # answer after its ID, until
+# when, the outcome, its queries_total row, and the counter and key the replay bumps
 
 
 class Handler(Protocol):
@@ -47,12 +49,14 @@ class Handler(Protocol):
 class PacketCache:
     """Answers by query bytes (ID excluded), oldest out first, in front of a Handler."""
 
-    def __init__(self, inner: Handler, max_entries: int, clock: Clock, queries: Tally):
+    def __init__(self, inner: Handler, max_entries: int, clock: Clock, queries: Queries,
+                 observer: QueryObserver | None = None):
         self._inner = inner.handle
         self._entries: OrderedDict[bytes, _Kept] = OrderedDict()
         self._max = max_entries
         self._clock = clock
-        self._queries = queries.counts
+        self._queries = queries
+        self._observer = observer
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -62,13 +66,15 @@ class PacketCache:
         (dropped, or coming later through sink.deliver)."""
         found = self._entries.get(data[2:])
         if found is not None:
-            tail, until, outcome, tally, key = found
+            tail, until, outcome, row, tally, key = found
             if until == NEVER or self._clock() < until:  # blocked answers need no clock
-                counts = self._queries
-                counts[outcome] = counts.get(outcome, 0) + 1
                 counts = tally.counts
                 counts[key] = counts.get(key, 0) + 1
-                return data[:2] + tail
+                row[0] += 1  # Queries.record of a LOCAL answer, its row kept with it
+                answer = data[:2] + tail
+                if self._observer is not None:
+                    self._offer(data, client, outcome, answer)
+                return answer
         result = self._inner(data, client, sink)
         if not isinstance(result, Answered):
             return None
@@ -80,10 +86,20 @@ class PacketCache:
 
     def _remember(self, data: bytes, answer: bytes, outcome: str, replay: Replay) -> None:
         until, tally, key = replay
+        end = wire.skip_name(data, 12)  # the pipeline decoded this question: it is whole
+        row = self._queries.row("udp", outcome, (data[end] << 8) | data[end + 1], answer)
         entries = self._entries
-        entries[data[2:]] = (answer[2:], until, ("udp", outcome), tally, key)
+        entries[data[2:]] = (answer[2:], until, outcome, row, tally, key)
         if len(entries) > self._max:
             entries.popitem(last=False)
+
+    def _offer(self, data: bytes, client: tuple[str, int], outcome: str, answer: bytes
+               ) -> None:
+        """Show the observer a replay, with its query decoded again (the pipeline decoded
+        the same bytes once, so they decode; the cost is paid only with an observer)."""
+        assert self._observer is not None
+        q = wire.parse_query(data, client, "udp")
+        offer(self._observer, q, "udp", outcome, answer, LOCAL, "")
 
     def clear(self) -> None:
         """Forget everything (the rules changed)."""

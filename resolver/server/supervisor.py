@@ -1,14 +1,18 @@
 """Several worker processes on the same ports, and the supervisor that keeps them.
 
 Python runs one core per process, so `--workers N` forks N workers after the rules are
-compiled (they share the compiled rules copy-on-write). Each runs its own uvloop and binds
-the listen addresses with SO_REUSEPORT, and the kernel spreads queries across them by flow
-hash. The supervisor answers no queries. It:
+compiled (they share the compiled rules copy-on-write). Each runs its own uvloop on sockets
+of its own bound to the listen addresses with SO_REUSEPORT, and the kernel spreads queries
+across them by flow hash. The supervisor binds every worker's sockets before it drops
+privileges (server/privileges.py) and keeps them, so a worker started again reuses its
+predecessor's without root (queries to them wait in their queues meanwhile). The supervisor
+answers no queries. It:
 - serves /metrics, asking every worker for a snapshot over its pipe and adding them up, and
   POST /-/reload;
 - reloads the rules (on SIGHUP, a file change, or /-/reload): it reads and compiles them
-  once (in a short-lived child: rules/apart.py), judges them (server/reload.py), and sends the one compiled set to every worker over
-  its pipe, each of which acknowledges the version it then serves. So every worker serves
+  once (in a short-lived child: rules/apart.py), judges them (server/reload.py), and sends
+  the one compiled set to every worker over its pipe, each of which acknowledges the
+  version it then serves. So every worker serves
   the same set, not whatever the files held when each read them; a worker started again
   later is forked with the last set that loaded;
 - stops every worker on SIGTERM/SIGINT, and starts again a worker that died.
@@ -21,6 +25,12 @@ worker maps the one copy the supervisor built, so the rules cost one copy of mem
 many workers there are, after any number of reloads (a table's memory goes back when the
 last process mapping it drops its set). Worker to supervisor: ("ready", addresses) once,
 ("snapshot", samples), ("installed", version).
+
+/healthz and /readyz ping every worker's event loop over a second pipe of its own:
+("ping", serial) -> ("pong", serial, health.Status), answered by the loop at once. Not the
+first pipe, because a reload holds that one (and the supervisor's lock on it) until every
+worker confirmed, up to INSTALL_TIMEOUT, and a worker reading a rule set has its reader off:
+a probe must not wait behind either, nor call a busy worker dead.
 """
 
 from __future__ import annotations
@@ -50,19 +60,25 @@ from prometheus_client.core import Metric
 
 from resolver.message.constants import Clock
 from resolver.ops.config import Address, Config, Overrides
+from resolver.ops.health import LOOP_DEADLINE, Probed, Status
 from resolver.ops.http import Endpoint
 from resolver.ops.metrics import Metrics, Sample, merge_samples
+from resolver.ops.querylog import worker_path
 from resolver.ops.watch import Watcher
 from resolver.rules import table
 from resolver.rules.matcher import RuleSet
 from resolver.rules.sources import Feeds
+from resolver.server import privileges
 from resolver.server.app import (
     WATCH_IDLE,
+    Listener,
     RunningServer,
+    bind_listeners,
     bound_socket,
     serve_until_signalled,
 )
 from resolver.server.reload import FAILED, HTTP_WAIT, Install, Outcome, Reloads, pending
+from resolver.stages.access import Networks
 
 log = logging.getLogger(__name__)
 
@@ -86,25 +102,29 @@ def default_workers() -> int:
 class Worker:
     """One worker process and the supervisor's end of its pipe."""
 
-    def __init__(self, index: int, process: BaseProcess, conn: Connection):
-        self.index, self.process, self.conn = index, process, conn
+    def __init__(self, index: int, process: BaseProcess, conn: Connection, pings: Connection):
+        self.index, self.process, self.conn, self.pings = index, process, conn, pings
         self.last: list[Sample] = []  # its latest snapshot, kept for when it dies
         self.version: str | None = None  # the rule set version it last confirmed
 
     @classmethod
     def start(cls, index: int, config: Config, handed: list[Install],
-              forget: Callable[[], None]) -> Worker:
+              forget: Callable[[], None], listeners: list[Listener]) -> Worker:
         """Fork a worker serving the one Install in `handed`, which it takes out (see
         _worker_main); forget: what it calls to drop the supervisor's hold on the rules in
-        its copy of this process."""
+        its copy of this process; listeners: the worker's sockets, bound by the supervisor
+        (inherited by the fork)."""
         ours, theirs = multiprocessing.Pipe()
+        pings, pinged = multiprocessing.Pipe()
         version = handed[0].rules.version
         process = multiprocessing.get_context("fork").Process(
-            target=_worker_main, args=(config, handed, forget, theirs),
+            target=_worker_main,
+            args=(config, handed, forget, theirs, pinged, index, listeners),
             name=f"resolver-worker-{index}", daemon=True)
         process.start()
         theirs.close()
-        worker = cls(index, process, ours)
+        pinged.close()
+        worker = cls(index, process, ours, pings)
         worker.version = version
         return worker
 
@@ -136,7 +156,7 @@ class Worker:
         answering, as serving rules or holding a cache."""
         if self._until("snapshot", deadline):
             return self.last
-        return [sample for sample in self.last if sample.kind == "counter"]
+        return [sample for sample in self.last if sample.monotonic]
 
     def send(self, install: bytes, fds: list[int]) -> bool:
         """Send a pickled Install and the memory files it refers to (table.dumps); False
@@ -156,6 +176,28 @@ class Worker:
             if self.version == version:
                 return True
         return False
+
+    def ping(self, serial: int) -> None:
+        """Ask its event loop for its health.Status (read with `pong`)."""
+        with contextlib.suppress(OSError):  # gone: it does not answer
+            self.pings.send(("ping", serial))
+
+    def pong(self, serial: int, deadline: float) -> Status | None:
+        """Its answer to ping `serial`, or None by the deadline; answers to earlier pings
+        that came too late are read past."""
+        try:
+            while self.pings.poll(max(0.0, deadline - time.monotonic())):
+                kind, answered, status = self.pings.recv()
+                if kind == "pong" and answered == serial:
+                    assert isinstance(status, Status)
+                    return status
+        except (EOFError, OSError):
+            pass
+        return None
+
+    def close(self) -> None:
+        self.conn.close()
+        self.pings.close()
 
     def stop(self) -> None:
         """End a worker that can no longer be trusted to serve the current rules: the watch
@@ -184,7 +226,8 @@ class Worker:
 
 
 def _worker_main(config: Config, handed: list[Install], forget: Callable[[], None],
-                 conn: Connection) -> None:
+                 conn: Connection, pings: Connection, index: int,
+                 listeners: list[Listener]) -> None:
     """Body of a worker process: serve with SO_REUSEPORT until told to stop.
 
     A forked worker holds a copy of the supervisor's objects, its frames included, and the
@@ -197,11 +240,14 @@ def _worker_main(config: Config, handed: list[Install], forget: Callable[[], Non
     forget()
 
     def on_ready(server: RunningServer) -> None:
-        _Listener(conn, server, asyncio.get_running_loop())
+        loop = asyncio.get_running_loop()
+        _Listener(conn, server, loop)
+        loop.add_reader(pings.fileno(), _pong, pings, server, loop)
         conn.send(("ready", server.addresses))
 
     serving = serve_until_signalled(config, install.rules, on_ready, reuse_port=True,
-                                    serve_metrics=False, worker=install)
+                                    serve_metrics=False, worker=install,
+                                    process=f"worker-{index}", listeners=listeners)
     del install
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
@@ -219,6 +265,15 @@ def _die_with_parent() -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, signal.SIG_DFL)  # the event loop installs its own handlers
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the supervisor reloads, not the workers
+
+
+def _pong(pings: Connection, server: RunningServer, loop: asyncio.AbstractEventLoop) -> None:
+    """Answer a health ping, on the event loop: that it runs this at all is the liveness."""
+    try:
+        _, serial = pings.recv()
+        send_whole(pings, ("pong", serial, server.status()))
+    except (EOFError, OSError):  # the supervisor is gone, or the pipe broke: nobody asks
+        loop.remove_reader(pings.fileno())
 
 
 class _Listener:
@@ -276,7 +331,7 @@ class _Listener:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def send_whole(conn: Connection, message: tuple[str, object]) -> None:
+def send_whole(conn: Connection, message: tuple[object, ...]) -> None:
     """Send on the pipe the event loop made non-blocking for its reader: blocking for the
     send, since a message larger than the socket buffer (a snapshot with many series) would
     otherwise be cut short. The supervisor is reading while it waits for it."""
@@ -322,14 +377,17 @@ class Supervisor:
         URL sources the rules were loaded with, refreshed here (not in the workers)."""
         self.config = _concrete_ports(config)
         self.count = count
-        self.own = Metrics()  # the supervisor's own counts: reloads
+        self.own = Metrics(process="supervisor")  # its own: reloads, sources, resource use
         self.reloads = Reloads(config, overrides, rules, self.own.reloads, wall, feeds)
         self.reloads.feeds.export(self.own)
         self._fetching = threading.Event()  # a refresh of the URL sources is under way
         self._watcher = watcher
         self.workers: list[Worker] = []
+        self.listeners: list[list[Listener]] = []  # each worker's sockets, by its index
         self.retired: list[Sample] = []  # counters of workers that died, so sums never drop
         self.lock = threading.Lock()  # the metrics thread and the main thread share pipes
+        self.pinging = threading.Lock()  # probes, one at a time, own the ping pipes
+        self._serial = 0  # of the last ping
         self.stopping = False
         # Reloads asked for, in order: appended by signal handlers and the HTTP thread (a
         # deque's append is atomic, and takes no lock a signal handler could deadlock on).
@@ -349,6 +407,11 @@ class Supervisor:
         endpoint = None
         try:
             _check_free(self.config.server.listen)
+            # Every worker's sockets, bound while we may still be root: a worker started
+            # again takes its predecessor's, so no one needs root after the drop.
+            self.listeners = [bind_listeners(self.config.server.listen, reuse_port=True)
+                              for _ in range(self.count)]
+            privileges.drop(self.config.server.user, self.config.server.group)
             self.workers = [self._fork(i) for i in range(self.count)]
             started = [worker.ready() for worker in self.workers]  # wait for every one
             addresses = started[0]  # they all serve the same
@@ -356,12 +419,15 @@ class Supervisor:
             if listen is not None:
                 registry = CollectorRegistry()
                 registry.register(self)
-                endpoint = Endpoint(listen.host, listen.port, registry, self._reload_from_http)
+                endpoint = Endpoint(listen.host, listen.port, registry, self._reload_from_http,
+                                    self.probe, Networks(self.config.metrics.allow))
             watcher = self._watcher or Watcher(self.reloads.watch_paths)
             on_ready(addresses, endpoint.address if endpoint else None)
             self._watch(watcher)
         finally:
             self._stop_all()
+            for listener in (one for each in self.listeners for one in each):
+                listener.close()
             if endpoint is not None:
                 endpoint.stop()
             while self.requests:  # an HTTP request still waiting is told
@@ -372,10 +438,14 @@ class Supervisor:
 
     def _fork(self, index: int) -> Worker:
         """A worker with the rule set in force and the blocking section it came with (in a
-        list, so that no frame of the forked copy holds it: _worker_main)."""
+        list, so that no frame of the forked copy holds it: _worker_main), and a query log
+        file of its own."""
         handed = [self.reloads.current]
-        config = dataclasses.replace(self.config, blocking=handed[0].blocking)
-        return Worker.start(index, config, handed, self._forget)
+        query_log = self.config.query_log
+        config = dataclasses.replace(
+            self.config, blocking=handed[0].blocking,
+            query_log=dataclasses.replace(query_log, path=worker_path(query_log.path, index)))
+        return Worker.start(index, config, handed, self._forget, self.listeners[index])
 
     def _forget(self) -> None:
         """In a worker's copy of the supervisor: drop the rules it holds (this copy never
@@ -471,6 +541,18 @@ class Supervisor:
         except TimeoutError:  # concurrent.futures' is the builtin since 3.11
             return pending(self.rules.version)
 
+    def probe(self) -> Probed:
+        """Every worker's health.Status, each given LOOP_DEADLINE seconds (side by side);
+        None for one that did not answer (stopped, hung, or dead and not yet replaced)."""
+        with self.pinging:
+            self._serial += 1
+            workers = list(self.workers)
+            for worker in workers:
+                worker.ping(self._serial)
+            deadline = time.monotonic() + LOOP_DEADLINE
+            return [(f"worker-{worker.index}", worker.pong(self._serial, deadline))
+                    for worker in workers]
+
     def _poke(self) -> None:
         with contextlib.suppress(OSError):  # full: it is awake already
             self._wake.send(b"x")
@@ -489,12 +571,12 @@ class Supervisor:
             log.error("%s", exc)
             fresh.process.kill()
             fresh.process.join()
-            fresh.conn.close()
+            fresh.close()
             return
-        with self.lock:
+        with self.lock, self.pinging:
             self.retired = merge_samples([self.retired,
-                                          [s for s in worker.last if s.kind == "counter"]])
-            worker.conn.close()
+                                          [s for s in worker.last if s.monotonic]])
+            worker.close()
             self.workers[self.workers.index(worker)] = fresh
 
     def _stop(self, signum: int, frame: FrameType | None) -> None:
@@ -525,7 +607,10 @@ class Supervisor:
             deadline = time.monotonic() + SNAPSHOT_TIMEOUT
             snapshots = [worker.answer(deadline) for worker in self.workers]
             alive = sum(worker.process.is_alive() for worker in self.workers)
-        for sample in merge_samples([*snapshots, self.retired, self.own.snapshot()]):
+        # its own counts (reloads, sources) and resource use, not its build: the workers'
+        # (on uvloop) is the one that answers
+        own = [sample for sample in self.own.snapshot() if sample.name != "build_info"]
+        for sample in merge_samples([*snapshots, self.retired, own]):
             yield sample.family()
         yield Sample("gauge", "workers", "Worker processes alive.", (), {(): alive}).family()
 

@@ -6,19 +6,27 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+from typing import Protocol
 
 from resolver.server.outbox import Datagrams, Outbox
-from resolver.server.packetcache import PacketCache
+from resolver.stages.contract import Sink
 
 log = logging.getLogger(__name__)
 
 
+class Handler(Protocol):
+    """What answers a datagram now (bytes) or not now (None): server.front.Front, in front
+    of the packet cache and the pipeline."""
+
+    def handle(self, data: bytes, client: tuple[str, int], sink: Sink) -> bytes | None: ...
+
+
 class UdpServer(asyncio.DatagramProtocol):
-    """One listening UDP socket feeding the packet cache and the pipeline behind it."""
+    """One listening UDP socket feeding access control, the packet cache and the pipeline."""
 
     name = "udp"
 
-    def __init__(self, packets: PacketCache, outbox: Outbox):
+    def __init__(self, packets: Handler, outbox: Outbox):
         self._handle = packets.handle  # bound once: this runs for every datagram
         self._send_later = outbox.send
         self.transport: Datagrams | None = None

@@ -114,9 +114,23 @@ class CallLater(Protocol):
 
 
 class Deliver(Protocol):
-    """The forwarder's one callback: a later answer with its outcome, for q's client."""
+    """The forwarder's one callback: a later answer with its outcome, for q's client, and
+    the label of the upstream whose reply it came from ("" when none did: a stale answer,
+    or SERVFAIL after no reply). Clients that waited on one question share its upstream."""
 
-    def __call__(self, q: Query, sink: Sink, answer: bytes, outcome: str) -> None: ...
+    def __call__(self, q: Query, sink: Sink, answer: bytes, outcome: str, upstream: str
+                 ) -> None: ...
+
+
+class QueryObserver(Protocol):
+    """Sees every query answered or dropped, after it is counted (the query log): q, None
+    when the packet could not be decoded; the transport (`protocol` label) and outcome;
+    the answer sent, None when nothing was; seconds from receipt to the answer handed to
+    the transport; the upstream label as for Deliver. Called on the event loop for every
+    query, so it must be quick; an exception it raises is logged and costs no answer."""
+
+    def offer(self, q: Query | None, transport: str, outcome: str, answer: bytes | None,
+              duration: float, upstream: str) -> None: ...
 
 
 def servfail(q: Query, error: Exception) -> Answered:

@@ -20,6 +20,7 @@ from resolver.message import wire
 from resolver.message.constants import HEADER_SIZE, SERVFAIL, Cancellable, Clock
 from resolver.message.query import CacheKey, Outcome, Query
 from resolver.message.reply import Reply, TtlPolicy, failure, render, scan_reply
+from resolver.message.scrub import scrub
 from resolver.ops.metrics import Metrics
 from resolver.stages.cache import Cache, Entry
 from resolver.stages.cname import CnameCheck
@@ -100,7 +101,7 @@ class Forwarder:
                 self._abandon(flight)
                 raise
         elif flight.stale_due:
-            self._respond(q, sink, None, flight.stale)
+            self._respond(q, sink, None, flight.stale, "")
         else:
             if flight.stale is None and q.cache_key in self._cache.entries:
                 self._arm_stale(flight)  # a prefetch began before the answer expired
@@ -169,23 +170,25 @@ class Forwarder:
             self._store(key, reply)
         except Exception:  # a bug in caching costs the cache entry, not the waiters' answer
             log.exception("unexpected error while caching an upstream reply")
+        by = flight.by if reply is not None else ""
         if flight.more is None:  # the usual case: one client, or a prefetch with none
             sink = flight.sink
             if sink is not None:
                 flight.sink = None
                 self.waiting -= 1
-                self._respond(q, sink, reply, flight.stale)
+                self._respond(q, sink, reply, flight.stale, by)
             return
         for waiter, sink in flight.take_waiters():
             self.waiting -= 1
-            self._respond(waiter, sink, reply, flight.stale)
+            self._respond(waiter, sink, reply, flight.stale, by)
 
     def _read(self, data: bytes | None, qend: int) -> Reply | None:
-        """The upstream's reply, ready to replay; None when no usable reply came (a malformed
+        """The upstream's reply, scrubbed of records that do not belong to its answer
+        (message/scrub.py) and ready to replay; None when no usable reply came (a malformed
         one counts as none)."""
         if data is not None:
             try:
-                return scan_reply(data, qend, self._policy)
+                return scan_reply(scrub(data, qend), qend, self._policy)
             except (ValueError, IndexError, struct.error):
                 pass
         return None
@@ -206,17 +209,20 @@ class Forwarder:
         flight.stale_due = True
         for q, sink in flight.take_waiters():
             self.waiting -= 1
-            self._respond(q, sink, None, flight.stale)
+            self._respond(q, sink, None, flight.stale, "")
 
-    def _respond(self, q: Query, sink: Sink, reply: Reply | None, stale: Entry | None) -> None:
+    def _respond(self, q: Query, sink: Sink, reply: Reply | None, stale: Entry | None,
+                 by: str) -> None:
         """Deliver one waiter's answer; if making it raises, SERVFAIL (contract.servfail). A
-        delivery that raises (a bug in a transport) is logged and costs no other waiter."""
+        delivery that raises (a bug in a transport) is logged and costs no other waiter.
+        by: the upstream the reply came from, named with the answer unless it is stale."""
         try:
             answered = self.answer(q, reply, stale)
         except Exception as error:
             answered = servfail(q, error)
+        outcome = answered.outcome
         try:
-            self._deliver(q, sink, answered.data, answered.outcome)
+            self._deliver(q, sink, answered.data, outcome, "" if outcome == Outcome.STALE else by)
         except Exception:
             log.exception("unexpected error while delivering an answer")
 

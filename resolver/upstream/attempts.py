@@ -7,7 +7,9 @@ backoff and truncation are table tests that run in microseconds.
 
 An Exchange tries the upstreams in the order the plan gives (the strategy and health,
 upstream/selection.py), each up to ROUNDS times, until a usable reply, the last SERVFAIL or
-REFUSED, or the deadline; then `done(reply bytes or None)` is called once. SERVFAIL and
+REFUSED, or the deadline; then `done(reply bytes or None)` is called once, with `by` naming
+the upstream the reply came from. Each reply's time since its attempt was sent feeds the
+upstream's health and its duration histogram. SERVFAIL and
 REFUSED move on, since another upstream may do better, but do not make an upstream
 unhealthy: a live server said them, and the next name may be fine. A truncated UDP reply is
 asked again over a stream (TCP) within what is left of the attempt's timeout.
@@ -20,6 +22,7 @@ from typing import Protocol
 
 from resolver.message.constants import REFUSED, SERVFAIL, TC, Cancellable
 from resolver.message.query import Query
+from resolver.ops.metrics import Row, observe
 from resolver.upstream.selection import Health
 
 log = logging.getLogger(__name__)
@@ -50,17 +53,24 @@ class StreamIo(Protocol):
 
 class Upstream:
     """One upstream as the plan sees it: its name (the metric label), attempt timeout,
-    health, and the I/O that carries its queries (udp None: every query over the stream)."""
+    health, the I/O that carries its queries (udp None: every query over the stream), and
+    its row of resolver_upstream_duration_seconds."""
 
-    __slots__ = ("name", "timeout", "health", "udp", "stream")
+    __slots__ = ("name", "timeout", "health", "udp", "stream", "durations")
 
     def __init__(self, name: str, timeout: float, health: Health, udp: UdpIo | None,
-                 stream: StreamIo):
+                 stream: StreamIo, durations: Row):
         self.name = name
         self.timeout = timeout
         self.health = health
         self.udp = udp
         self.stream = stream
+        self.durations = durations
+
+    def replied(self, rtt: float, now: float) -> None:
+        """A reply of any kind came at now, rtt seconds after the attempt was sent."""
+        self.health.success(rtt, now)
+        observe(self.durations, rtt)
 
 
 class Plan(Protocol):
@@ -81,6 +91,7 @@ class Exchange:
     # Starting values as class attributes, so making one (per forward) sets two. No
     # __slots__ for the same reason: slots cannot have class-level defaults.
     due = 0.0  # when the UDP attempt in flight times out
+    by = ""  # the upstream whose reply `done` got (the last SERVFAIL's, if that is relayed)
     ticket: object = None  # the UDP attempt in flight, as its driver names it
     _attempt = 0
     _last: bytes | None = None  # the last SERVFAIL/REFUSED, relayed if nothing better comes
@@ -117,9 +128,11 @@ class Exchange:
         elif data[3] & 0xF in MOVE_ON:
             self._got(data, now)
         else:  # the usual ending, without _got's and _finish's calls
-            self._upstream.health.success(now - self._sent)
+            upstream = self._upstream
+            upstream.replied(now - self._sent, now)
             if not self._over:
                 self._over = True
+                self.by = upstream.name
                 self.done(data)
 
     def udp_failed(self, kind: str, now: float) -> None:
@@ -182,7 +195,8 @@ class Exchange:
 
     def _got(self, data: bytes, now: float) -> None:
         upstream = self._upstream
-        upstream.health.success(now - self._sent)
+        upstream.replied(now - self._sent, now)
+        self.by = upstream.name  # kept with _last, or with the reply that ends it here
         if data[3] & 0xF in MOVE_ON:
             self._plan.count_error(upstream, "rcode")
             self._last = data

@@ -114,7 +114,8 @@ class UpstreamPool:
             self._connections.expect([(name,)])
         else:
             udp = UdpSockets(server.host, server.port, config.udp_size, self._clock,
-                             self._outbox, timeout + 1.0, counts, (name, "udp"))
+                             self._outbox, timeout + 1.0, counts, (name, "udp"),
+                             (metrics.upstream_errors.counts, (name, "mismatch")))
             self._drivers.append(udp)
             keys = [(name, "udp"), (name, "tcp")]
         streams = Streams(server.host, server.port, config.udp_size, self._clock, tls, counts,
@@ -123,13 +124,21 @@ class UpstreamPool:
         metrics.upstream_queries.expect(keys)
         kinds = (*ERROR_KINDS, "tls") if tls is not None else ERROR_KINDS
         metrics.upstream_errors.expect((name, kind) for kind in kinds)
-        return Upstream(name, timeout, health, udp, streams)
+        return Upstream(name, timeout, health, udp, streams,
+                        metrics.upstream_durations.row((name,)))
 
     def _rtts(self) -> dict[tuple[str, ...], float]:
         return {(u.name,): u.health.srtt for u in self.upstreams if u.health.srtt is not None}
 
     def _health(self) -> dict[tuple[str, ...], float]:
         return {(u.name,): float(u.health.healthy) for u in self.upstreams}
+
+    def heard(self) -> tuple[float | None, float | None]:
+        """When any upstream last replied, and when an attempt last failed (this pool's
+        clock; None: never), for the readiness check (resolver/ops/health.py)."""
+        answered = [u.health.answered for u in self.upstreams if u.health.answered is not None]
+        failed = [u.health.failed for u in self.upstreams if u.health.failed is not None]
+        return max(answered, default=None), max(failed, default=None)
 
     async def open(self) -> None:
         """The UDP sockets; a TLS connection is opened by the first query that needs it."""

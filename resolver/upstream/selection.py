@@ -42,12 +42,16 @@ class Backoff:
 class Health:
     """One upstream's record: smoothed RTT, failures in a row, and until when it is skipped."""
 
-    __slots__ = ("srtt", "failures", "until", "_backoff", "_probe", "_backed_off_at")
+    __slots__ = ("srtt", "failures", "until", "answered", "failed", "_backoff", "_probe",
+                 "_backed_off_at")
 
     def __init__(self, backoff: Backoff, probe: float):
         self.srtt: float | None = None  # seconds; None until the first reply or failure
         self.failures = 0
         self.until = 0.0  # skipped while now < until
+        # when it last replied, and when an attempt last failed: what /readyz judges by
+        self.answered: float | None = None
+        self.failed: float | None = None
         self._backoff = backoff
         self._probe = probe  # how long one probe has before another query may probe
         self._backed_off_at = float("-inf")  # when the backoff was last set or doubled
@@ -65,9 +69,10 @@ class Health:
             self.until = now + self._probe
         return True
 
-    def success(self, rtt: float) -> None:
+    def success(self, rtt: float, now: float) -> None:
         """Any reply: the upstream is alive (even SERVFAIL is an answer from a live server)."""
         self._sample(rtt)
+        self.answered = now
         self.failures = 0
         self.until = 0.0
 
@@ -78,6 +83,7 @@ class Health:
         or doubled fail of the same outage: they do not double it again, or one silent spell
         under load would back an upstream off for max_backoff at once."""
         self._sample(penalty)
+        self.failed = now
         if sent is not None and sent < self._backed_off_at:
             return
         self.failures += 1

@@ -6,6 +6,9 @@ a socket that has carried SOCKET_QUERIES queries is replaced by a fresh one, so 
 ports keep changing. (A new socket per query, as Unbound does, would cost a socket setup per
 forward; this keeps the ports moving for a few percent of that.) A reply is accepted only when
 its ID and question match what was sent, and is handed to the exchange with the clock's now.
+Any other datagram on our sockets (another ID, another question, a reply that came after its
+query timed out, junk) is counted as `upstream_errors_total{kind="mismatch"}` and dropped: a
+steady count means spoofing attempts, or an upstream too slow for its timeout.
 
 Queries go out through the Outbox, together at the end of the loop pass, and no query has a
 timer of its own: while anything is in flight the pending tables are looked over every
@@ -34,14 +37,18 @@ SOCKET_QUERIES = 200  # queries one socket carries before a fresh one (a new por
 Ticket = tuple["_UdpSocket", int]  # the socket and ID an attempt went out with
 
 
+Counter = tuple[dict[tuple[str, ...], int], tuple[str, ...]]  # a tally's counts, one key
+
+
 class _UdpSocket(asyncio.DatagramProtocol):
     """One connected UDP socket with its exchanges in flight, by query ID."""
 
-    def __init__(self, clock: Clock) -> None:
+    def __init__(self, clock: Clock, mismatches: Counter) -> None:
         self.transport: asyncio.DatagramTransport | None = None
         self.pending: dict[int, Exchange] = {}
         self.uses = 0
         self._clock = clock
+        self._mismatches = mismatches
 
     def close(self) -> None:
         if self.transport is not None:
@@ -51,13 +58,15 @@ class _UdpSocket(asyncio.DatagramProtocol):
         self.transport = transport  # type: ignore[assignment]  # a datagram endpoint's
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        if len(data) < HEADER_SIZE:
-            return
-        qid = (data[0] << 8) | data[1]
-        exchange = self.pending.get(qid)
-        if exchange is not None and wire.answers(data, exchange.q):  # else late, or a guess
-            del self.pending[qid]
-            exchange.udp_reply(data, self._clock())
+        if len(data) >= HEADER_SIZE:
+            qid = (data[0] << 8) | data[1]
+            exchange = self.pending.get(qid)
+            if exchange is not None and wire.answers(data, exchange.q):
+                del self.pending[qid]
+                exchange.udp_reply(data, self._clock())
+                return
+        counts, key = self._mismatches  # late, a guess, or junk
+        counts[key] = counts.get(key, 0) + 1
 
     def error_received(self, exc: Exception) -> None:
         pending, self.pending = self.pending, {}
@@ -79,10 +88,11 @@ class UdpSockets:
 
     def __init__(self, host: str, port: int, udp_size: int, clock: Clock, outbox: Outbox,
                  retire_after: float, counts: dict[tuple[str, ...], int],
-                 key: tuple[str, ...]):
+                 key: tuple[str, ...], mismatches: Counter):
         """retire_after: seconds a replaced socket stays open for late replies; counts, key:
         the upstream query counter and this upstream's label values in it (counted inline:
-        this runs for every forward)."""
+        this runs for every forward); mismatches: where datagrams that answer nothing in
+        flight are counted (the upstream error counter, this upstream's mismatch key)."""
         self._address = (host, port)
         self._udp_size = udp_size
         self._clock = clock
@@ -90,6 +100,7 @@ class UdpSockets:
         self._retire_after = retire_after
         self._counts = counts
         self._key = key
+        self._mismatches = mismatches
         self._sockets: list[_UdpSocket] = []
         self._retiring: set[_UdpSocket] = set()  # replaced, open for late replies a while
         self._renewals: set[asyncio.Task[_UdpSocket]] = set()
@@ -157,7 +168,7 @@ class UdpSockets:
 
     async def _new_socket(self) -> _UdpSocket:
         _, protocol = await self._loop.create_datagram_endpoint(
-            lambda: _UdpSocket(self._clock), remote_addr=self._address)
+            lambda: _UdpSocket(self._clock, self._mismatches), remote_addr=self._address)
         return protocol
 
     def _renew(self, index: int, old: _UdpSocket) -> None:

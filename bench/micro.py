@@ -44,14 +44,13 @@ from resolver.ops.config import (
     UpstreamConfig,
     UpstreamServer,
 )
-from resolver.ops.metrics import Metrics, new_row, observe
+from resolver.ops.metrics import UNTIMED, Metrics, new_row, observe
 from resolver.ops.querylog import BATCH, Format, QueryLog, RotatingFile
 from resolver.rules import table
 from resolver.rules.loader import load_rules, read_rules
 from resolver.rules.matcher import RuleSet
 from resolver.server.app import build_pipeline
 from resolver.server.outbox import Outbox
-from resolver.server.pipeline import LOCAL
 from resolver.server.udp import Handler, UdpServer
 from resolver.stages.access import Networks
 from resolver.stages.blocking import Blocker
@@ -356,11 +355,14 @@ def main() -> None:
         ("cache miss (lookup, FORWARD)", lambda: cache_stage.answer(q_blocked)),
         ("encode cached reply (render, aged)", lambda: render(q_allowed, reply, 7)),
         # the per-answer bookkeeping: queries_total with its qtype and rcode and the
-        # duration histogram in one record, for a local answer (untimed, the first bucket:
-        # pipeline.LOCAL) and a forwarded one (a bisect); a histogram row's observe alone
-        # (an upstream reply's)
-        ("record a local answer (Queries.record)",
-         lambda: record("udp", "blocked", 1, answer, LOCAL)),
+        # duration histogram in one record, for an untimed local answer (pipeline.TIME_EVERY),
+        # a timed one (first bucket) and a forwarded one (a bisect); a histogram row's observe
+        # alone (an upstream reply's); a clock read, which timing costs twice
+        ("record an untimed answer (Queries.record)",
+         lambda: record("udp", "blocked", 1, answer, UNTIMED)),
+        ("record a timed local answer",
+         lambda: record("udp", "blocked", 1, answer, 0.00002)),
+        ("clock read (time.monotonic)", time.monotonic),
         ("record a forwarded answer (+ bisect)",
          lambda: record("udp", "forwarded", 1, answer, 0.0042)),
         ("histogram: observe one value (a row)", lambda: observe(row, 0.0042)),

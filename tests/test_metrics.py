@@ -161,7 +161,7 @@ def test_a_value_falls_in_the_first_bucket_whose_bound_it_does_not_exceed(
     observe(row, value)
     assert row[bucket] == 1 and sum(row[:-1]) == 1
     assert row[-1] == value
-    assert len(row) == len(DURATION_BUCKETS) + 2
+    assert len(row) == len(DURATION_BUCKETS) + 3  # the buckets, +Inf, untimed, the sum
 
 
 def test_the_buckets_resolve_a_cache_hit_and_an_upstream_timeout() -> None:

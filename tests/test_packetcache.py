@@ -15,10 +15,11 @@ import pytest
 
 from resolver.message.constants import NXDOMAIN, REFUSED
 from resolver.message.query import Query
-from resolver.ops.metrics import Metrics
+from resolver.ops.metrics import UNTIMED, Metrics
 from resolver.server.packetcache import MAX_ANSWER, MAX_QUERY, PacketCache
+from resolver.server.pipeline import TIME_EVERY
 from resolver.stages.contract import DROP, LATER, Answered, Drop, Later
-from tests.clock import FakeClock
+from tests.clock import START, FakeClock
 from tests.conftest import RULES_YAML
 from tests.dnsmsg import CLIENT
 from tests.e2e import make_query, raw_tcp_exchange, raw_udp_answer, raw_udp_exchange
@@ -35,10 +36,12 @@ class Inner:
     def __init__(self, *results: Answered | Later | Drop):
         self.results = list(results)
         self.seen: list[bytes] = []
+        self.started: list[float] = []  # when each query came, as the packet cache says
 
-    def handle(self, data: bytes, client: tuple[str, int], sink: object
+    def handle(self, data: bytes, client: tuple[str, int], sink: object, started: float
                ) -> Answered | Later | Drop:
         self.seen.append(data)
+        self.started.append(started)
         return self.results.pop(0)
 
 
@@ -110,7 +113,7 @@ def test_a_replay_counts_its_question_type_and_rcode(qtype: str, rcode: int,
     assert metrics.queries.counts == {key: 2}
 
 
-def test_a_replay_counts_as_a_local_answer_and_is_offered_to_the_observer():
+def test_with_an_observer_every_replay_is_timed_and_offered():
     metrics, observer = Metrics(), Observer()
     answer = reply(1, b"answer", NXDOMAIN)
     inner = Inner(Answered(answer, "blocked", (NEVER, metrics.blocked, ("l",))))
@@ -119,11 +122,26 @@ def test_a_replay_counts_as_a_local_answer_and_is_offered_to_the_observer():
     again = query_bytes(2)
     assert ask(packets, again) == b"\x00\x02" + answer[2:]
     row = metrics.queries.rows[A_BLOCKED]
-    assert row[0] == 1 and sum(row[:-1]) == 1 and row[-1] == 0, "untimed: pipeline.LOCAL"
+    assert row[0] == 1 and sum(row[:-1]) == 1 and row[-1] == 0, "timed: the clock stood still"
     [(q, transport, outcome, sent, duration, upstream)] = observer.offered
     assert isinstance(q, Query) and (q.data, q.client) == (again, CLIENT)
     assert (transport, outcome, sent, duration, upstream) == (
         "udp", "blocked", b"\x00\x02" + answer[2:], 0.0, "")
+    assert inner.started == [START], "the query it passed on was timed too"
+
+
+def test_without_an_observer_one_query_in_time_every_is_timed():
+    """The packet cache counts queries off: every TIME_EVERY-th, replayed or passed on, is
+    timed; the rest are counted untimed (pipeline.TIME_EVERY)."""
+    metrics, clock = Metrics(), FakeClock(start=50.0)
+    answer = reply(1, b"answer", NXDOMAIN)
+    inner = Inner(Answered(answer, "blocked", (NEVER, metrics.blocked, ("l",))))
+    packets = PacketCache(inner, 10, clock, metrics.queries)
+    for qid in range(1, 2 * TIME_EVERY + 1):
+        ask(packets, query_bytes(qid))
+    assert inner.started == [UNTIMED]  # the first query, passed on: not the 16th
+    row = metrics.queries.rows[A_BLOCKED]  # the replays (the pipeline counted the first)
+    assert (row[0], row[-2]) == (2, 2 * TIME_EVERY - 3), "the 16th and the 32nd timed"
 
 
 @pytest.mark.parametrize(("now", "replayed"), [(104.9, True), (105.0, False), (200.0, False)])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import struct
+from bisect import bisect_left
 
 import pytest
 
@@ -23,7 +24,7 @@ from resolver.message.constants import (
     SERVFAIL,
 )
 from resolver.message.query import Query
-from resolver.ops.metrics import Metrics, Row
+from resolver.ops.metrics import DURATION_BUCKETS, UNTIMED, Metrics, Row
 from resolver.server.packetcache import PacketCache
 from resolver.server.pipeline import Delivery, Pipeline
 from resolver.stages.contract import (
@@ -205,30 +206,54 @@ def test_counts_are_by_question_type_and_answer_rcode(qtype: str, result: Result
     pytest.param([PASS, DROP], DROP, A_DROPPED, id="a drop"),
     pytest.param([RuntimeError("a bug")], None, A_SERVFAIL, id="a servfail after a bug"),
 ])
-def test_a_local_answer_is_counted_untimed_and_offered_to_the_observer(
+def test_a_local_answer_is_timed_counted_and_offered_to_the_observer(
         results: list[Result | Exception], returned: Answered | Drop | None,
         key: tuple[str, ...]) -> None:
-    """An answer given here is not timed (pipeline.LOCAL: a few microseconds, not worth two
-    clock reads): it counts in the first bucket, adding nothing to the sum, however long
-    the clock says the stages took."""
+    """Asked with no start time (TCP; UDP comes through the packet cache, which says), the
+    pipeline reads the clock as the packet comes: an answer that took the stages 0.2 s
+    counts in the bucket of the time its stages took (0.2 s each)."""
     chain = Chain(*results, takes=0.2)
     got = chain.handle()
     if returned is not None:
         assert got is returned
+    expected = 0.2 * len(results)
     row = chain.durations()[key]
-    assert row[0] == 1 and sum(row[:-1]) == 1 and row[-1] == 0
+    assert row[bisect_left(DURATION_BUCKETS, expected)] == 1 and sum(row[:-1]) == 1
+    assert row[-1] == pytest.approx(expected)
     [(q, transport, outcome, answer, took, upstream)] = chain.observer.offered
     assert q is chain.stages[0].seen[0], "the decoded query"
-    assert (transport, outcome, took, upstream) == ("udp", key[1], 0.0, "")
+    assert (transport, outcome, upstream) == ("udp", key[1], "")
+    assert took == pytest.approx(expected)
     assert answer == (got.data if isinstance(got, Answered) else None)
 
 
-def test_a_query_gone_upstream_is_timed_from_when_it_was_handed_over() -> None:
+def test_an_untimed_answer_is_counted_apart_from_the_histogram() -> None:
+    """started=UNTIMED (a UDP query the packet cache did not pick for timing): counted in
+    queries_total, in no bucket, nothing added to the sum."""
+    chain = Chain(CACHED, takes=0.2)
+    chain.pipeline.handle(query_packet("www.example.org"), CLIENT, Sink("udp"), UNTIMED)
+    row = chain.durations()[A_CACHED]
+    assert row[-2] == 1 and sum(row[:-2]) == 0 and row[-1] == 0
+    assert chain.counts == {A_CACHED: 1}
+
+
+def test_a_query_gone_upstream_is_timed_from_when_its_packet_came() -> None:
     chain = Chain(PASS, takes=0.001)
     chain.clock.at(5.0)
     assert chain.handle() is LATER
     [(q, _)] = chain.forwarder.submitted
-    assert q.received == START + 5.001, "after the stages that passed it on"
+    assert q.received == START + 5.0, "before the stages that passed it on"
+
+
+def test_an_untimed_query_gone_upstream_is_timed_from_its_hand_over() -> None:
+    """A UDP query the packet cache did not pick for timing is still timed if it waits on
+    an upstream: from when the stages handed it over."""
+    chain = Chain(PASS, takes=0.001)
+    chain.clock.at(5.0)
+    sink = Sink("udp")
+    assert chain.pipeline.handle(query_packet("www.example.org"), CLIENT, sink, UNTIMED) is LATER
+    [(q, _)] = chain.forwarder.submitted
+    assert q.received == START + 5.001
     assert chain.observer.offered == [] and chain.counts == {}
 
 

@@ -48,8 +48,12 @@ _LE = (*map(floatToGoString, DURATION_BUCKETS), "+Inf")  # each bucket's `le` la
 SUM = "sum"  # in a histogram Sample's key, where the `le` value stands in a bucket's key
 
 # One histogram series as the hot path keeps it: the count of each bucket (one per bound,
-# then +Inf; not cumulative), then the sum of the values observed.
+# then +Inf; not cumulative), the count of untimed answers (queries_total counts them, the
+# histogram does not), then the sum of the values observed.
 Row = list[float]
+# The duration `Queries.record` takes for an answer counted but not timed (pipeline.py says
+# which answers are timed).
+UNTIMED = -1.0
 
 # queries_total's labels besides protocol and outcome, from fixed sets: the question's type
 # (the rest `other`), and the answer's response code from its header's four bits (the rest
@@ -71,7 +75,7 @@ _USUAL = {"blocked": ("A", "NXDOMAIN"), "cached": ("A", "NOERROR"),
 
 
 def new_row() -> Row:
-    return [0] * (len(DURATION_BUCKETS) + 2)
+    return [0] * (len(DURATION_BUCKETS) + 3)
 
 
 def observe(row: Row, value: float) -> None:
@@ -134,7 +138,7 @@ def histogram_values(rows: dict[tuple[str, ...], Row]) -> dict[tuple[str, ...], 
     values: dict[tuple[str, ...], float] = {}
     for key, row in rows.items():
         total = 0.0
-        for le, count in zip(_LE, row[:-1], strict=True):  # the sum comes after the buckets
+        for le, count in zip(_LE, row[:-2], strict=True):  # untimed and the sum after them
             total += count
             values[(*key, le)] = total
         values[(*key, SUM)] = row[-1]
@@ -235,6 +239,9 @@ class Queries:
             row = self.rows[key]
         except KeyError:
             row = self.rows[key] = new_row()
+        if duration < 0:  # UNTIMED
+            row[-2] += 1
+            return
         row[0 if duration <= _FIRST_BOUND else bisect_left(DURATION_BUCKETS, duration)] += 1
         row[-1] += duration
 

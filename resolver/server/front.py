@@ -16,8 +16,7 @@ from __future__ import annotations
 
 from resolver.message import wire
 from resolver.message.query import Outcome
-from resolver.ops.metrics import Metrics
-from resolver.server.pipeline import LOCAL
+from resolver.ops.metrics import UNTIMED, Metrics
 from resolver.server.tcp import ALLOW as TCP_ALLOW
 from resolver.server.tcp import CLOSE as TCP_CLOSE
 from resolver.server.tcp import REFUSE as TCP_REFUSE
@@ -117,5 +116,5 @@ class Front:
 
     def _count(self, transport: str, outcome: str, data: bytes, answer: bytes | None
                ) -> None:
-        """Count a query turned away here (not timed: see pipeline.LOCAL)."""
-        self._record(transport, outcome, wire.question_type(data), answer, LOCAL)
+        """Count a query turned away here (never timed: see pipeline.TIME_EVERY)."""
+        self._record(transport, outcome, wire.question_type(data), answer, UNTIMED)

@@ -28,8 +28,8 @@ from typing import Protocol
 
 from resolver.message import wire
 from resolver.message.constants import NEVER, Clock
-from resolver.ops.metrics import Queries, Row, Tally
-from resolver.server.pipeline import LOCAL, offer
+from resolver.ops.metrics import UNTIMED, Queries, Row, Tally, observe
+from resolver.server.pipeline import TIME_EVERY, offer
 from resolver.stages.contract import Answered, Drop, Later, QueryObserver, Replay, Sink
 
 MAX_QUERY = 512  # bytes: a longest name with EDNS and a cookie fits in well under this
@@ -42,7 +42,7 @@ _Kept = tuple[bytes, float, str, Row, Tally, tuple[str, ...]]  # answer after it
 class Handler(Protocol):
     """What the packet cache wraps (server.pipeline.Pipeline)."""
 
-    def handle(self, data: bytes, client: tuple[str, int], sink: Sink
+    def handle(self, data: bytes, client: tuple[str, int], sink: Sink, started: float
                ) -> Answered | Later | Drop: ...
 
 
@@ -57,6 +57,8 @@ class PacketCache:
         self._clock = clock
         self._queries = queries
         self._observer = observer
+        self._every = 1 if observer is not None else TIME_EVERY  # pipeline.TIME_EVERY
+        self._left = self._every  # queries until the next timed one
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -64,18 +66,25 @@ class PacketCache:
     def handle(self, data: bytes, client: tuple[str, int], sink: Sink) -> bytes | None:
         """The answer to send now, replayed or from the pipeline; None when there is none
         (dropped, or coming later through sink.deliver)."""
+        self._left -= 1
+        if self._left:
+            started = UNTIMED
+        else:
+            self._left = self._every
+            started = self._clock()
         found = self._entries.get(data[2:])
         if found is not None:
             tail, until, outcome, row, tally, key = found
             if until == NEVER or self._clock() < until:  # blocked answers need no clock
                 counts = tally.counts
                 counts[key] = counts.get(key, 0) + 1
-                row[0] += 1  # Queries.record of a LOCAL answer, its row kept with it
                 answer = data[:2] + tail
-                if self._observer is not None:
-                    self._offer(data, client, outcome, answer)
+                if started < 0:  # Queries.record written out, its row kept with the answer
+                    row[-2] += 1
+                else:
+                    self._timed(data, client, outcome, answer, row, started)
                 return answer
-        result = self._inner(data, client, sink)
+        result = self._inner(data, client, sink, started)
         if not isinstance(result, Answered):
             return None
         answer, replay = result.data, result.replay
@@ -93,13 +102,16 @@ class PacketCache:
         if len(entries) > self._max:
             entries.popitem(last=False)
 
-    def _offer(self, data: bytes, client: tuple[str, int], outcome: str, answer: bytes
-               ) -> None:
-        """Show the observer a replay, with its query decoded again (the pipeline decoded
-        the same bytes once, so they decode; the cost is paid only with an observer)."""
-        assert self._observer is not None
-        q = wire.parse_query(data, client, "udp")
-        offer(self._observer, q, "udp", outcome, answer, LOCAL, "")
+    def _timed(self, data: bytes, client: tuple[str, int], outcome: str, answer: bytes,
+               row: Row, started: float) -> None:
+        """Count a timed replay, and show it to the observer, with its query decoded again
+        (the pipeline decoded the same bytes once, so they decode; the cost is paid only
+        with an observer)."""
+        took = self._clock() - started
+        observe(row, took)
+        if self._observer is not None:
+            q = wire.parse_query(data, client, "udp")
+            offer(self._observer, q, "udp", outcome, answer, took, "")
 
     def clear(self) -> None:
         """Forget everything (the rules changed)."""

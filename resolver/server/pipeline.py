@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from resolver.message import wire
 from resolver.message.constants import Clock
 from resolver.message.query import Outcome, Query
-from resolver.ops.metrics import Metrics
+from resolver.ops.metrics import UNTIMED, Metrics
 from resolver.stages.contract import (
     DROP,
     FORWARD,
@@ -39,9 +39,9 @@ class Pipeline:
     """Decode, the synchronous stages, then the forwarder for a bounded number of clients.
 
     Every query is counted once, when it is answered or dropped, in resolver_queries_total
-    and resolver_request_duration_seconds (one `Queries.record`), then offered to the
-    observer if one is configured (the query log). A query answered here is not timed: see
-    `LOCAL`."""
+    and, if it is timed, resolver_request_duration_seconds (one `Queries.record`), then
+    offered to the observer if one is configured (the query log). Which queries are timed:
+    see `TIME_EVERY`."""
 
     def __init__(self, stages: Sequence[Stage], forwarder: Forwarder, metrics: Metrics,
                  max_inflight: int, clock: Clock, observer: QueryObserver | None = None):
@@ -52,39 +52,44 @@ class Pipeline:
         self._clock = clock
         self._observer = observer
 
-    def handle(self, data: bytes, client: tuple[str, int], sink: Sink
-               ) -> Answered | Later | Drop:
+    def handle(self, data: bytes, client: tuple[str, int], sink: Sink,
+               started: float | None = None) -> Answered | Later | Drop:
         """Answer a packet now (Answered), later (LATER: through the forwarder's deliver),
-        or never (DROP)."""
+        or never (DROP). started: when the packet came (the clock's reading), UNTIMED for
+        a query counted but not timed, or None to read the clock now (TCP, which times
+        every query)."""
+        if started is None:
+            started = self._clock()
         try:
             q = wire.parse_query(data, client, sink.name)
         except wire.FormError as error:
             if error.response is None:
-                self._done(None, sink.name, Outcome.DROPPED, None)
+                self._done(None, sink.name, Outcome.DROPPED, None, started)
                 return DROP
-            self._done(None, sink.name, Outcome.FORMERR, error.response)
+            self._done(None, sink.name, Outcome.FORMERR, error.response, started)
             return Answered(error.response, Outcome.FORMERR)
         except Exception:  # a bug in decoding: with no question, nothing can be answered
             log.exception("unexpected error while decoding a query")
-            self._done(None, sink.name, Outcome.DROPPED, None)
+            self._done(None, sink.name, Outcome.DROPPED, None, started)
             return DROP
         try:
-            return self._run(q, sink)
+            return self._run(q, sink, started)
         except Exception as error:
             answered = servfail(q, error)
-            self._done(q, sink.name, answered.outcome, answered.data)
+            self._done(q, sink.name, answered.outcome, answered.data, started)
             return answered
 
-    def _run(self, q: Query, sink: Sink) -> Answered | Later | Drop:
+    def _run(self, q: Query, sink: Sink, started: float) -> Answered | Later | Drop:
         per_client = False
         for stage in self._stages:
             result = stage.answer(q)
             if result is PASS:
                 continue
             if isinstance(result, Answered):  # _done written out: every local answer's path
-                self._record(sink.name, result.outcome, q.qtype, result.data, LOCAL)
+                took = UNTIMED if started < 0 else self._clock() - started
+                self._record(sink.name, result.outcome, q.qtype, result.data, took)
                 if self._observer is not None:
-                    offer(self._observer, q, sink.name, result.outcome, result.data, LOCAL, "")
+                    offer(self._observer, q, sink.name, result.outcome, result.data, took, "")
                 if per_client and result.replay is not None:  # not for the next client
                     return Answered(result.data, result.outcome)
                 return result
@@ -94,31 +99,34 @@ class Pipeline:
                 per_client = per_client or result.per_client
                 continue
             if result is DROP:
-                self._done(q, sink.name, Outcome.DROPPED, None)
+                self._done(q, sink.name, Outcome.DROPPED, None, started)
                 return DROP
             raise TypeError(f"{stage!r} returned {result!r}, which is no stage result")
         if self._forwarder.waiting >= self._max_inflight:  # shed load, don't grow memory
-            self._done(q, sink.name, Outcome.DROPPED, None)
+            self._done(q, sink.name, Outcome.DROPPED, None, started)
             return DROP
-        q.received = self._clock()
+        q.received = self._clock() if started < 0 else started
         self._forwarder.submit(q, sink)
         return LATER
 
-    def _done(self, q: Query | None, transport: str, outcome: str, answer: bytes | None
-              ) -> None:
+    def _done(self, q: Query | None, transport: str, outcome: str, answer: bytes | None,
+              started: float) -> None:
         """Count a query answered here (or dropped: answer None); q None: undecodable."""
-        self._record(transport, outcome, 0 if q is None else q.qtype, answer, LOCAL)
+        took = UNTIMED if started < 0 else self._clock() - started
+        self._record(transport, outcome, 0 if q is None else q.qtype, answer, took)
         if self._observer is not None:
-            offer(self._observer, q, transport, outcome, answer, LOCAL, "")
+            offer(self._observer, q, transport, outcome, answer, took, "")
 
 
-# The duration an answer given synchronously is counted with: none, so it falls in the first
-# bucket (25 us). Such an answer (blocked, cached, refused, FORMERR, a packet-cache replay,
-# or a drop) is a few microseconds of Python that neither waits on I/O nor, for a replay,
-# allocates anything the garbage collector tracks; timing it would take two clock reads,
-# ~100 ns, a third of a replay and over 3% of a whole query with the socket calls (measured
-# with bench/micro.py; docs/metrics.md). Only the answers that wait are timed.
-LOCAL = 0.0
+# Which UDP queries answered at once are timed: one in TIME_EVERY (the packet cache, which
+# sees them first, counts them off), and every one while an observer (the query log) is on.
+# Such an answer (blocked, cached, FORMERR, a drop, a packet-cache replay) is a few
+# microseconds of Python; timing each would take two clock reads, ~80 ns, about a fifth of
+# a replay and 2-3% of a whole query with its socket calls, where counting off costs one
+# subtraction (bench/micro.py). One in 16 still gives the latency histogram hundreds of
+# samples a second at the lightest load worth watching. Answers that wait on an upstream
+# and every TCP query are always timed; the front's refusals and rate limits never.
+TIME_EVERY = 16
 
 
 class Delivery:

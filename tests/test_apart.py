@@ -113,6 +113,17 @@ def test_a_failing_child_fails_the_load(monkeypatch: pytest.MonkeyPatch, fault: 
         load_apart(["rules/exchanges.yaml"])
 
 
+def test_without_a_fork_the_load_runs_here(monkeypatch: pytest.MonkeyPatch,
+                                           caplog: pytest.LogCaptureFixture) -> None:
+    def refuse() -> int:
+        raise BlockingIOError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(os, "fork", refuse)
+    loaded = load_apart(["rules/exchanges.yaml"])
+    assert loaded.rules.version == load_rules(["rules/exchanges.yaml"]).version
+    assert "cannot fork to compile the rules" in caplog.text
+
+
 async def test_a_reload_frees_the_set_it_replaces(tmp_path: Path,
                                                   nsd_upstream: NsdServer) -> None:
     """Nothing that started the server keeps the first set: once replaced, it and its

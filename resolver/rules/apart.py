@@ -45,10 +45,18 @@ _PR_SET_PDEATHSIG = 1
 def load_apart(paths: Sequence[str], feeds: FeedCopies | None = None) -> Loaded:
     """load_rule_set, run in a forked child (see the module's docstring): the same Loaded,
     or ConfigError with the same problems. RuntimeError when the child fails otherwise
-    (killed, out of memory, silent for COMPILE_TIMEOUT)."""
+    (killed, out of memory, silent for COMPILE_TIMEOUT). When no process can be forked
+    (out of memory or processes), the load runs here, as it did before."""
     ours, theirs = multiprocessing.Pipe()
     started = time.monotonic()
-    pid = os.fork()
+    try:
+        pid = os.fork()
+    except OSError as exc:
+        ours.close()
+        theirs.close()
+        log.warning("cannot fork to compile the rules (%s); compiling them in this process",
+                    exc)
+        return load_rule_set(paths, yaml_loader=FAST_LOADER, feeds=feeds)
     if pid == 0:  # pragma: no cover (the child: coverage does not follow it)
         ours.close()
         _child(theirs, paths)

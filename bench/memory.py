@@ -60,7 +60,7 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
-from typing import NoReturn, TypedDict
+from typing import ClassVar, NoReturn, TypedDict
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout
 from bench.harness import HOST, ROOT, Processes, clean_up, free_port, revision
@@ -420,6 +420,8 @@ class Plain:
     """`python -m resolver serve` from this checkout, no upstream needed (port 9); its log
     (stderr) goes to a file, where the compile lines say what each compiling child took."""
 
+    running: ClassVar[list[Plain]] = []  # stopped at the end whatever happens (main)
+
     def __init__(self, workers: int, rules: list[Path], log: Path, probe: str | None = None):
         """probe: a name the rules block; then `answered` is the time from the start to the
         first NXDOMAIN for it."""
@@ -431,6 +433,7 @@ class Plain:
                  "--listen", f"{HOST}:0", "--upstream", f"{HOST}:9", "--metrics", "off",
                  *(arg for path in rules for arg in ("--rules", str(path)))],
                 cwd=ROOT, stdout=subprocess.PIPE, stderr=errors, text=True)
+        Plain.running.append(self)
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
         self.seconds = time.monotonic() - started
@@ -477,6 +480,7 @@ class Plain:
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(30)
+        Plain.running.remove(self)
 
 
 def rules_goals(count: int, work: Path) -> None:
@@ -638,7 +642,11 @@ def main() -> int:
     if args.rules_goals:
         with tempfile.TemporaryDirectory(prefix="resolver-memory-") as scratch:
             print(f"Python {sys.version.split()[0]}, commit {revision()}")
-            rules_goals(args.rules_count, Path(scratch))
+            try:
+                rules_goals(args.rules_count, Path(scratch))
+            finally:  # also on an error, or a closed pipe (| head)
+                for plain in list(Plain.running):
+                    plain.stop()
         return 0
 
     subprocess.run(["make", "-s", "-C", str(ROOT), ".venv/.installed"], check=True)

@@ -44,6 +44,7 @@ not machines.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
 import re
@@ -55,10 +56,11 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
-from typing import NoReturn, TypedDict
+from typing import ClassVar, NoReturn, TypedDict
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout
 from bench.harness import HOST, ROOT, Processes, clean_up, free_port, revision
@@ -415,78 +417,150 @@ def tables_mib(pid: int) -> float:
 
 
 class Plain:
-    """`python -m resolver serve` from this checkout, no upstream needed (port 9)."""
+    """`python -m resolver serve` from this checkout, no upstream needed (port 9); its log
+    (stderr) goes to a file, where the compile lines say what each compiling child took."""
 
-    def __init__(self, workers: int, rules: list[Path]):
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "resolver", "serve", "--workers", str(workers), "--listen",
-             f"{HOST}:0", "--upstream", f"{HOST}:9", "--metrics", "off",
-             *(arg for path in rules for arg in ("--rules", str(path)))],
-            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    running: ClassVar[list[Plain]] = []  # stopped at the end whatever happens (main)
+
+    def __init__(self, workers: int, rules: list[Path], log: Path, probe: str | None = None):
+        """probe: a name the rules block; then `answered` is the time from the start to the
+        first NXDOMAIN for it."""
+        self.log = log
         started = time.monotonic()
+        with log.open("w") as errors:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "resolver", "serve", "--workers", str(workers),
+                 "--listen", f"{HOST}:0", "--upstream", f"{HOST}:9", "--metrics", "off",
+                 *(arg for path in rules for arg in ("--rules", str(path)))],
+                cwd=ROOT, stdout=subprocess.PIPE, stderr=errors, text=True)
+        Plain.running.append(self)
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
         self.seconds = time.monotonic() - started
         m = re.search(r"listening on 127\.0\.0\.1:(\d+)", line)
         if not m:
             self.proc.kill()
-            sys.exit(f"resolver did not start: {line!r}")
+            sys.exit(f"resolver did not start: {line!r}\n{log.read_text()[-2000:]}")
         self.port = int(m.group(1))
+        self.answered = self.seconds
+        if probe is not None:
+            while ask(self.port, probe, 2.0) != 3:
+                time.sleep(0.01)
+            self.answered = time.monotonic() - started
 
-    def touch(self, count: int) -> None:
+    def touch(self, count: int, prefix: str = "d") -> None:
         """Queries over the whole table, so every page of it a lookup can touch is resident."""
         for i in range(0, count, max(1, count // 3000)):
-            ask(self.port, f"www.d{i}.example", 2.0)
+            ask(self.port, f"www.{prefix}{i}.example", 2.0)
 
     def workers(self) -> list[int]:
         path = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
         return [int(pid) for pid in path.read_text().split()]
 
-    def reload(self, path: Path, marker: str) -> None:
-        """Add a name to the list, SIGHUP, and wait until the name is blocked."""
+    def reload(self, path: Path, marker: str, blocks: bool = True) -> None:
+        """Add a name to the list, SIGHUP, and wait until the name is blocked (or, for a
+        list that blocks nothing, until the log says the reload is done)."""
+        done = self.log.read_text().count(") ok: ")
         with path.open("a") as f:
             f.write(f"{marker}\n")
         self.proc.send_signal(signal.SIGHUP)
         deadline = time.monotonic() + 120
-        while ask(self.port, marker, 2.0) != 3:
+        while (ask(self.port, marker, 2.0) != 3 if blocks
+               else self.log.read_text().count(") ok: ") == done):
             if time.monotonic() > deadline:
                 sys.exit(f"reload did not block {marker}")
             time.sleep(0.2)
 
+    def compiles(self) -> list[tuple[float, float]]:
+        """(seconds, peak RSS MiB) of each compile so far, from the log."""
+        return [(float(s), float(m)) for s, m in re.findall(
+            r"compiled in ([\d.]+) s by process \d+ \(peak RSS (\d+) MiB\)",
+            self.log.read_text())]
+
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(30)
+        Plain.running.remove(self)
 
 
 def rules_goals(count: int, work: Path) -> None:
-    """The four goals of a large list (docs/performance.md): load time and extra memory of
-    one process, its peak during a reload, the PSS of 4 workers after 1 and 10 reloads."""
+    """The goals of a large list (docs/performance.md): load time and extra memory of one
+    process, its peak during a reload, the PSS of 4 workers after 1 and 10 reloads; then the
+    same list as a YAML list's `source:`, and as a dry-run list."""
     big = work / "big.txt"
     big.write_text("".join(f"d{i}.example\n" for i in range(count)))
     shipped = ROOT / "rules" / "exchanges.yaml"
-    base = Plain(1, [shipped])
+    base = Plain(1, [shipped], work / "base.log")
     time.sleep(1)
     base_rss, base_load = proc_status(base.proc.pid)["VmRSS"] / 1024, base.seconds
     base.stop()
-    one = Plain(1, [shipped, big])
+    one = Plain(1, [shipped, big], work / "one.log")
     one.touch(count)
     time.sleep(1)
     rss = proc_status(one.proc.pid)["VmRSS"] / 1024
     table = tables_mib(one.proc.pid)
     steady = smaps(one.proc.pid)
+    [(seconds, child)] = one.compiles()
     print(f"rules: {count:,} domains in one process: loaded in {one.seconds - base_load:.2f} s "
-          f"more than the shipped rules; RSS {rss:.1f} MiB ({rss - base_rss:+.1f} MiB), "
-          f"its table file {table:.1f} MiB (resident part counted in RSS)")
+          f"more than the shipped rules (compiled in {seconds:.2f} s by a child peaking at "
+          f"{child:.0f} MiB RSS); RSS {rss:.1f} MiB ({rss - base_rss:+.1f} MiB), its table "
+          f"file {table:.1f} MiB (resident part counted in RSS)")
+    reload_peak(one, big, count, steady, table)
+    one.stop()
+    workers_pss(count, big, shipped, work)
+    real_path(count, work, shipped, base_load)
+
+
+class Together(threading.Thread):
+    """Samples, every 20 ms, the sum of the PSS of a server and its children (the compiling
+    child during a reload): PSS splits shared pages between the processes sharing them, so
+    the sum is what both hold, without the table files' pages no process maps."""
+
+    def __init__(self, pid: int):
+        super().__init__(daemon=True)
+        self.pid, self.most, self.done = pid, 0.0, threading.Event()
+
+    def run(self) -> None:
+        tasks = Path(f"/proc/{self.pid}/task")
+        while not self.done.is_set():
+            total = 0.0
+            children: list[int] = []  # listed per thread: a reload forks in a thread
+            for task in tasks.iterdir():
+                with contextlib.suppress(OSError):
+                    children += map(int, (task / "children").read_text().split())
+            for pid in [self.pid, *children]:
+                with contextlib.suppress(OSError):  # a child that ended meanwhile
+                    total += smaps(pid)["Pss"]
+            self.most = max(self.most, total)
+            time.sleep(0.02)
+
+
+def reload_peak(one: Plain, big: Path, count: int, steady: dict[str, float],
+                table: float) -> None:
+    """VmHWM of the serving process over a reload (until queries have touched the whole new
+    table), and what the compiling child took."""
     with open(f"/proc/{one.proc.pid}/clear_refs", "w") as f:
         f.write("5")  # VmHWM := VmRSS
+    together = Together(one.proc.pid)
+    together.start()
     one.reload(big, "reloaded.example")
+    together.done.set()
+    together.join()
+    one.touch(count)
     peak = proc_status(one.proc.pid)["VmHWM"] / 1024
+    seconds, child = one.compiles()[-1]
+    after = smaps(one.proc.pid)
     print(f"rules: reload peak (VmHWM) {peak:.1f} MiB = {peak / steady['Rss']:.2f}x the steady "
-          f"RSS {steady['Rss']:.1f} MiB; with the new table file while both exist: "
-          f"{(peak + table) / (steady['Rss'] + table - steady['Pss_Shmem']):.2f}x of RSS + "
-          f"table")
-    one.stop()
-    four = Plain(4, [shipped, big])
+          f"RSS {steady['Rss']:.1f} MiB; RSS after it {after['Rss']:.1f} MiB; the compiling "
+          f"child peaked at {child:.0f} MiB RSS for {seconds:.2f} s; server and child together "
+          f"(sum of PSS) at most {together.most:.1f} MiB = {together.most / steady['Pss']:.2f}x "
+          f"the server's steady PSS {steady['Pss']:.1f}; plus the new table file "
+          f"({table:.1f} MiB, mapped only as queries touch it) until the old is freed")
+
+
+def workers_pss(count: int, big: Path, shipped: Path, work: Path) -> None:
+    """The sum of 4 workers' PSS after start, 1 and 10 reloads."""
+    four = Plain(4, [shipped, big], work / "four.log")
     four.touch(count)
 
     def pss(when: str) -> None:
@@ -496,7 +570,8 @@ def rules_goals(count: int, work: Path) -> None:
               f"(shared table part {sum(r['Pss_Shmem'] for r in rows):.1f} MiB), sum of RSS "
               f"{sum(r['Rss'] for r in rows):.1f}; supervisor PSS "
               f"{smaps(four.proc.pid)['Pss']:.1f}; tables mapped per worker "
-              f"{tables_mib(four.workers()[0]):.1f} MiB")
+              f"{tables_mib(four.workers()[0]):.1f} MiB, by the supervisor "
+              f"{tables_mib(four.proc.pid):.1f} MiB")
 
     pss("after start")
     for n in range(1, 11):
@@ -505,6 +580,43 @@ def rules_goals(count: int, work: Path) -> None:
         if n in (1, 10):
             pss(f"after {n} reload{'s' if n > 1 else ''}")
     four.stop()
+
+
+def real_path(count: int, work: Path, shipped: Path, base_load: float) -> None:
+    """The list as operators write it: a YAML list whose `source:` is a domains file, timed
+    through load_rules and a server's start to its first blocked answer; then the same list
+    in dry-run mode (the staged table: a dict)."""
+    from resolver.rules.loader import load_rules  # the checkout's, as sys.path says
+
+    feed = work / "feed.txt"
+    feed.write_text("".join(f"f{i}.example\n" for i in range(count)))
+    for mode in ("enforce", "dry-run"):
+        rules = work / f"{mode}.yaml"
+        rules.write_text(f"lists:\n  - name: feed\n    mode: {mode}\n    source: {feed}\n"
+                         "    format: domains\n")
+        started = time.monotonic()
+        load_rules([str(rules)])
+        loaded = time.monotonic() - started
+        probe = "www.f7.example" if mode == "enforce" else None
+        server = Plain(1, [shipped, rules], work / f"{mode}.log", probe)
+        server.touch(count, "f")
+        time.sleep(1)
+        rss = proc_status(server.proc.pid)["VmRSS"] / 1024
+        peak = proc_status(server.proc.pid)["VmHWM"] / 1024
+        [(seconds, child)] = server.compiles()
+        with open(f"/proc/{server.proc.pid}/clear_refs", "w") as f:
+            f.write("5")
+        server.reload(feed, "reloaded.example", mode == "enforce")
+        reload = proc_status(server.proc.pid)["VmHWM"] / 1024
+        _, reload_child = server.compiles()[-1]
+        print(f"rules: YAML list, {mode}, source: {count:,} names (format domains): "
+              f"load_rules {loaded:.2f} s; server start to "
+              f"{'first blocked answer' if probe else 'ready line'} {server.answered:.2f} s "
+              f"({server.answered - base_load:.2f} s more than the shipped rules; compile "
+              f"{seconds:.2f} s, child peak {child:.0f} MiB); RSS {rss:.1f} MiB (peak "
+              f"{peak:.1f}); reload peak {reload:.1f} MiB = {reload / rss:.2f}x (child "
+              f"{reload_child:.0f} MiB)")
+        server.stop()
 
 
 def main() -> int:
@@ -524,12 +636,17 @@ def main() -> int:
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     parser.add_argument("--rules-goals", action="store_true",
                         help="only the large-list goals (load, reload peak, PSS of 4 "
-                             "workers over 10 reloads), from this checkout; no nsd needed")
+                             "workers over 10 reloads; the list as a YAML source, and "
+                             "dry-run), from this checkout; no nsd needed")
     args = parser.parse_args()
     if args.rules_goals:
         with tempfile.TemporaryDirectory(prefix="resolver-memory-") as scratch:
             print(f"Python {sys.version.split()[0]}, commit {revision()}")
-            rules_goals(args.rules_count, Path(scratch))
+            try:
+                rules_goals(args.rules_count, Path(scratch))
+            finally:  # also on an error, or a closed pipe (| head)
+                for plain in list(Plain.running):
+                    plain.stop()
         return 0
 
     subprocess.run(["make", "-s", "-C", str(ROOT), ".venv/.installed"], check=True)

@@ -113,18 +113,24 @@ def _serve(args: argparse.Namespace) -> int:
     warn_if_root(config.server.user)
     raise_open_files(config.server.tcp_max_connections)
     workers = args.workers or default_workers()
+    # Once the server holds the rules, this frame must not (nor the banner): a reload is
+    # to free the set it replaces, and a large one costs tens of MiB in every process.
     try:
         if workers > 1:
-            Supervisor(config, rules, workers, overrides, watcher=watcher, feeds=feeds).run(
-                lambda addresses, _: print(banner(config, rules, addresses, workers),
-                                           flush=True))
+            supervisor = Supervisor(config, rules, workers, overrides, watcher=watcher,
+                                    feeds=feeds)
+            del rules
+            supervisor.run(lambda addresses, _: print(
+                banner(config, supervisor.rules, addresses, workers), flush=True))
         else:
+            serving = serve_until_signalled(
+                config, rules,
+                lambda server: print(banner(config, server.rules, server.addresses, 1),
+                                     flush=True), overrides=overrides,
+                watcher=watcher, feeds=feeds)
+            del rules
             with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-                runner.run(serve_until_signalled(
-                    config, rules,
-                    lambda server: print(banner(config, rules, server.addresses, 1),
-                                         flush=True), overrides=overrides,
-                    watcher=watcher, feeds=feeds))
+                runner.run(serving)
     except (OSError, RuntimeError) as exc:
         print(f"resolver: cannot serve: {exc}", file=sys.stderr)
         return 2

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import dns.rcode
+import pytest
 
 from resolver.rules import table
 from resolver.rules.loader import load_rules
@@ -51,3 +52,49 @@ def test_workers_share_a_reloaded_compact_table(serve, tmp_path: Path) -> None: 
     assert len(workers) == 2
     current = [_tables(pid) for pid in workers]
     assert current[0] & current[1], f"the workers map no table in common: {current}"
+
+
+def _table_fds(pid: int) -> set[int]:
+    """Inodes of the rule tables process pid holds descriptors of (a table's own, and the
+    one its map keeps)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            if "memfd:resolver-rules" in str(fd.readlink()):
+                inodes.add(fd.stat().st_ino)
+        except FileNotFoundError:  # closed meanwhile
+            continue
+    return inodes
+
+
+def _serving(served: Served, version: str, processes: int) -> Callable[[], bool]:
+    """Whether that many processes serve version."""
+    key = ("resolver_rules_info", (("version", version),))
+    return lambda: served.metrics().get(key) == processes
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_reload_frees_the_replaced_table_in_every_process(serve, tmp_path: Path,  # noqa: F811
+                                                            workers: int) -> None:
+    """The set loaded at start is not kept by the frames that started serving (nor by a
+    forked worker's copy of the supervisor): after two reloads every process maps one table,
+    the newest, and holds descriptors of no other."""
+    start, rules = serve
+    rules.unlink()
+    rules.mkdir()
+    big = rules / "big.txt"
+    big.write_text("".join(f"d{i}.big.test\n" for i in range(SIZE)))
+    served: Served = start(workers)
+    processes = [served.process.pid, *served.children()]
+    assert len(processes) == 1 + (workers if workers > 1 else 0)
+    first = set.union(*(_tables(pid) for pid in processes))
+    for turn in ("e", "f"):
+        big.write_text("".join(f"{turn}{i}.big.test\n" for i in range(SIZE)))
+        new = load_rules([str(rules)]).version
+        served.process.send_signal(signal.SIGHUP)
+        _until(_serving(served, new, workers))
+        assert served.rcode(f"www.{turn}7.big.test") == dns.rcode.NXDOMAIN
+    for pid in processes:
+        mapped = _tables(pid)
+        assert len(mapped) == 1 and not mapped & first, (pid, mapped, first)
+        assert _table_fds(pid) == mapped, pid

@@ -15,6 +15,7 @@ import urllib.parse
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
@@ -108,6 +109,15 @@ def load_rules(paths: Sequence[str], *, yaml_loader: YamlLoader = FAST_LOADER,
     return loaded.rules
 
 
+class FeedCopies(Protocol):
+    """What a load asks of the URL sources' copies: sources.Feeds, or in a process that
+    compiles for another, that one's Feeds over their pipe (rules/apart.py)."""
+
+    def copies(self, source: Source) -> list[Path]: ...
+
+    def reject(self, source: Source, why: str) -> None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class Loaded:
     """A load's rule set, the sources its lists name, and what was noted without failing it:
@@ -119,7 +129,7 @@ class Loaded:
 
 
 def load_rule_set(paths: Sequence[str], *, yaml_loader: YamlLoader = FAST_LOADER,
-                  feeds: Feeds | None = None) -> Loaded:
+                  feeds: FeedCopies | None = None) -> Loaded:
     """load_rules, with the sources and notes (for the reloads, which schedule the sources,
     and for tools, which show the notes)."""
     loader = _load(paths, yaml_loader, feeds)
@@ -138,7 +148,8 @@ def read_rules(paths: Sequence[str], *, yaml_loader: YamlLoader = FAST_LOADER,
     return loader.lists, loader.domains, tuple(loader.notes)
 
 
-def _load(paths: Sequence[str], yaml_loader: YamlLoader, feeds: Feeds | None) -> "_Loader":
+def _load(paths: Sequence[str], yaml_loader: YamlLoader, feeds: FeedCopies | None
+          ) -> "_Loader":
     loader = _Loader(yaml_loader, feeds)
     for path in _rule_files(paths, loader.problems):
         if path.suffix in YAML_SUFFIXES:
@@ -171,7 +182,7 @@ def _rule_files(paths: Sequence[str], problems: list[str]) -> list[Path]:
 class _Loader:
     """Accumulates lists, (wire, rule) pairs and problems across all files of one load."""
 
-    def __init__(self, yaml_loader: YamlLoader, feeds: Feeds | None = None) -> None:
+    def __init__(self, yaml_loader: YamlLoader, feeds: FeedCopies | None = None) -> None:
         self._yaml_loader = yaml_loader
         self._feeds = feeds
         self.problems: list[str] = []

@@ -183,8 +183,8 @@ class RunningServer:
     async def reload(self, force: bool = False, trigger: str = "signal") -> ReloadOutcome:
         """Read the files again and swap in what they say, unless it is broken, refused by
         the guard (and not forced) or unchanged; the old rules answer meanwhile. Reloads run
-        one at a time, in the order asked. Reading and compiling run in a thread, so a large
-        list does not stall answering."""
+        one at a time, in the order asked. Reading and compiling run in a thread (which forks
+        the child that compiles: rules/apart.py), so a large list does not stall answering."""
         reloads = self.reloads
         if reloads is None:
             raise RuntimeError("a worker's rules come from its supervisor")
@@ -258,6 +258,7 @@ async def running_server(config: Config, rules: RuleSet, clock: Clock | None = N
         assert current is not None
         server = RunningServer(addresses, chain, metrics, None, config, current, reloads,
                                upstreams, clock)
+        del rules, worker, current  # the server holds them: a reload frees what it replaces
         if reloads is not None:
             # the baseline: given, taken before the rules were read, so a change made
             # meanwhile is seen; else what the files hold now
@@ -269,7 +270,7 @@ async def running_server(config: Config, rules: RuleSet, clock: Clock | None = N
         listen = config.metrics.listen
         if serve_metrics and listen is not None:
             endpoint = Endpoint(listen.host, listen.port, registry,
-                                _reload_from(server, loop) if worker is None else None,
+                                _reload_from(server, loop) if reloads is not None else None,
                                 _probe_from(server, loop), Networks(config.metrics.allow))
             server.metrics_address = endpoint.address
         yield server
@@ -480,10 +481,13 @@ async def serve_until_signalled(config: Config, rules: RuleSet,
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    async with running_server(config, rules, reuse_port=reuse_port,
-                              serve_metrics=serve_metrics, overrides=overrides,
-                              worker=worker, watcher=watcher, feeds=feeds,
-                              process=process, listeners=listeners) as server:
+    serving = running_server(config, rules, reuse_port=reuse_port,
+                             serve_metrics=serve_metrics, overrides=overrides,
+                             worker=worker, watcher=watcher, feeds=feeds,
+                             process=process, listeners=listeners)
+    reloading = worker is None
+    del rules, worker  # held by the server from here (its context drops them on entry)
+    async with serving as server:
         reloads: set[asyncio.Task[ReloadOutcome]] = set()
 
         def reload() -> None:
@@ -491,7 +495,7 @@ async def serve_until_signalled(config: Config, rules: RuleSet,
             reloads.add(task)
             task.add_done_callback(reloads.discard)
 
-        if worker is None:
+        if reloading:
             loop.add_signal_handler(signal.SIGHUP, reload)
         on_ready(server)
         await stop.wait()

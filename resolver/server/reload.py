@@ -29,7 +29,7 @@ from resolver.message.constants import Clock
 from resolver.ops.config import BlockingConfig, Config, GuardConfig, Overrides, load_config
 from resolver.ops.errors import ConfigError
 from resolver.ops.metrics import Tally
-from resolver.rules.loader import load_rule_set
+from resolver.rules.apart import load_apart
 from resolver.rules.matcher import RuleSet
 from resolver.rules.sources import Feeds, Source
 
@@ -83,9 +83,10 @@ def read_candidate(given: Config, overrides: Overrides, feeds: Feeds | None = No
                    ) -> Candidate:
     """The config file again (when the server was started with one; the flags still override
     it) and the rules it names, with the copies of URL sources in feeds. Raises ConfigError
-    with every problem. Reads files: run it off the event loop."""
+    with every problem. Reads files: run it off the event loop. The rules are compiled in
+    a child process (rules/apart.py), so a large list's build never swells the server."""
     config = load_config(given.source, overrides) if given.source is not None else given
-    loaded = load_rule_set(config.blocking.rules, feeds=feeds)
+    loaded = load_apart(config.blocking.rules, feeds)
     for note in loaded.notes:
         log.warning("%s", note)
     return Candidate(config, loaded.rules, loaded.sources)
@@ -97,10 +98,10 @@ def load_at_start(config: Config, feeds: Feeds) -> RuleSet:
     list empty until a retry succeeds (logged and counted), as Blocky starts with the lists
     that load. A source with a copy starts from it, and is refreshed in the background when
     due. Raises ConfigError."""
-    loaded = load_rule_set(config.blocking.rules, feeds=feeds)
+    loaded = load_apart(config.blocking.rules, feeds)
     feeds.declare(loaded.sources)
     if feeds.fetch_missing():
-        loaded = load_rule_set(config.blocking.rules, feeds=feeds)
+        loaded = load_apart(config.blocking.rules, feeds)
         feeds.settle(OK)  # no guard at startup: nothing is in force to compare with
     for note in loaded.notes:
         log.warning("%s", note)

@@ -10,8 +10,9 @@ answers no queries. It:
 - serves /metrics, asking every worker for a snapshot over its pipe and adding them up, and
   POST /-/reload;
 - reloads the rules (on SIGHUP, a file change, or /-/reload): it reads and compiles them
-  once, judges them (server/reload.py), and sends the one compiled set to every worker over
-  its pipe, each of which acknowledges the version it then serves. So every worker serves
+  once (in a short-lived child: rules/apart.py), judges them (server/reload.py), and sends
+  the one compiled set to every worker over its pipe, each of which acknowledges the
+  version it then serves. So every worker serves
   the same set, not whatever the files held when each read them; a worker started again
   later is forked with the last set that loaded;
 - stops every worker on SIGTERM/SIGINT, and starts again a worker that died.
@@ -48,7 +49,6 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from multiprocessing import reduction
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from types import FrameType
@@ -108,19 +108,24 @@ class Worker:
         self.version: str | None = None  # the rule set version it last confirmed
 
     @classmethod
-    def start(cls, index: int, config: Config, install: Install,
-              listeners: list[Listener]) -> Worker:
-        """listeners: the worker's sockets, bound by the supervisor (inherited by the fork)."""
+    def start(cls, index: int, config: Config, handed: list[Install],
+              forget: Callable[[], None], listeners: list[Listener]) -> Worker:
+        """Fork a worker serving the one Install in `handed`, which it takes out (see
+        _worker_main); forget: what it calls to drop the supervisor's hold on the rules in
+        its copy of this process; listeners: the worker's sockets, bound by the supervisor
+        (inherited by the fork)."""
         ours, theirs = multiprocessing.Pipe()
         pings, pinged = multiprocessing.Pipe()
+        version = handed[0].rules.version
         process = multiprocessing.get_context("fork").Process(
-            target=_worker_main, args=(config, install, theirs, pinged, index, listeners),
+            target=_worker_main,
+            args=(config, handed, forget, theirs, pinged, index, listeners),
             name=f"resolver-worker-{index}", daemon=True)
         process.start()
         theirs.close()
         pinged.close()
         worker = cls(index, process, ours, pings)
-        worker.version = install.rules.version
+        worker.version = version
         return worker
 
     def ready(self) -> list[tuple[str, int]]:
@@ -159,9 +164,7 @@ class Worker:
         try:
             self.conn.send(("install", len(fds)))
             self.conn.send_bytes(install)
-            if fds:
-                with socket.socket(fileno=os.dup(self.conn.fileno())) as sock:
-                    reduction.sendfds(sock, fds)
+            table.send_fds(self.conn, fds)
         except (EOFError, OSError):
             return False
         return True
@@ -222,10 +225,19 @@ class Worker:
         return kind
 
 
-def _worker_main(config: Config, install: Install, conn: Connection, pings: Connection,
-                 index: int, listeners: list[Listener]) -> None:
-    """Body of a worker process: serve with SO_REUSEPORT until told to stop."""
+def _worker_main(config: Config, handed: list[Install], forget: Callable[[], None],
+                 conn: Connection, pings: Connection, index: int,
+                 listeners: list[Listener]) -> None:
+    """Body of a worker process: serve with SO_REUSEPORT until told to stop.
+
+    A forked worker holds a copy of the supervisor's objects, its frames included, and the
+    rules they refer to stay mapped as long as a reference remains. So the set it starts
+    with comes in a list it empties (the Process keeps its arguments), no frame keeps it
+    once the server holds it, and `forget` drops the supervisor's hold on it in this copy:
+    when a reload replaces it, it is freed here, and the workers keep one table each."""
     _die_with_parent()
+    install = handed.pop()
+    forget()
 
     def on_ready(server: RunningServer) -> None:
         loop = asyncio.get_running_loop()
@@ -233,12 +245,13 @@ def _worker_main(config: Config, install: Install, conn: Connection, pings: Conn
         loop.add_reader(pings.fileno(), _pong, pings, server, loop)
         conn.send(("ready", server.addresses))
 
+    serving = serve_until_signalled(config, install.rules, on_ready, reuse_port=True,
+                                    serve_metrics=False, worker=install,
+                                    process=f"worker-{index}", listeners=listeners)
+    del install
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(serve_until_signalled(config, install.rules, on_ready, reuse_port=True,
-                                             serve_metrics=False, worker=install,
-                                             process=f"worker-{index}",
-                                             listeners=listeners))
+            runner.run(serving)
     except OSError as exc:
         conn.send(("error", str(exc)))
 
@@ -336,10 +349,7 @@ def _receive(conn: Connection, count: int) -> Install:
     os.set_blocking(conn.fileno(), True)
     try:
         data = conn.recv_bytes()
-        fds: list[int] = []
-        if count:
-            with socket.socket(fileno=os.dup(conn.fileno())) as sock:
-                fds = reduction.recvfds(sock, count)
+        fds = table.receive_fds(conn, count)
     finally:
         os.set_blocking(conn.fileno(), False)
     install = table.loads(data, fds)
@@ -427,14 +437,20 @@ class Supervisor:
                                                       ("the server is stopping",)))
 
     def _fork(self, index: int) -> Worker:
-        """A worker with the rule set in force and the blocking section it came with, and a
-        query log file of its own."""
-        current = self.reloads.current
+        """A worker with the rule set in force and the blocking section it came with (in a
+        list, so that no frame of the forked copy holds it: _worker_main), and a query log
+        file of its own."""
+        handed = [self.reloads.current]
         query_log = self.config.query_log
         config = dataclasses.replace(
-            self.config, blocking=current.blocking,
+            self.config, blocking=handed[0].blocking,
             query_log=dataclasses.replace(query_log, path=worker_path(query_log.path, index)))
-        return Worker.start(index, config, current, self.listeners[index])
+        return Worker.start(index, config, handed, self._forget, self.listeners[index])
+
+    def _forget(self) -> None:
+        """In a worker's copy of the supervisor: drop the rules it holds (this copy never
+        runs again), so they are freed when the worker replaces them."""
+        del self.reloads
 
     def _watch(self, watcher: Watcher) -> None:
         """Sleep until a worker exits, a reload is asked for, or the files are due a look."""

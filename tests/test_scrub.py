@@ -53,9 +53,10 @@ CLEAN = [
         ("c.example.net.", "A", "192.0.2.1")],
         [("example.net.", "NS", "ns.example.net.")],
         [("ns.example.net.", "A", "192.0.2.53")]), id="a chain across zones, the last's NS"),
-    pytest.param(reply("www.example.test", "A", [WWW], [("example.test.", "NS",
-                                                            "ns.example.test.")],
-                       [("ns.example.test.", "A", "192.0.2.1")]), id="in-zone glue"),
+    pytest.param(reply("alias.example.test", "A", [
+        ("alias.example.test.", "CNAME", "www.example.test."), WWW],
+        [("example.test.", "NS", "ns.example.test.")],
+        [("ns.example.test.", "A", "192.0.2.1")]), id="in-zone glue beside a chain"),
     pytest.param(reply("x.sub.example.test", "A", [
         ("sub.example.test.", "DNAME", "example.org."),
         ("x.sub.example.test.", "CNAME", "x.example.org."),
@@ -64,9 +65,10 @@ CLEAN = [
         ("example.test.", "SOA", SOA),
         ("a.example.test.", "NSEC", "z.example.test. A RRSIG NSEC")]),
         id="NSEC under the answer's zone"),
-    pytest.param(reply("example.test", "MX", [("example.test.", "MX", "10 mail.example.test.")],
-                       [], [("mail.example.test.", "A", "192.0.2.25")]),
-                 id="an address below the name asked"),
+    pytest.param(reply("missing.example.test", "A", [],
+                       [("example.test.", "SOA", SOA)],
+                       [("ns.example.test.", "A", "192.0.2.1")]),
+                 id="a negative answer with an address in its zone"),
 ]
 
 
@@ -84,20 +86,22 @@ HOSTILE = [
         ("other.example.test.", "A", "6.6.6.6")]),
         {"alias.example.test. CNAME", "www.example.test. A"}, set(), set(),
         id="beside a chain"),
-    pytest.param(reply("www.example.test", "A", [WWW], [("com.", "NS", "ns.evil.example.")],
-                       [("ns.evil.example.", "A", "6.6.6.6")]),
-                 {"www.example.test. A"}, set(), set(), id="NS for a TLD, with glue"),
-    pytest.param(reply("www.example.test", "A", [WWW],
-                       [("example.test.", "NS", "ns.evil.example.")],
-                       [("ns.evil.example.", "A", "6.6.6.6"),
-                        ("ns.example.test.", "A", "192.0.2.1")]),
-                 {"www.example.test. A"}, {"example.test. NS"}, {"ns.example.test. A"},
-                 id="out-of-zone glue"),
+    pytest.param(reply("alias.example.test", "A", [
+        ("alias.example.test.", "CNAME", "www.example.test."), WWW],
+        [("com.", "NS", "ns.evil.example.")], [("ns.evil.example.", "A", "6.6.6.6")]),
+        {"alias.example.test. CNAME", "www.example.test. A"}, set(), set(),
+        id="NS for a TLD, with glue"),
+    pytest.param(reply("alias.example.test", "A", [
+        ("alias.example.test.", "CNAME", "www.example.test."), WWW],
+        [("example.test.", "NS", "ns.evil.example.")],
+        [("ns.evil.example.", "A", "6.6.6.6"), ("ns.example.test.", "A", "192.0.2.1")]),
+        {"alias.example.test. CNAME", "www.example.test. A"}, {"example.test. NS"},
+        {"ns.example.test. A"}, id="out-of-zone glue"),
     pytest.param(reply("missing.example.test", "A", [],
                        [("example.test.", "SOA", SOA), ("bank.example.", "NS", "ns.evil.")]),
                  set(), {"example.test. SOA"}, set(), id="a negative answer's stowaway"),
-    pytest.param(reply("www.example.test", "A", [WWW], [("example.org.", "SOA", SOA)]),
-                 {"www.example.test. A"}, set(), set(), id="an SOA that is not the zone's"),
+    pytest.param(reply("missing.example.test", "A", [], [("example.org.", "SOA", SOA)]),
+                 set(), set(), set(), id="an SOA that is not the zone's"),
     pytest.param(reply("a.example.test", "A", [
         ("a.example.test.", "CNAME", "b.example.test."),
         ("b.example.test.", "CNAME", "a.example.test."),
@@ -117,6 +121,32 @@ def test_records_that_do_not_belong_go(data: bytes, answer: set[str], authority:
     assert message.edns == 0  # the OPT record stays
     assert message.flags & dns.flags.QR
     assert message.question == dns.message.from_wire(data).question
+
+
+# A plain positive answer (every record owned by the name asked, no CNAME): the answer alone
+MINIMAL = [
+    pytest.param(reply("www.example.test", "A", [WWW], [("example.test.", "NS",
+                                                            "ns.example.test.")],
+                       [("ns.example.test.", "A", "192.0.2.1")]), id="in-zone glue"),
+    pytest.param(reply("example.test", "MX", [("example.test.", "MX", "10 mail.example.test.")],
+                       [], [("mail.example.test.", "A", "192.0.2.25")]),
+                 id="an address below the name asked"),
+    pytest.param(reply("www.example.test", "A", [WWW], [("com.", "NS", "ns.evil.example.")],
+                       [("ns.evil.example.", "A", "6.6.6.6")]), id="NS for a TLD, with glue"),
+    pytest.param(reply("www.example.test", "A", [WWW], [("example.org.", "SOA", SOA)]),
+                 id="an SOA that is not the zone's"),
+]
+
+
+@pytest.mark.parametrize("data", MINIMAL)
+def test_a_plain_positive_answer_is_kept_minimal(data: bytes) -> None:
+    """Its authority and additional sections go, whether or not they belong (a minimal
+    response), found without reading a name; the OPT record too (answers carry their own)."""
+    _, message = scrubbed(data)
+    original = dns.message.from_wire(data)
+    assert message.answer == original.answer and message.question == original.question
+    assert (message.authority, message.additional, message.edns) == ([], [], -1)
+    assert message.id == original.id and message.flags == original.flags
 
 
 def test_names_pointing_into_a_dropped_record_are_written_out() -> None:

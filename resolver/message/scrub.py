@@ -14,11 +14,15 @@ them, we must not pass them on, nor replay them from the cache to every client. 
   name (the zone that answered for it), or, when there is none, that name itself; and the OPT
   record.
 
-A reply whose records all stay is passed on as it came, byte for byte; the usual reply (every
-answer record owned by a pointer to the question name, no CNAME, nothing in the authority
-section, at most an OPT record in the additional one) is recognized by a walk over its fixed
-fields, without reading a name. A reply that loses records is written again without them, its
-names uncompressed (a pointer could point into a record that is gone).
+The usual reply, a positive answer whose records are all owned by a pointer to the question
+name (no CNAME), is recognized by a walk over its fixed fields, without reading a name, and
+kept as a minimal response: its answer section alone, whatever the authority and additional
+sections held (the zone's NS records and their addresses, which no stub resolver needs), as
+Unbound's and BIND's minimal responses give it. Reading every name of such a reply to check
+them cost about 6 us a forward, a quarter of the whole cold path. Any other reply whose
+records all stay is passed on as it came, byte for byte; one that loses records is written
+again without them, its names uncompressed (a pointer could point into a record that is
+gone).
 
 Pure: bytes in, bytes out. Malformed records raise ValueError (or IndexError, struct.error),
 as reply.scan_reply does, and the caller treats the reply as unusable.
@@ -59,8 +63,13 @@ class Record:
 def scrub(data: bytes, qend: int) -> bytes:
     """The reply with only the records that belong to its answer (see the module's words):
     `data` itself when all of them do. qend: where the question section ends."""
-    if _plain(data, qend):
-        return data
+    an, ns, ar = _COUNTS.unpack_from(data, 6)
+    end = _plain_answer(data, qend, an)
+    if end:
+        if not ns and (not ar or (ar == 1 and data[end:end + 3] == _OPT)):
+            return data  # nothing beside the answer, or the OPT record alone
+        # a minimal response: the answer alone (render adds the OPT each client needs)
+        return data[:6] + _COUNTS.pack(an, 0, 0) + data[HEADER_SIZE:end]
     records = read_records(data, qend)
     kept = belonging(records, data[HEADER_SIZE:qend - 4].lower(), data)
     if len(kept) == len(records):
@@ -68,23 +77,18 @@ def scrub(data: bytes, qend: int) -> bytes:
     return _rewrite(data, qend, kept)
 
 
-def _plain(data: bytes, qend: int) -> bool:
-    """Whether the reply has the usual shape, which needs no scrubbing: no authority records,
-    answer records owned by a pointer to the question name and none of them a CNAME or DNAME,
-    and no additional record but an OPT."""
-    an, ns, ar = _COUNTS.unpack_from(data, 6)
-    if ns:
-        return False
+def _plain_answer(data: bytes, qend: int, an: int) -> int:
+    """Where the answer section ends, if the reply is a plain positive answer: NOERROR, and
+    every answer record owned by a pointer to the question name and none a CNAME or DNAME;
+    else 0. Found by a walk over the records' fixed fields, without reading a name."""
+    if not an or data[3] & 0xF:
+        return 0
     pos = qend
     for _ in range(an):
         if data[pos:pos + 2] != _QNAME_POINTER or data[pos + 2:pos + 4] in _CHAIN:
-            return False
+            return 0
         pos += 12 + ((data[pos + 10] << 8) | data[pos + 11])
-    for _ in range(ar):
-        if data[pos:pos + 3] != _OPT:
-            return False
-        pos += 11 + ((data[pos + 9] << 8) | data[pos + 10])
-    return True
+    return pos if pos <= len(data) else 0
 
 
 def read_records(data: bytes, qend: int) -> list[Record]:

@@ -38,8 +38,7 @@ from resolver.message.constants import HEADER_SIZE, TYPE_CNAME, TYPE_OPT, TYPE_S
 TYPE_NS, TYPE_PTR, TYPE_MX, TYPE_DNAME = 2, 12, 15, 39
 _COUNTS = struct.Struct("!HHH")  # answer, authority, additional counts
 _FIXED = struct.Struct("!HHIH")  # type, class, ttl, rdlength
-_QNAME_POINTER = b"\xc0\x0c"
-_CHAIN = (TYPE_CNAME.to_bytes(2, "big"), TYPE_DNAME.to_bytes(2, "big"))
+_CHAIN_TYPES = (TYPE_CNAME, TYPE_DNAME)  # both below 256: their first byte is 0
 _OPT = b"\x00" + TYPE_OPT.to_bytes(2, "big")  # an OPT record's root owner and type
 # Record types whose data holds names that may be compressed (RFC 3597 4: those of RFC 1035
 # only), as (bytes before the first name, names, bytes after them).
@@ -64,31 +63,26 @@ def scrub(data: bytes, qend: int) -> bytes:
     """The reply with only the records that belong to its answer (see the module's words):
     `data` itself when all of them do. qend: where the question section ends."""
     an, ns, ar = _COUNTS.unpack_from(data, 6)
-    end = _plain_answer(data, qend, an)
-    if end:
-        if not ns and (not ar or (ar == 1 and data[end:end + 3] == _OPT)):
-            return data  # nothing beside the answer, or the OPT record alone
-        # a minimal response: the answer alone (render adds the OPT each client needs)
-        return data[:6] + _COUNTS.pack(an, 0, 0) + data[HEADER_SIZE:end]
+    if an and not data[3] & 0xF:  # a positive answer: plain, if every record is the name's
+        # the walk over fixed fields, written out (it runs for every forward): each owner a
+        # pointer to the question name (0xC00C), no type CNAME (5) or DNAME (39)
+        pos = qend
+        for _ in range(an):
+            if (data[pos] != 0xC0 or data[pos + 1] != HEADER_SIZE or data[pos + 2]
+                    or data[pos + 3] in _CHAIN_TYPES):
+                break
+            pos += 12 + ((data[pos + 10] << 8) | data[pos + 11])
+        else:
+            if pos <= len(data):
+                if not ns and (not ar or (ar == 1 and data[pos:pos + 3] == _OPT)):
+                    return data  # nothing beside the answer, or the OPT record alone
+                # a minimal response: the answer alone (render adds each client's OPT)
+                return data[:6] + _COUNTS.pack(an, 0, 0) + data[HEADER_SIZE:pos]
     records = read_records(data, qend)
     kept = belonging(records, data[HEADER_SIZE:qend - 4].lower(), data)
     if len(kept) == len(records):
         return data
     return _rewrite(data, qend, kept)
-
-
-def _plain_answer(data: bytes, qend: int, an: int) -> int:
-    """Where the answer section ends, if the reply is a plain positive answer: NOERROR, and
-    every answer record owned by a pointer to the question name and none a CNAME or DNAME;
-    else 0. Found by a walk over the records' fixed fields, without reading a name."""
-    if not an or data[3] & 0xF:
-        return 0
-    pos = qend
-    for _ in range(an):
-        if data[pos:pos + 2] != _QNAME_POINTER or data[pos + 2:pos + 4] in _CHAIN:
-            return 0
-        pos += 12 + ((data[pos + 10] << 8) | data[pos + 11])
-    return pos if pos <= len(data) else 0
 
 
 def read_records(data: bytes, qend: int) -> list[Record]:

@@ -51,7 +51,7 @@ from resolver.rules.loader import load_rules, read_rules
 from resolver.rules.matcher import RuleSet
 from resolver.server.app import build_pipeline
 from resolver.server.outbox import Outbox
-from resolver.server.udp import Handler, UdpServer
+from resolver.server.udp import Gate, UdpServer
 from resolver.stages.access import Networks
 from resolver.stages.blocking import Blocker
 from resolver.stages.cache import CacheLookup
@@ -105,7 +105,7 @@ class CountingTransport:
         return False
 
 
-def udp_server(packets: Handler, outbox: Outbox) -> tuple[UdpServer, CountingTransport]:
+def udp_server(packets: Gate, outbox: Outbox) -> tuple[UdpServer, CountingTransport]:
     """The real UDP entry point (access and rate limits, packet cache, then the pipeline) on
     a counting transport."""
     server, transport = UdpServer(packets, outbox), CountingTransport()

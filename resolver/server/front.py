@@ -14,13 +14,15 @@ query. The table is bounded: full, it is emptied and refilled by the addresses s
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from resolver.message import wire
 from resolver.message.query import Outcome
 from resolver.ops.metrics import UNTIMED, Metrics
 from resolver.server.tcp import ALLOW as TCP_ALLOW
 from resolver.server.tcp import CLOSE as TCP_CLOSE
 from resolver.server.tcp import REFUSE as TCP_REFUSE
-from resolver.server.udp import Handler
+from resolver.server.udp import Answer, Handler
 from resolver.stages.access import Networks, refusal
 from resolver.stages.contract import Sink
 from resolver.stages.ratelimit import ALLOW, SLIP, WOULD, Limiter
@@ -34,12 +36,15 @@ class Front:
 
     def __init__(self, inner: Handler, allow: Networks, refuse_action: str,
                  limiter: Limiter | None, metrics: Metrics):
+        self.behind: Answer = inner.handle  # udp.py's shortcut reads it
         self._inner = inner.handle
         self._allow = allow
         self._drop = refuse_action == "drop"
         self._limiter = limiter
         self._admit = limiter.admit if limiter is not None else None
+        # each address's verdict; read by the UDP transport too (udp.py's shortcut)
         self._verdicts: dict[str, bool | str] = {}
+        self.verdicts: Mapping[str, bool | str] = self._verdicts
         self._record = metrics.queries.record
         self._would = metrics.counter(
             "would_ratelimit_total", "UDP queries over the rate limit that a dry run "

@@ -102,8 +102,9 @@ def build_pipeline(config: Config, rules: RuleSet, metrics: Metrics, upstreams: 
 
     schedule (loop.call_later) arms the forwarder's client response timers and the
     blocker's list-window timer; wall (epoch seconds) is what list windows are written in.
-    The query log (config.query_log; ops/querylog.py), when on, is offered every query
-    answered or dropped, wherever that happened.
+    The query log (config.query_log; ops/querylog.py), when on, is offered every query the
+    pipeline or the packet cache answered or dropped; the front's refusals and rate limits
+    (server/front.py) are counted in resolver_queries_total but not offered.
     """
     blocker = Blocker(rules, config.blocking, metrics, clock=clock, wall=wall,
                       schedule=schedule)

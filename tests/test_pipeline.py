@@ -357,32 +357,33 @@ def header(flags: int = 0x0100, qd: int = 1, an: int = 0, ns: int = 0, ar: int =
 QUESTION = b"\x07example\x03org\x00\x00\x01\x00\x01"
 
 
-@pytest.mark.parametrize(("packet", "rcode", "label"), [
-    pytest.param(b"\x51\x51\x01", None, "none", id="shorter than a header: dropped"),
-    pytest.param(header(flags=0x8180) + QUESTION, None, "none", id="a response: dropped"),
-    pytest.param(header(qd=0), FORMERR, "FORMERR", id="no question"),
-    pytest.param(header(qd=2) + QUESTION * 2, FORMERR, "FORMERR", id="two questions"),
-    pytest.param(header() + QUESTION[:5], FORMERR, "FORMERR", id="name cut short"),
-    pytest.param(header() + b"\xc0\x0c\x00\x01\x00\x01", FORMERR, "FORMERR",
+# the question type is read off the bytes as far as they go (as the front counts them)
+@pytest.mark.parametrize(("packet", "rcode", "label", "qtype"), [
+    pytest.param(b"\x51\x51\x01", None, "none", "other", id="shorter than a header: dropped"),
+    pytest.param(header(flags=0x8180) + QUESTION, None, "none", "A", id="a response: dropped"),
+    pytest.param(header(qd=0), FORMERR, "FORMERR", "other", id="no question"),
+    pytest.param(header(qd=2) + QUESTION * 2, FORMERR, "FORMERR", "A", id="two questions"),
+    pytest.param(header() + QUESTION[:5], FORMERR, "FORMERR", "other", id="name cut short"),
+    pytest.param(header() + b"\xc0\x0c\x00\x01\x00\x01", FORMERR, "FORMERR", "A",
                  id="compressed question"),
-    pytest.param(header(flags=0x2800) + QUESTION, NOTIMP, "other", id="an UPDATE"),
+    pytest.param(header(flags=0x2800) + QUESTION, NOTIMP, "other", "A", id="an UPDATE"),
     # BADVERS is an extended rcode: the header's four bits say NOERROR
     pytest.param(query_packet("www.example.org", qid=0x5151, edns=True)[:-11]
                  + b"\x00\x00\x29\x04\xd0\x00\x01\x00\x00\x00\x00", BADVERS, "NOERROR",
-                 id="EDNS version 1"),
+                 "A", id="EDNS version 1"),
 ])
 def test_malformed_packets_get_formerr_or_nothing(packet: bytes, rcode: int | None,
-                                                  label: str) -> None:
+                                                  label: str, qtype: str) -> None:
     chain = Chain(CACHED)
     got = chain.handle(packet)
     assert chain.reached() == [0], "no stage sees a malformed packet"
     if rcode is None:
         assert got is DROP
-        assert chain.counts == {("udp", "dropped", "other", "none"): 1}
+        assert chain.counts == {("udp", "dropped", qtype, "none"): 1}
     else:
         assert isinstance(got, Answered) and got.outcome == "formerr"
         assert dnslib_rcode(got.data) == (0x5151, rcode)
-        assert chain.counts == {("udp", "formerr", "other", label): 1}
+        assert chain.counts == {("udp", "formerr", qtype, label): 1}
     [(q, _, outcome, answer, _, _)] = chain.observer.offered
     assert (q, outcome) == (None, "dropped" if rcode is None else "formerr"), "undecoded"
     assert answer == (None if rcode is None else got.data)  # type: ignore[union-attr]

@@ -320,6 +320,30 @@ def test_rotation_by_size_keeps_backups(tmp_path, backups, files):
     assert written == b"".join(line(n) for n in range(33 - len(written) // 12, 33))
 
 
+def test_a_rotation_that_fails_keeps_writing_to_the_open_file(tmp_path, monkeypatch):
+    """A rename that fails (a directory the user may not write) raises, so the batch counts
+    as a write error, and the descriptor kept is the old file's: the next lines go there,
+    never into a closed descriptor that another file may have taken."""
+    path = tmp_path / "q.log"
+    log = RotatingFile(str(path), 30, 1)
+    log.write([line(1), line(2)])
+
+    def refuse(*_: object) -> None:
+        raise PermissionError("not yours")
+
+    monkeypatch.setattr(os, "replace", refuse)
+    with pytest.raises(PermissionError):
+        log.write([line(3)])
+    other = os.open(tmp_path / "other", os.O_RDWR | os.O_CREAT)  # would take a closed number
+    monkeypatch.undo()
+    log.write([line(4)])  # rotates now, then writes to a new file
+    log.close()
+    os.close(other)
+    assert (tmp_path / "other").read_bytes() == b""
+    assert (tmp_path / "q.log.1").read_bytes() == line(1) + line(2)
+    assert path.read_bytes() == line(4)
+
+
 def test_rotation_writes_the_file_in_the_configured_place(tmp_path, rules):
     """End to end through the writer thread into a real file, rotated."""
     path = tmp_path / "queries.jsonl"

@@ -47,8 +47,9 @@ class Query:
         udp_size: the largest UDP answer the client accepts (512 without EDNS).
         do: the client's DNSSEC OK bit.
         client: the client's address tuple; transport: "udp" or "tcp".
-        received: by the server's clock, when the query was handed to the forwarder (a few
-            microseconds after the packet came): its answer's duration is measured from it.
+        received: by the server's clock, when a query going upstream came (a timed one:
+            pipeline.TIME_EVERY), or else when it was handed to the forwarder, a few
+            microseconds later: its answer's duration is measured from it.
     """
 
     __slots__ = ("data", "flags", "question", "name", "offsets", "qtype", "qclass",

@@ -72,7 +72,7 @@ _USUAL = {"blocked": ("A", "NXDOMAIN"), "cached": ("A", "NOERROR"),
           "stale": ("A", "NOERROR"), "forwarded": ("A", "NOERROR"),
           "servfail": ("A", "SERVFAIL"), "formerr": (OTHER, "FORMERR"),
           "dropped": (OTHER, NO_ANSWER), "refused": ("A", "REFUSED"),
-          "minimal": ("ANY", "NOERROR")}
+          "ratelimited": ("A", NO_ANSWER), "minimal": ("ANY", "NOERROR")}
 
 
 def new_row() -> Row:

@@ -369,17 +369,17 @@ class RotatingFile:
 
     def _rotate(self) -> None:
         """Shift the backups up one (the oldest is replaced), move the file to PATH.1, and
-        begin a new one; a failure part-way (the file removed meanwhile) still leaves a file
-        open to write to."""
+        begin a new one. The old file stays open until the new one is: when a step fails (a
+        directory the user may not write), the error goes up (the batch is counted as a
+        write error) and the descriptor kept is still the old file's, never a closed one."""
+        if self._backups:
+            for index in range(self._backups - 1, 0, -1):
+                older = f"{self._path}.{index}"
+                if os.path.exists(older):
+                    os.replace(older, f"{self._path}.{index + 1}")
+            os.replace(self._path, f"{self._path}.1")
+        else:
+            os.unlink(self._path)
+        fd = self._open()
         os.close(self._fd)
-        try:
-            if self._backups:
-                for index in range(self._backups - 1, 0, -1):
-                    older = f"{self._path}.{index}"
-                    if os.path.exists(older):
-                        os.replace(older, f"{self._path}.{index + 1}")
-                os.replace(self._path, f"{self._path}.1")
-            else:
-                os.unlink(self._path)
-        finally:
-            self._fd = self._open()
+        self._fd = fd

@@ -325,9 +325,14 @@ class Feeds:
                     continue
                 if result in ("ok", "unchanged"):
                     url = feed.source.location
-                    os.replace(self._path(url, "pending"), self._path(url, "feed"))
+                    try:
+                        os.replace(self._path(url, "pending"), self._path(url, "feed"))
+                        self._save_validators(url, feed.pending)
+                    except OSError as error:  # a full disk: this feed is fetched again
+                        log.warning("source %s: cannot keep the new copy: %s", url, error)
+                        feed.pending, feed.offered = None, False
+                        continue
                     feed.good, feed.pending, feed.offered = feed.pending, None, False
-                    self._save_validators(url, feed.good)
                 else:
                     reason = REFUSED if result == "refused" else FAILED
                     self._discard(feed, reason, f"the reload was {result}")

@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry
 from resolver.message.constants import Clock
 from resolver.message.query import Outcome
 from resolver.message.reply import TtlPolicy
-from resolver.ops.config import Address, Config, Overrides
+from resolver.ops.config import STDERR, STDOUT, Address, Config, Overrides
 from resolver.ops.health import LOOP_DEADLINE, Probe, Probed, Status
 from resolver.ops.http import Endpoint, Reload
 from resolver.ops.metrics import Metrics
@@ -250,7 +250,7 @@ async def running_server(config: Config, rules: RuleSet, clock: Clock | None = N
         if listeners is None:
             listeners = bind_listeners(config.server.listen, reuse_port)
             closers += [listener.close for listener in listeners]
-            privileges.drop(config.server.user, config.server.group)
+            privileges.drop(config.server.user, config.server.group, owned(config))
         addresses = [await _serve(listener, chain, outbox, limits, closers)
                      for listener in listeners]
         reloads = None if worker is not None else Reloads(config, overrides, rules,
@@ -422,6 +422,15 @@ class Listener:
     def close(self) -> None:
         self.tcp.close()
         self.udp.close()
+
+
+def owned(config: Config) -> tuple[str | None, ...]:
+    """What the server made before dropping privileges and goes on writing as the user: the
+    state directory (URL sources' copies) and the query log's file (stdout and stderr are
+    not files of ours)."""
+    log_path = config.query_log.path
+    return (config.blocking.state_dir,
+            None if log_path in (STDOUT, STDERR) else log_path)
 
 
 def bind_listeners(listen: Sequence[Address], reuse_port: bool) -> list[Listener]:

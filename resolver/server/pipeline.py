@@ -64,13 +64,13 @@ class Pipeline:
             q = wire.parse_query(data, client, sink.name)
         except wire.FormError as error:
             if error.response is None:
-                self._done(None, sink.name, Outcome.DROPPED, None, started)
+                self._done(None, sink.name, Outcome.DROPPED, None, started, data)
                 return DROP
-            self._done(None, sink.name, Outcome.FORMERR, error.response, started)
+            self._done(None, sink.name, Outcome.FORMERR, error.response, started, data)
             return Answered(error.response, Outcome.FORMERR)
         except Exception:  # a bug in decoding: with no question, nothing can be answered
             log.exception("unexpected error while decoding a query")
-            self._done(None, sink.name, Outcome.DROPPED, None, started)
+            self._done(None, sink.name, Outcome.DROPPED, None, started, data)
             return DROP
         try:
             return self._run(q, sink, started)
@@ -110,10 +110,12 @@ class Pipeline:
         return LATER
 
     def _done(self, q: Query | None, transport: str, outcome: str, answer: bytes | None,
-              started: float) -> None:
-        """Count a query answered here (or dropped: answer None); q None: undecodable."""
+              started: float, data: bytes = b"") -> None:
+        """Count a query answered here (or dropped: answer None); q None: undecodable, its
+        type read off the packet's bytes (data) as far as they go, as the front does."""
         took = UNTIMED if started < 0 else self._clock() - started
-        self._record(transport, outcome, 0 if q is None else q.qtype, answer, took)
+        qtype = wire.question_type(data) if q is None else q.qtype  # as the front counts it
+        self._record(transport, outcome, qtype, answer, took)
         if self._observer is not None:
             offer(self._observer, q, transport, outcome, answer, took, "")
 
@@ -130,9 +132,9 @@ TIME_EVERY = 16
 
 
 class Delivery:
-    """Where the forwarder's later answers go: counted and timed from when the query was
-    handed to the forwarder, offered to the observer, then handed to the sink that reaches
-    the client."""
+    """Where the forwarder's later answers go: counted and timed from Query.received (when
+    the packet came, or when the query was handed to the forwarder), offered to the
+    observer, then handed to the sink that reaches the client."""
 
     def __init__(self, metrics: Metrics, clock: Clock, observer: QueryObserver | None = None):
         self._record = metrics.queries.record

@@ -19,6 +19,7 @@ import grp
 import logging
 import os
 import pwd
+from collections.abc import Sequence
 
 log = logging.getLogger(__name__)
 
@@ -27,9 +28,14 @@ class PrivilegeError(RuntimeError):
     """Privileges could not be dropped as configured (the server must not start)."""
 
 
-def drop(user: str | None, group: str | None) -> None:
+def drop(user: str | None, group: str | None, own: Sequence[str | None] = ()) -> None:
     """Become user (and group: by default the user's), unless that is who we are already;
-    None leaves the ids alone. Raises PrivilegeError saying why it could not."""
+    None leaves the ids alone. Raises PrivilegeError saying why it could not.
+
+    own: files and directories made before the drop that the server goes on writing (the
+    state directory's copies of URL sources, the query log's file), given to the user first,
+    so a refresh or a log rotation does not fail on a root-owned file; None entries are
+    skipped."""
     if user is None:
         if group is not None:
             raise PrivilegeError("a group to drop to (server.group, --group) needs a user "
@@ -38,6 +44,9 @@ def drop(user: str | None, group: str | None) -> None:
     uid, gid = _ids(user, group)
     if os.getresuid() == (uid, uid, uid) and os.getresgid() == (gid, gid, gid):
         return  # a worker forked by a supervisor that dropped already
+    for path in own:
+        if path is not None:
+            _hand_over(path, uid, gid)
     try:
         os.setgroups([])
         os.setresgid(gid, gid, gid)
@@ -47,6 +56,19 @@ def drop(user: str | None, group: str | None) -> None:
                              "start as root to drop privileges") from None
     _check(uid, gid)
     log.info("running as user %s (uid %d, gid %d)", user, uid, gid)
+
+
+def _hand_over(path: str, uid: int, gid: int) -> None:
+    """chown path, and everything under it if it is a directory, to uid:gid."""
+    if not os.path.exists(path):
+        return
+    try:
+        os.chown(path, uid, gid)
+        for top, dirs, files in os.walk(path):
+            for name in dirs + files:
+                os.chown(os.path.join(top, name), uid, gid, follow_symlinks=False)
+    except OSError as error:
+        raise PrivilegeError(f"cannot give {path} to uid {uid}: {error.strerror}") from None
 
 
 def warn_if_root(user: str | None) -> None:

@@ -24,7 +24,8 @@ the memory files of the set's compact table (rules/table.py), pickled by referen
 worker maps the one copy the supervisor built, so the rules cost one copy of memory however
 many workers there are, after any number of reloads (a table's memory goes back when the
 last process mapping it drops its set). Worker to supervisor: ("ready", addresses) once,
-("snapshot", samples), ("installed", version).
+("snapshot", samples), ("installed", version), or ("failed", version in force) when a set
+could not be installed.
 
 /healthz and /readyz ping every worker's event loop over a second pipe of its own:
 ("ping", serial) -> ("pong", serial, health.Status), answered by the loop at once. Not the
@@ -75,6 +76,7 @@ from resolver.server.app import (
     RunningServer,
     bind_listeners,
     bound_socket,
+    owned,
     serve_until_signalled,
 )
 from resolver.server.reload import FAILED, HTTP_WAIT, Install, Outcome, Reloads, pending
@@ -154,7 +156,7 @@ class Worker:
         """The snapshot asked for; if none came by the deadline, the last one's counters only
         (so sums never drop), not its gauges: they would describe a worker that is not
         answering, as serving rules or holding a cache."""
-        if self._until("snapshot", deadline):
+        if self._until(("snapshot",), deadline):
             return self.last
         return [sample for sample in self.last if sample.monotonic]
 
@@ -172,9 +174,11 @@ class Worker:
     def confirmed(self, version: str, deadline: float) -> bool:
         """Wait for the worker to say it serves version (a late confirmation of an earlier
         install is read past): True once it does, False by the deadline or if it is gone."""
-        while self._until("installed", deadline):
+        while (kind := self._until(("installed", "failed"), deadline)) is not None:
             if self.version == version:
                 return True
+            if kind == "failed":  # it could not load this set, and said so at once
+                return False
         return False
 
     def ping(self, serial: int) -> None:
@@ -205,21 +209,23 @@ class Worker:
         with contextlib.suppress(OSError):
             self.process.terminate()
 
-    def _until(self, kind: str, deadline: float) -> bool:
-        """Read messages until one of kind came (True) or the deadline passed."""
+    def _until(self, kinds: tuple[str, ...], deadline: float) -> str | None:
+        """Read messages until one of these kinds came (which) or the deadline passed
+        (None)."""
         try:
             while self.conn.poll(max(0.0, deadline - time.monotonic())):
-                if self._take(self.conn.recv()) == kind:
-                    return True
+                kind = self._take(self.conn.recv())
+                if kind in kinds:
+                    return kind
         except (EOFError, OSError):
             pass
-        return False
+        return None
 
     def _take(self, message: tuple[str, object]) -> str:
         kind, payload = message
         if kind == "snapshot":
             self.last = cast(list[Sample], payload)  # what _Listener sends
-        elif kind == "installed":
+        elif kind in ("installed", "failed"):
             assert isinstance(payload, str)
             self.version = payload
         return kind
@@ -307,6 +313,7 @@ class _Listener:
 
     async def _install(self, fds: int) -> None:
         try:
+            outcome = "installed"
             try:
                 install = await asyncio.to_thread(_receive, self.conn, fds)
                 self.server.install(install)
@@ -315,7 +322,8 @@ class _Listener:
                 raise
             except Exception:  # told, so the supervisor need not wait out its timeout
                 log.exception("worker %d: installing a rule set failed", os.getpid())
-            send_whole(self.conn, ("installed", self.server.rules.version))
+                outcome = "failed"
+            send_whole(self.conn, (outcome, self.server.rules.version))
         except EOFError:  # the supervisor is gone
             return
         except OSError:
@@ -411,7 +419,8 @@ class Supervisor:
             # again takes its predecessor's, so no one needs root after the drop.
             self.listeners = [bind_listeners(self.config.server.listen, reuse_port=True)
                               for _ in range(self.count)]
-            privileges.drop(self.config.server.user, self.config.server.group)
+            privileges.drop(self.config.server.user, self.config.server.group,
+                            owned(self.config))
             self.workers = [self._fork(i) for i in range(self.count)]
             started = [worker.ready() for worker in self.workers]  # wait for every one
             addresses = started[0]  # they all serve the same

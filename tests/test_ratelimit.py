@@ -113,6 +113,18 @@ def test_the_least_recent_prefix_goes_first_and_a_steady_one_stays_limited() -> 
         assert limits.admit("steady") == DROP, "an eviction refilled the steady bucket"
 
 
+def test_a_bucket_is_touched_when_it_refills_not_on_every_query() -> None:
+    """The table's order is of refills: a prefix still spending its burst keeps its place,
+    so it is the one forgotten first, and comes back with a full bucket."""
+    clock = FakeClock()
+    limits = limiter(clock, max_tracked=2, burst=3, slip=0)
+    limits.admit("first")
+    limits.admit("second")
+    assert limits.admit("first") == ALLOW  # tokens left: not touched
+    limits.admit("third")  # the table is full: "first", made longest ago, goes
+    assert [limits.admit("first") for _ in range(3)] == [ALLOW] * 3, "a full bucket again"
+
+
 def test_limited_prefixes_are_logged_once_per_period(caplog: pytest.LogCaptureFixture
                                                      ) -> None:
     clock, timers = FakeClock(), Timers()

@@ -76,8 +76,8 @@ class Limiter:
         self._schedule = schedule
         # prefix -> [tokens, time of the last refill, queries limited]; least recent first
         self._buckets: OrderedDict[str, list[float]] = OrderedDict()
-        # read by server/front.py, which takes a token from a bucket that has one itself
-        # (admit's first step, written out there to save a call a query)
+        # read by server/udp.py, which takes a token from a bucket that has one itself
+        # (admit's first step, written out there to save two calls a query)
         self.buckets: Mapping[str, list[float]] = self._buckets
         self._limited: dict[str, int] = {}  # queries limited since the last log line
         self._unnamed = 0  # limited queries of prefixes beyond the report's bound

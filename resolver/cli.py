@@ -30,6 +30,7 @@ from resolver.server.reload import load_at_start, watched
 from resolver.server.supervisor import Supervisor, default_workers
 from resolver.stages.access import Networks
 from resolver.tools import add_rules_command
+from resolver.tools.common import positive
 from resolver.upstream.pool import address_label
 
 log = logging.getLogger("resolver")
@@ -68,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--metrics", metavar="HOST:PORT|off", help="Prometheus endpoint")
     serve.add_argument("--query-log", metavar="PATH|-",
                        help="log answered queries as JSON lines to a file, or - for stdout")
-    serve.add_argument("--workers", type=_positive, default=None, metavar="N",
+    serve.add_argument("--workers", type=positive, default=None, metavar="N",
                        help="worker processes sharing the ports (default: one per core)")
     serve.add_argument("--user", metavar="NAME",
                        help="drop to this user once the ports are bound (started as root)")
@@ -83,12 +84,6 @@ def _rules(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     """`resolver rules ...`: the rule tools (resolver/tools/, docs/tools.md), each with
     its own arguments and exit codes."""
     add_rules_command(commands)
-
-
-def _positive(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
-    return int(text)
 
 
 def _serve(args: argparse.Namespace) -> int:

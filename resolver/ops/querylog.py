@@ -17,7 +17,6 @@ O_APPEND, which only its own process writes and rotates (`worker_path`).
 from __future__ import annotations
 
 import collections
-import ipaddress
 import json
 import logging
 import os
@@ -37,6 +36,7 @@ from resolver.message.query import Outcome, Query
 from resolver.ops.config import STDERR, STDOUT, QueryLogConfig
 from resolver.ops.metrics import Metrics
 from resolver.rules.matcher import Hit, RuleSet
+from resolver.stages.access import client_network
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +174,7 @@ class Format:
 
     def __init__(self, config: QueryLogConfig):
         self._truncate = config.truncate_clients
-        self._prefixes = {4: config.ipv4_prefix, 6: config.ipv6_prefix}
+        self._prefixes = (config.ipv4_prefix, config.ipv6_prefix)
         # ipaddress takes 4 us per address, and clients ask again and again
         self._clients: dict[str, str] = {}
         self._second = -1  # the whole second `_stamp` holds the text of
@@ -222,11 +222,8 @@ class Format:
 
     def _truncated(self, address: str) -> str:
         """An IPv4-mapped IPv6 address is truncated as the IPv4 address it is."""
-        ip = ipaddress.ip_address(address.split("%", 1)[0])
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        network = ipaddress.ip_network((ip, self._prefixes[ip.version]), strict=False)
-        return str(network.network_address)
+        network = client_network(address, *self._prefixes)
+        return address if network is None else str(network.network_address)
 
 
 def qname(q: Query) -> str:

@@ -34,6 +34,18 @@ def client_address(host: str) -> IpAddress | None:
     return address
 
 
+def client_network(host: str, ipv4_prefix: int, ipv6_prefix: int
+                   ) -> ipaddress.IPv4Network | ipaddress.IPv6Network | None:
+    """The network of the given prefix length (by family) that a client's address is in:
+    what the rate limiter keys its buckets by and the query log truncates addresses to;
+    None for text that is no address."""
+    address = client_address(host)
+    if address is None:
+        return None
+    bits = ipv4_prefix if address.version == 4 else ipv6_prefix
+    return ipaddress.ip_network((address, bits), strict=False)
+
+
 class Networks:
     """A set of networks, asked whether it holds a client's address (`host in networks`)."""
 

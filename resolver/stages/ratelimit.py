@@ -31,14 +31,13 @@ Pure logic: time comes from the injected clock, the log timer from the injected 
 from __future__ import annotations
 
 import heapq
-import ipaddress
 import logging
 from collections import OrderedDict
 from collections.abc import Mapping
 
 from resolver.message.constants import Clock
 from resolver.ops.config import RateLimitConfig
-from resolver.stages.access import Networks, client_address
+from resolver.stages.access import Networks, client_network
 from resolver.stages.contract import CallLater
 
 log = logging.getLogger(__name__)
@@ -53,11 +52,8 @@ LOG_TOP = 5  # prefixes named in a line
 def prefix_key(host: str, ipv4_prefix: int, ipv6_prefix: int) -> str | None:
     """The bucket's name for a client address: its network at the configured prefix length,
     as text ("192.0.2.0/24"); None for text that is no address."""
-    address = client_address(host)
-    if address is None:
-        return None
-    bits = ipv4_prefix if address.version == 4 else ipv6_prefix
-    return str(ipaddress.ip_network((address, bits), strict=False))
+    network = client_network(host, ipv4_prefix, ipv6_prefix)
+    return None if network is None else str(network)
 
 
 class Limiter:

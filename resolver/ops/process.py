@@ -5,13 +5,18 @@ the supervisor's merge, which adds workers' samples up, keeps them apart: their 
 differ. prometheus-client's ProcessCollector reads the same files, but exports unprefixed
 names without a label, which would collide once several processes' samples are merged.
 A value that cannot be read (no /proc: not Linux) is left out rather than made up.
+
+Also `die_with_parent`, for the processes the server forks (workers, rule compiles).
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
 from collections.abc import Callable
 
+PR_SET_PDEATHSIG = 1  # prctl(2)
 PROC = "/proc/self"
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 _TICKS = os.sysconf("SC_CLK_TCK")
@@ -53,3 +58,12 @@ def _start_time(proc: str) -> float:
     with open("/proc/stat", "rb") as system:
         boot = next(line for line in system if line.startswith(b"btime "))
     return float(boot.split()[1]) + int(fields[19]) / _TICKS
+
+
+def die_with_parent(signum: signal.Signals) -> None:
+    """Ask Linux to send this process signum when its parent dies, even by SIGKILL; where
+    that cannot be asked (not Linux) the child outlives a killed parent."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signum)
+    except (OSError, AttributeError):
+        pass

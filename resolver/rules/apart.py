@@ -20,7 +20,6 @@ nothing (its notes come back in the Loaded), and ends with os._exit whatever hap
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import multiprocessing
 import os
@@ -32,6 +31,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 
 from resolver.ops.errors import ConfigError
+from resolver.ops.process import die_with_parent
 from resolver.rules import table
 from resolver.rules.loader import FAST_LOADER, FeedCopies, Loaded, load_rule_set
 from resolver.rules.sources import Source
@@ -39,7 +39,6 @@ from resolver.rules.sources import Source
 log = logging.getLogger(__name__)
 
 COMPILE_TIMEOUT = 900.0  # seconds without a word from the child before it is given up
-_PR_SET_PDEATHSIG = 1
 
 
 def load_apart(paths: Sequence[str], feeds: FeedCopies | None = None) -> Loaded:
@@ -147,7 +146,4 @@ def _quiet() -> None:  # pragma: no cover (the child)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, signal.SIG_DFL)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):
-        pass
+    die_with_parent(signal.SIGKILL)

@@ -40,7 +40,6 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
-import ctypes
 import dataclasses
 import logging
 import multiprocessing
@@ -64,6 +63,7 @@ from resolver.ops.config import Address, Config, Overrides
 from resolver.ops.health import LOOP_DEADLINE, Probed, Status
 from resolver.ops.http import Endpoint
 from resolver.ops.metrics import Metrics, Sample, merge_samples
+from resolver.ops.process import die_with_parent
 from resolver.ops.querylog import worker_path
 from resolver.ops.watch import Watcher
 from resolver.rules import table
@@ -88,7 +88,6 @@ READY_TIMEOUT = 30.0  # seconds a worker may take to bind its sockets
 SNAPSHOT_TIMEOUT = 2.0  # seconds a worker may take to answer a metrics request
 INSTALL_TIMEOUT = 30.0  # seconds a worker may take to confirm a new rule set
 STOP_TIMEOUT = 10.0  # seconds between SIGTERM and SIGKILL at shutdown
-PR_SET_PDEATHSIG = 1
 RESTART_DELAY = 1.0  # pause before starting a worker that died, so a crash loop is slow
 
 
@@ -264,10 +263,7 @@ def _worker_main(config: Config, handed: list[Install], forget: Callable[[], Non
 
 def _die_with_parent() -> None:
     """Ask Linux to SIGTERM this worker if the supervisor dies, even by SIGKILL."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass  # not Linux: workers then outlive a killed supervisor
+    die_with_parent(signal.SIGTERM)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, signal.SIG_DFL)  # the event loop installs its own handlers
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the supervisor reloads, not the workers
